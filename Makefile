@@ -1,0 +1,37 @@
+# Quick start: `make demo` then `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Installing torch first, pinned, keeps pip from pulling a different build (several GB of CUDA
+# packages) for the `torch>=2.4` in requirements.txt. Override for your platform, e.g.
+#   make TORCH_SPEC="torch==2.11.0" demo
+TORCH_SPEC ?= torch==2.13.0
+
+# tiktoken downloads the GPT-2 BPE on first use; machines without network can use a cache
+ifneq ($(wildcard ../shared/tiktoken_cache),)
+export TIKTOKEN_CACHE_DIR ?= $(abspath ../shared/tiktoken_cache)
+endif
+export WANDB_MODE ?= offline
+export PYTHONUNBUFFERED := 1
+
+DEMO_OUT := out/demo
+
+.PHONY: install test demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-test.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	touch $@
+
+test: install
+	$(PY) -m pytest -q --durations=15 tests
+
+demo: install
+	$(PY) -c "from model import GPT, GPTConfig; from attention_variants import VARIANTS; \
+	[print(f'{v:15s} {GPT(GPTConfig(attention=v)).get_num_params():,} non-embedding parameters') for v in VARIANTS]"
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
