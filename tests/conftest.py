@@ -1,21 +1,57 @@
-"""Shared pytest setup.
+"""Test-session setup shared by every test module (keep each block self-contained).
 
-Keep each block self-contained: other test helpers/fixtures may be appended below.
+Environment variables are set here, at collection time, because some libraries read them when
+they are first imported: triton decides at `@triton.jit` time whether to use its CPU interpreter.
 """
 
-# --- Triton interpreter on machines without CUDA --------------------------------
-# Triton decides interpreter vs. GPU when a kernel is decorated with @triton.jit,
-# i.e. when fused_attention is first imported (possibly lazily, through
-# attention_variants / model).  Setting the variable at collection time, before
-# any test module is imported, makes the kernels run on CPU tensors in CI.
-import os as _os
+import os
+import sys
 
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DIR = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared"))
+TIKTOKEN_CACHE = os.path.join(SHARED_DIR, "tiktoken_cache")
+
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)  # the repo is flat (nanoGPT style): its modules import by name
+
+# --- tiktoken: the offline cache of the GPT-2 ranks, when the shared folder is there -------------
+if os.path.isdir(TIKTOKEN_CACHE):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
+
+# --- wandb never reaches the network from tests ---------------------------------------------------
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# --- Triton interpreter on machines without CUDA ---------------------------------------------------
+# Triton decides interpreter vs. GPU when a kernel is decorated with @triton.jit, i.e. when
+# fused_attention is first imported (possibly lazily, through attention_variants / model).
+# Setting the variable at collection time, before any test module is imported, makes the
+# kernels run on CPU tensors in CI.
 try:
-    import torch as _torch
-
-    _HAS_CUDA = _torch.cuda.is_available()
-except Exception:  # pragma: no cover - torch missing means nothing GPU-ish runs
+    import torch
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
     _HAS_CUDA = False
 if not _HAS_CUDA:
-    _os.environ.setdefault("TRITON_INTERPRET", "1")
-# ---------------------------------------------------------------------------------
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# --- helpers for tests that need the shared data or the tokenizer ----------------------------------
+def shared_path(*parts):
+    """Path under ../shared, or skip the test (with the reason) on a clone without it."""
+    path = os.path.join(SHARED_DIR, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not present (the shared data folder sits beside the repo only in this workplace)")
+    return path
+
+
+def needs_tokenizer():
+    """Skip when the GPT-2 BPE cannot be loaded (no network and no tiktoken cache)."""
+    from common import UserError
+    from tokenizer import get_tokenizer
+    try:
+        get_tokenizer()
+    except UserError as e:
+        pytest.skip(f"GPT-2 tokenizer unavailable offline: {e}")

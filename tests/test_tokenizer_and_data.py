@@ -1,0 +1,61 @@
+"""The repo's one tokenizer and its token-file helpers."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from common import UserError
+from conftest import REPO_ROOT, needs_tokenizer
+from data import load_tokens, read_text_file, tokens_from_text, write_tokens
+
+
+def test_gpt2_token_ids():
+    needs_tokenizer()
+    from tokenizer import EOT_TOKEN, decode, encode
+    assert encode("Hello world") == [15496, 995]  # GPT-2's published ids
+    assert encode("<|endoftext|>") != [EOT_TOKEN]  # special text is ordinary text
+    text = "Summer is warm. Winter is cold.\n\n  Ünïcödé ✓"
+    assert decode(encode(text)) == text
+    assert tokens_from_text("Hi", add_eot=True)[-1] == EOT_TOKEN
+
+
+def test_offline_without_cache_says_how_to_fix(tmp_path):
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path),
+           # an unreachable proxy makes the download fail even on a machine with network
+           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    code = "from common import cli_main\nfrom tokenizer import get_tokenizer\ncli_main(lambda a: get_tokenizer() and 0)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "TIKTOKEN_CACHE_DIR" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_token_files(tmp_path):
+    ids = np.array([0, 1, 50256, 65535])
+    write_tokens(tmp_path / "a.bin", ids)
+    assert load_tokens(tmp_path / "a.bin").tolist() == ids.tolist()
+    with pytest.raises(UserError, match="does not fit uint16"):
+        write_tokens(tmp_path / "b.bin", [1, 65536])
+    assert not (tmp_path / "b.bin").exists() and sorted(os.listdir(tmp_path)) == ["a.bin"]
+    (tmp_path / "odd.bin").write_bytes(b"abc")
+    with pytest.raises(UserError, match="whole number"):
+        load_tokens(tmp_path / "odd.bin")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(UserError, match="empty"):
+        load_tokens(tmp_path / "empty.bin")
+    with pytest.raises(UserError, match="prepare_data.py"):
+        load_tokens(tmp_path / "missing.bin")
+
+
+def test_text_files(tmp_path):
+    (tmp_path / "t.txt").write_text("héllo", encoding="utf-8")
+    assert read_text_file(tmp_path / "t.txt") == "héllo"
+    (tmp_path / "blank.txt").write_text("  \n")
+    with pytest.raises(UserError, match="empty"):
+        read_text_file(tmp_path / "blank.txt")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UserError, match="UTF-8"):
+        read_text_file(tmp_path / "bin.txt")
