@@ -1,0 +1,556 @@
+"""Perplexity of checkpoints before and after compression: the paper's Table 3 as a command.
+
+    python compress_eval.py out/default/ckpt.pt out/scaling/ckpt.pt            # WikiText-2 test (raw)
+    python compress_eval.py CKPT --data data/builtin/val.bin --methods fp,w8,sparse50,w8a8,wanda
+
+Methods (each applied to a fresh copy of the model; the checkpoint file is only read):
+    fp        the model as trained (bf16/fp16 autocast on GPU, float32 on CPU)
+    w8        symmetric AbsMax 8-bit weights (scale = max|W| / 127, round to nearest, clamp to
+              [-127, 127]) for every nn.Linear in the transformer blocks (the variant's scale_proj
+              included); --w8_granularity tensor (default) | channel (per output row) | group:G
+    sparse50  unstructured magnitude pruning of the same Linears (--sparsity, default 0.5), per layer
+              or --prune_scope global
+    w8a8      w8 plus per-tensor dynamic AbsMax 8-bit quantization of every such Linear's input
+              (one scale per window's activation tensor, so results do not depend on batching)
+    wanda     Wanda pruning (score |W| * ||X||, the L2 norm of each input feature over calibration
+              tokens drawn from a training split; --sparsity per output row), layer by layer
+Embeddings and the (tied) lm_head are kept unless --quantize_head (w8, w8a8 only).
+Writes DIR/results.md (the table), DIR/results.json and DIR/results.csv atomically.
+"""
+
+import argparse
+import copy
+import csv
+import io
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from common import UserError, atomic_write_json, atomic_write_text, cli_main, resolve_device, resolve_dtype, run_metadata
+from perplexity import autocast_context, evaluate_perplexity, load_eval_tokens, make_windows, wikitext2_text
+
+METHODS = ("fp", "w8", "sparse50", "w8a8", "wanda")
+DEFAULT_METHODS = "fp,w8,sparse50"
+QMAX = 127  # symmetric 8-bit: levels -127..127 (255 of them)
+DTYPE_LABELS = {torch.float32: "FP32", torch.bfloat16: "BF16", torch.float16: "FP16"}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+GPT2_VOCAB = 50257  # vocabularies at least this large are GPT-2's BPE (possibly padded)
+
+
+# ----------------------------------------------------------------------------------------------
+# quantization and pruning on tensors
+
+def parse_granularity(spec):
+    """'tensor' | 'channel' | 'group:G' -> (kind, group_size or None)."""
+    if spec in ("tensor", "channel"):
+        return spec, None
+    if isinstance(spec, str) and spec.startswith("group:"):
+        try:
+            g = int(spec.split(":", 1)[1])
+        except ValueError:
+            g = 0
+        if g >= 1:
+            return "group", g
+    raise UserError(f"unknown --w8_granularity {spec!r}; use tensor, channel or group:G (G a positive integer, e.g. group:128)")
+
+
+def absmax_scale(w, granularity="tensor"):
+    """AbsMax scale of a 2-D weight (out, in), broadcastable against the view used by absmax_quantize."""
+    kind, g = parse_granularity(granularity)
+    a = w.detach().float().abs()
+    if kind == "tensor":
+        amax = a.amax()
+    elif kind == "channel":
+        amax = a.amax(dim=1, keepdim=True)  # (out, 1): one scale per output row
+    else:
+        amax = _grouped(a, g).amax(dim=-1, keepdim=True)  # (out, n_groups, 1)
+    return amax / QMAX
+
+
+def _grouped(w, g):
+    """(out, in) -> (out, ceil(in / g), g), zero-padding the last group (zeros change no max)."""
+    out_f, in_f = w.shape
+    pad = (-in_f) % g
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(out_f, -1, g)
+
+
+def absmax_quantize(w, granularity="tensor"):
+    """Fake-quantize a 2-D weight to symmetric 8-bit AbsMax levels; returns (dequantized float32 weight, scale).
+
+    q = clamp(round(w / scale), -127, 127), w_hat = q * scale; an all-zero slice keeps scale 0 and stays 0.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    kind, g = parse_granularity(granularity)
+    scale = absmax_scale(w, granularity)
+    wf = w.detach().float()
+    view = _grouped(wf, g) if kind == "group" else wf
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(view / safe).clamp_(-QMAX, QMAX)
+    w_hat = q * scale
+    if kind == "group":
+        w_hat = w_hat.reshape(w.shape[0], -1)[:, :w.shape[1]]
+    return w_hat, scale
+
+
+def fake_quantize_activation(x):
+    """Dynamic symmetric 8-bit AbsMax quantization with one scale per leading (batch) element."""
+    xf = x.float()
+    dims = tuple(range(1, x.ndim)) if x.ndim > 1 else (0,)
+    scale = xf.abs().amax(dim=dims, keepdim=True) / QMAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(xf / safe).clamp_(-QMAX, QMAX) * scale).to(x.dtype)
+
+
+def n_pruned(n, sparsity):
+    """How many of n weights a sparsity fraction removes."""
+    return int(round(n * sparsity))
+
+
+def smallest_k_mask(scores, k):
+    """Boolean mask (shape of scores) marking exactly k smallest entries; ties broken by flat index order."""
+    flat = scores.reshape(-1)
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    if k <= 0:
+        return mask.view(scores.shape)
+    if k >= flat.numel():
+        return ~mask.view(scores.shape)
+    threshold = flat.kthvalue(k).values
+    mask |= flat < threshold
+    need = k - int(mask.sum())
+    if need > 0:
+        ties = (flat == threshold).nonzero().squeeze(1)[:need]
+        mask[ties] = True
+    return mask.view(scores.shape)
+
+
+def magnitude_masks(weights, sparsity, scope="layer"):
+    """Masks of the weights unstructured magnitude pruning removes: exactly round(sparsity * n) smallest |w|
+    in each tensor (scope 'layer') or over all of them together (scope 'global')."""
+    if scope == "layer":
+        return [smallest_k_mask(w.detach().abs(), n_pruned(w.numel(), sparsity)) for w in weights]
+    if scope != "global":
+        raise UserError(f"unknown --prune_scope {scope!r}; use layer or global")
+    flat = torch.cat([w.detach().abs().float().reshape(-1) for w in weights])
+    mask = smallest_k_mask(flat, n_pruned(flat.numel(), sparsity))
+    out, i = [], 0
+    for w in weights:
+        out.append(mask[i:i + w.numel()].view(w.shape))
+        i += w.numel()
+    return out
+
+
+def wanda_mask(weight, feature_norm, sparsity):
+    """Wanda: score_ij = |W_ij| * ||X_j||; in every output row remove the round(sparsity * in) lowest scores."""
+    score = weight.detach().float().abs() * feature_norm.float()[None, :]
+    k = n_pruned(weight.shape[1], sparsity)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k > 0:
+        idx = torch.sort(score, dim=1, stable=True).indices[:, :k]
+        mask.scatter_(1, idx, True)
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# applying them to a model
+
+def block_linears(model):
+    """(name, nn.Linear) of every Linear inside the transformer blocks: c_attn, c_proj, c_fc, and the
+    variant's own (scale_proj)."""
+    return [(f"transformer.h.{name}", m) for name, m in model.transformer.h.named_modules()
+            if isinstance(m, nn.Linear)]
+
+
+@torch.no_grad()
+def quantize_weights_(model, granularity="tensor", include_head=False):
+    targets = block_linears(model) + ([("lm_head", model.lm_head)] if include_head else [])
+    for _, lin in targets:
+        w_hat, _ = absmax_quantize(lin.weight, granularity)
+        lin.weight.copy_(w_hat.to(lin.weight.dtype))
+    return [name for name, _ in targets]
+
+
+def add_activation_quantization(model, include_head=False):
+    """Fake-quantize the input of every block Linear (and of lm_head with include_head) on each forward."""
+    handles = [lin.register_forward_pre_hook(lambda m, args: (fake_quantize_activation(args[0]),) + tuple(args[1:]))
+               for _, lin in block_linears(model)]
+    if include_head:  # lm_head's input is ln_f's output (and it is called on row chunks by the evaluator)
+        handles.append(model.transformer.ln_f.register_forward_hook(lambda m, args, out: fake_quantize_activation(out)))
+    return handles
+
+
+@torch.no_grad()
+def prune_magnitude_(model, sparsity=0.5, scope="layer"):
+    linears = block_linears(model)
+    masks = magnitude_masks([lin.weight for _, lin in linears], sparsity, scope)
+    for (_, lin), mask in zip(linears, masks):
+        lin.weight.masked_fill_(mask, 0.0)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def prune_wanda_(model, calib, sparsity=0.5, dtype=None, batch_size=8):
+    """Wanda, block by block as in its reference code: the input-feature norms of a block's Linears come
+    from the calibration activations that reach it through the already pruned blocks before it."""
+    device = next(model.parameters()).device
+    blocks = model.transformer.h
+    inps = []
+
+    def grab(module, args):
+        inps.append(args[0])
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(grab)
+    try:
+        with autocast_context(device, dtype):
+            for i in range(0, calib.shape[0], batch_size):
+                try:
+                    model(calib[i:i + batch_size].to(device))
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    for block in blocks:
+        linears = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+        sumsq = {n: torch.zeros(m.in_features, dtype=torch.float64, device=device) for n, m in linears}
+
+        def make_hook(name):
+            def hook(module, args):
+                x = args[0].float()
+                sumsq[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64)
+            return hook
+
+        handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears]
+        try:
+            with autocast_context(device, dtype):
+                for x in inps:
+                    block(x)
+        finally:
+            for h in handles:
+                h.remove()
+        for n, m in linears:
+            m.weight.masked_fill_(wanda_mask(m.weight, sumsq[n].sqrt(), sparsity), 0.0)
+        with autocast_context(device, dtype):
+            inps = [block(x) for x in inps]
+
+
+def calibration_windows(tokens, n_windows, block_size, seed=0):
+    """(n_windows, block_size) int64 windows at random (seeded) offsets of a calibration token stream."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if tokens.size < block_size:
+        raise UserError(f"the calibration data has {tokens.size} tokens, fewer than one window of {block_size}")
+    starts = np.random.default_rng(seed).integers(0, tokens.size - block_size + 1, size=n_windows)
+    return torch.from_numpy(np.stack([tokens[s:s + block_size] for s in starts]))
+
+
+# ----------------------------------------------------------------------------------------------
+# what to evaluate
+
+@dataclass
+class Source:
+    checkpoint: str          # file path, or 'pretrained:NAME'
+    attention: str
+    iter_num: object
+    vocab_size: int
+    block_size: int
+    pretrained: str = None
+    model: object = None     # kept only for --pretrained (built once, on CPU)
+    name: str = ""
+    results: dict = field(default_factory=dict)
+
+
+def load_sources(paths, pretrained, attn_backend):
+    from checkpoint import load_checkpoint
+    sources = []
+    for path in paths:
+        ckpt = load_checkpoint(path)
+        args = ckpt["model_args"]
+        sources.append(Source(checkpoint=path, attention=args.get("attention", "default"), iter_num=ckpt.get("iter_num"),
+                              vocab_size=int(args.get("vocab_size", 50304)), block_size=int(args.get("block_size", 1024))))
+        del ckpt
+    for name in pretrained:
+        from model import GPT
+        try:
+            model = GPT.from_pretrained(name, attn_backend=attn_backend)
+        except UserError:
+            raise
+        except Exception as e:  # network / cache / format trouble deep inside the hub client
+            raise UserError(f"cannot load pretrained {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}); "
+                            f"it needs network or a Hugging Face cache") from None
+        sources.append(Source(checkpoint=f"pretrained:{name}", attention=model.config.attention, iter_num=None,
+                              vocab_size=model.config.vocab_size, block_size=model.config.block_size,
+                              pretrained=name, model=model.eval()))
+    names = [f"{s.pretrained} (pretrained)" if s.pretrained else f"{s.attention} @ iter {s.iter_num}" for s in sources]
+    for s, n in zip(sources, names):
+        s.name = n if names.count(n) == 1 else f"{n} [{s.checkpoint}]"
+    return sources
+
+
+def check_vocabularies(sources):
+    """All rows of one table must share a vocabulary (GPT-2's BPE, padded or not, counts as one)."""
+    def family(v):
+        return "gpt2" if v >= GPT2_VOCAB else v
+    first = sources[0]
+    for s in sources[1:]:
+        if family(s.vocab_size) != family(first.vocab_size):
+            raise UserError(f"{first.checkpoint} (vocabulary {first.vocab_size}) and {s.checkpoint} (vocabulary "
+                            f"{s.vocab_size}) have different vocabularies, so their perplexities are not comparable; "
+                            f"evaluate them in separate tables")
+
+
+def build_model(source, device, attn_backend):
+    if source.model is not None:
+        return copy.deepcopy(source.model).to(device).eval()
+    from checkpoint import model_from_checkpoint
+    model, _ = model_from_checkpoint(source.checkpoint, device=device, attn_backend=attn_backend)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# table
+
+def method_header(method, args, dtype):
+    pct = f"{args.sparsity * 100:g}%"
+    if method == "fp":
+        return f"PPL ({DTYPE_LABELS[dtype]})"
+    if method in ("w8", "w8a8"):
+        kind, g = parse_granularity(args.w8_granularity)
+        detail = {"tensor": "", "channel": ", per-channel", "group": f", group {g}"}[kind]
+        head = ", +head" if args.quantize_head else ""
+        return f"PPL (AbsMax {'W8' if method == 'w8' else 'W8A8'}{detail}{head})"
+    if method == "sparse50":
+        return f"PPL ({pct} Sparse{', global' if args.prune_scope == 'global' else ''})"
+    if method == "wanda":
+        return f"PPL (Wanda {pct})"
+    raise ValueError(method)
+
+
+SHORT = {"w8": "W8", "sparse50": "Sparse", "w8a8": "W8A8", "wanda": "Wanda"}
+
+
+def fmt_ppl(x):
+    if x is None or not math.isfinite(x):
+        return "inf" if x == math.inf else "nan"
+    return f"{x:.2f}"
+
+
+def fmt_change(x, ref):
+    if x is None or ref is None or not (math.isfinite(x) and math.isfinite(ref)) or ref <= 0:
+        return "n/a"
+    return f"{(x / ref - 1) * 100:+.1f}%"
+
+
+def markdown_table(rows, methods, headers):
+    cols = ["Model"] + [headers[m] for m in methods]
+    degr = [m for m in methods if m != "fp"] if "fp" in methods else []
+    cols += [f"Δ {SHORT[m]}" for m in degr]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(cols) - 1)) + "|"]
+    for r in rows:
+        cells = [r["name"]] + [fmt_ppl(r["ppl"][m]) for m in methods]
+        cells += [fmt_change(r["ppl"][m], r["ppl"]["fp"]) for m in degr]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows, methods):
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["name", "checkpoint", "attention", "iter_num", "dtype"] + [f"ppl_{m}" for m in methods])
+    for r in rows:
+        w.writerow([r["name"], r["checkpoint"], r["attention"], r["iter_num"], r["dtype"]]
+                   + ["" if r["ppl"][m] is None else repr(r["ppl"][m]) for m in methods])
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 1)[1])
+    p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="checkpoint files (one table row each)")
+    p.add_argument("--pretrained", action="append", default=[], metavar="NAME",
+                   help="also evaluate OpenAI GPT-2 weights (gpt2, gpt2-medium, ... or a local HF directory); repeatable")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--dataset", choices=["wikitext2"], default=None,
+                     help="WikiText-2 raw through Hugging Face datasets (default when no --text_file/--data)")
+    src.add_argument("--text_file", help="evaluate on a local UTF-8 text file (GPT-2 BPE)")
+    src.add_argument("--data", help="evaluate on a prepared uint16 token file (.bin)")
+    p.add_argument("--split", default="test", choices=["test", "validation"], help="WikiText-2 split (default test)")
+    p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens (quick runs)")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list of {', '.join(METHODS)} (default {DEFAULT_METHODS})")
+    p.add_argument("--w8_granularity", default="tensor", help="tensor (default) | channel | group:G")
+    p.add_argument("--quantize_head", action="store_true", help="w8/w8a8 also quantize the tied embedding / lm_head")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights pruned (sparse50, wanda)")
+    p.add_argument("--prune_scope", default="layer", choices=["layer", "global"], help="magnitude pruning per layer or global")
+    p.add_argument("--calib_data", help="wanda calibration tokens (.bin); default: the WikiText-2 train split, "
+                                        "or train.bin beside --data")
+    p.add_argument("--calib_text_file", help="wanda calibration text file")
+    p.add_argument("--calib_windows", type=int, default=32, help="wanda calibration windows of one block each (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows")
+    p.add_argument("--block_size", type=int, default=None, help="window length (default: each model's block size)")
+    p.add_argument("--stride", type=int, default=None, help="sliding windows scoring the last STRIDE tokens of each")
+    p.add_argument("--batch_size", type=int, default=None, help="windows per forward (default: 16 on GPU, 2 on CPU at T=1024)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--attn_backend", default="auto", help="attention backend for every model (default auto)")
+    p.add_argument("--out", default=os.path.join("out", "compress"), help="output directory (default out/compress)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def parse_methods(spec):
+    methods = []
+    for m in (x.strip() for x in spec.split(",")):
+        if not m:
+            continue
+        if m not in METHODS:
+            raise UserError(f"unknown method {m!r} in --methods; choose from {', '.join(METHODS)}")
+        if m not in methods:
+            methods.append(m)
+    if not methods:
+        raise UserError(f"--methods is empty; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def validate_args(args):
+    methods = parse_methods(args.methods)
+    parse_granularity(args.w8_granularity)
+    if not 0.0 <= args.sparsity < 1.0:
+        raise UserError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    for name in ("batch_size", "block_size", "calib_windows", "max_tokens"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UserError(f"--{name} must be a positive integer, got {v}")
+    if args.stride is not None and args.stride < 1:
+        raise UserError(f"--stride must be a positive integer, got {args.stride}")
+    if args.calib_data and args.calib_text_file:
+        raise UserError("give at most one of --calib_data and --calib_text_file")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} exists and is not a directory")
+    if not args.checkpoints and not args.pretrained:
+        raise UserError("no checkpoints given: pass one or more checkpoint files (e.g. out/tiny/ckpt.pt) or --pretrained gpt2")
+    return methods
+
+
+def calibration_tokens(args):
+    """(tokens, description) for wanda: never the evaluation text."""
+    from data import load_tokens, read_text_file, tokens_from_text
+    if args.calib_data:
+        return np.asarray(load_tokens(args.calib_data), dtype=np.int64), f"tokens {args.calib_data}"
+    if args.calib_text_file:
+        return tokens_from_text(read_text_file(args.calib_text_file)), f"text {args.calib_text_file}"
+    if args.data:
+        sibling = os.path.join(os.path.dirname(os.path.abspath(args.data)), "train.bin")
+        if os.path.basename(args.data) != "train.bin" and os.path.isfile(sibling):
+            return np.asarray(load_tokens(sibling), dtype=np.int64), f"tokens {sibling}"
+        raise UserError(f"wanda needs calibration data from a training split and there is no train.bin beside {args.data}; "
+                        f"pass --calib_data TRAIN.bin or --calib_text_file FILE")
+    if args.text_file:
+        raise UserError("wanda needs calibration data from a training split, not the evaluation text; "
+                        "pass --calib_data TRAIN.bin or --calib_text_file FILE")
+    return tokens_from_text(wikitext2_text("train")), "wikitext2 (wikitext-2-raw-v1, train)"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    methods = validate_args(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    from attention_variants import check_backend
+    check_backend(args.attn_backend)
+
+    # everything that can be wrong with the input is found before any evaluation or output
+    sources = load_sources(args.checkpoints, args.pretrained, args.attn_backend)
+    check_vocabularies(sources)
+    if args.data is None and args.text_file is None and args.dataset is None:
+        args.dataset = "wikitext2"
+    tokens, data_desc = load_eval_tokens(args.dataset, args.text_file, args.data, split=args.split)
+    if args.max_tokens:
+        tokens = tokens[:args.max_tokens]
+        data_desc += f", first {tokens.size} tokens"
+    for s in sources:
+        T = args.block_size or s.block_size
+        if T > s.block_size:
+            raise UserError(f"--block_size {T} exceeds the block size {s.block_size} of {s.checkpoint}")
+        make_windows(tokens.size, T, args.stride)
+        if tokens.size and int(tokens.max()) >= s.vocab_size:
+            raise UserError(f"the evaluation tokens go up to id {int(tokens.max())} but {s.checkpoint} has a vocabulary "
+                            f"of {s.vocab_size}; evaluate with data tokenized for this model")
+    calib, calib_desc = (calibration_tokens(args) if "wanda" in methods else (None, None))
+    if calib is not None and calib.size and int(calib.max()) >= min(s.vocab_size for s in sources):
+        raise UserError(f"the calibration tokens go up to id {int(calib.max())}, beyond the models' vocabulary")
+
+    headers = {m: method_header(m, args, dtype) for m in methods}
+    settings = {"w8_granularity": args.w8_granularity, "quantize_head": args.quantize_head, "sparsity": args.sparsity,
+                "prune_scope": args.prune_scope, "calibration": calib_desc,
+                "calib_windows": args.calib_windows if calib is not None else None,
+                "seed": args.seed if calib is not None else None}
+    metadata = run_metadata(device)
+    print(f"evaluating {len(sources)} model(s) x {len(methods)} method(s) on {data_desc} ({tokens.size:,} tokens), "
+          f"device {device}, dtype {DTYPE_NAMES[dtype]}", file=sys.stderr)
+
+    rows = []
+    for s in sources:
+        base = build_model(s, device, args.attn_backend)
+        T = args.block_size or s.block_size
+        row = {"name": s.name, "checkpoint": s.checkpoint, "attention": s.attention, "iter_num": s.iter_num,
+               "dtype": DTYPE_NAMES[dtype], "device": str(device), "ppl": {}, "nll": {}, "seconds": {},
+               "eval": None, "settings": settings, "metadata": metadata}
+        for m in methods:
+            t0 = time.perf_counter()
+            model = base if m == "fp" else copy.deepcopy(base)
+            if m in ("w8", "w8a8"):
+                quantize_weights_(model, args.w8_granularity, args.quantize_head)
+            if m == "w8a8":
+                add_activation_quantization(model, args.quantize_head)
+            if m == "sparse50":
+                prune_magnitude_(model, args.sparsity, args.prune_scope)
+            if m == "wanda":
+                windows = calibration_windows(calib, args.calib_windows, T, args.seed)
+                prune_wanda_(model, windows, args.sparsity, dtype, args.batch_size or 8)
+            res = evaluate_perplexity(model, tokens, block_size=T, stride=args.stride, batch_size=args.batch_size,
+                                      dtype=dtype, progress=not args.no_progress, desc=f"{s.name} [{m}]")
+            del model
+            row["ppl"][m] = res.ppl if math.isfinite(res.ppl) else None
+            row["nll"][m] = res.nll if math.isfinite(res.nll) else None
+            row["seconds"][m] = round(time.perf_counter() - t0, 3)
+            row["eval"] = {"data": data_desc, "tokens": res.n_tokens, "windows": res.n_windows,
+                           "block_size": res.block_size, "stride": res.stride}
+            print(f"{s.name} [{m}]: ppl {fmt_ppl(res.ppl)} ({res.n_tokens:,} tokens, {res.n_windows} windows, "
+                  f"{res.seconds:.1f} s)", file=sys.stderr)
+        del base
+        s.model = None
+        rows.append(row)
+
+    table = markdown_table(rows, methods, headers)
+    ev = rows[0]["eval"]
+    notes = (f"Token-level perplexity on {data_desc}: {ev['tokens']:,} scored tokens, "
+             f"{'non-overlapping windows' if args.stride is None else f'sliding windows (stride {args.stride})'} of "
+             f"{ev['block_size']} tokens; device {device}, {DTYPE_NAMES[dtype]}. "
+             f"W8 granularity {args.w8_granularity}; sparsity {args.sparsity:g} ({args.prune_scope})"
+             + (f"; wanda calibration: {args.calib_windows} windows of {calib_desc}" if calib is not None else "")
+             + ". Δ = relative change of perplexity against the unquantized model.\n")
+    print(table, end="")
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write_text(os.path.join(args.out, "results.md"), table + "\n" + notes)
+    atomic_write_json(os.path.join(args.out, "results.json"), rows)
+    atomic_write_text(os.path.join(args.out, "results.csv"), csv_text(rows, methods))
+    print(f"wrote {os.path.join(args.out, 'results.md')}, results.json, results.csv", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    cli_main(main)

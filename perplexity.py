@@ -1,0 +1,233 @@
+"""Token-level perplexity of a GPT on a token stream, and the evaluation texts it is usually measured on.
+
+Window conventions (see `make_windows`): the text's N tokens give N - 1 next-token predictions, and
+every one of them is scored exactly once.
+
+- non-overlapping (default, `stride=None`, the quantization papers' convention): the model reads
+  tokens [0, T), [T, 2T), ... (T = block size) and every position in a window is scored; the last
+  window may be shorter.
+- sliding (`stride=s`, Hugging Face's convention): windows start at 0, s, 2s, ...; each reads up to
+  T tokens, the first window scores all its positions, every later one only its last s (new)
+  predictions, so each scored token sees at least T - s tokens of context.
+
+perplexity = exp(total negative log-likelihood / number of scored tokens). The cross-entropy is
+computed in float32 from the final hidden states (captured from `transformer.ln_f`), in row chunks
+so that the (tokens x vocab) logits never sit in memory at once.
+"""
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import UserError
+
+WIKITEXT2 = ("wikitext", "wikitext-2-raw-v1")
+# rows of (rows x vocab) float32 logits computed at once: 4096 x 50304 x 4 B = 0.8 GB on GPU, 0.2 GB on CPU
+LOGIT_CHUNK_ROWS = {"cuda": 4096, "cpu": 1024}
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation texts
+
+def wikitext2_text(split="test"):
+    """The raw WikiText-2 split through Hugging Face `datasets`, joined with blank lines (the usual way)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("the WikiText-2 evaluation needs the `datasets` package (pip install datasets); "
+                        "or pass --text_file FILE / --data TOKENS.bin") from None
+    try:
+        ds = datasets.load_dataset(*WIKITEXT2, split=split)
+    except Exception as e:  # offline: ConnectionError/OSError subclasses, sometimes others
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UserError(f"cannot load WikiText-2 ({'/'.join(WIKITEXT2)}, split {split}) through Hugging Face "
+                        f"datasets ({type(e).__name__}: {msg}); without network or a datasets cache, pass a "
+                        f"local text with --text_file FILE (e.g. ../shared/data/wikitext-2/{'valid' if split == 'validation' else split}.txt) "
+                        f"or prepared tokens with --data TOKENS.bin") from None
+    return "\n\n".join(ds["text"])
+
+
+def load_eval_tokens(dataset=None, text_file=None, data=None, split="test"):
+    """(int64 token array, description) from exactly one of: dataset 'wikitext2', a text file, a .bin file."""
+    from data import load_tokens, read_text_file, tokens_from_text
+    given = [x is not None for x in (dataset, text_file, data)]
+    if sum(given) != 1:
+        raise UserError("give exactly one evaluation text: --dataset wikitext2, --text_file FILE or --data TOKENS.bin")
+    if data is not None:
+        return np.asarray(load_tokens(data), dtype=np.int64), f"tokens {data}"
+    if text_file is not None:
+        return tokens_from_text(read_text_file(text_file)), f"text {text_file}"
+    if dataset != "wikitext2":
+        raise UserError(f"unknown dataset {dataset!r}; the one built in is wikitext2 "
+                        f"(or pass --text_file FILE / --data TOKENS.bin)")
+    return tokens_from_text(wikitext2_text(split)), f"wikitext2 ({WIKITEXT2[1]}, {split})"
+
+
+# ----------------------------------------------------------------------------------------------
+# windows
+
+def make_windows(n_tokens, block_size, stride=None):
+    """List of (begin, end, score_from): the model reads tokens[begin:end] to predict tokens[begin+1:end+1],
+    and positions j >= score_from of that window (window coordinates) are scored.
+
+    Every prediction 1..n_tokens-1 is scored exactly once; `stride=None` means stride = block_size
+    (non-overlapping windows).
+    """
+    stride = block_size if stride is None else int(stride)
+    if block_size < 1:
+        raise UserError(f"block size must be positive, got {block_size}")
+    if not 1 <= stride <= block_size:
+        raise UserError(f"--stride must be between 1 and the block size {block_size}, got {stride}")
+    n_targets = n_tokens - 1
+    if n_targets < block_size:
+        raise UserError(f"the evaluation text has {n_tokens} tokens, fewer than one window of {block_size} + 1; "
+                        f"use a longer text or a smaller --block_size")
+    windows, scored_until, begin = [], 0, 0
+    while scored_until < n_targets:
+        end = min(begin + block_size, n_targets)
+        windows.append((begin, end, scored_until - begin))
+        scored_until, begin = end, begin + stride
+    return windows
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+@dataclass
+class PerplexityResult:
+    ppl: float            # exp(nll)
+    nll: float            # mean negative log-likelihood per scored token (nats)
+    n_tokens: int         # scored tokens
+    n_windows: int
+    block_size: int
+    stride: int
+    seconds: float
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def safe_exp(x):
+    """exp(x) that gives inf instead of OverflowError (and nan for nan)."""
+    if math.isnan(x):
+        return math.nan
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+def autocast_context(device, dtype):
+    """bf16/fp16 autocast on the device when dtype asks for it; nothing for float32."""
+    if dtype in (None, torch.float32):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def default_batch_size(device, block_size):
+    """Windows per forward: enough to fill a GPU, few on CPU (no gain there, only memory)."""
+    if torch.device(device).type == "cuda":
+        return max(1, 16 * 1024 // max(block_size, 1))
+    return max(1, 2 * 1024 // max(block_size, 1))
+
+
+def _hidden_states(model, x):
+    """Final-layer-norm output (B, T, C) for input ids x, captured with a forward hook on ln_f.
+
+    The model's own forward without targets projects only the last position through lm_head, so the
+    full logits are never built there; we project the scored rows ourselves, in chunks.
+    """
+    captured = []
+
+    def hook(module, inputs, output):
+        captured.append(output)
+
+    handle = model.transformer.ln_f.register_forward_hook(hook)
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    if len(captured) != 1 or tuple(captured[0].shape[:2]) != tuple(x.shape):
+        raise RuntimeError("could not capture the final hidden states from transformer.ln_f "
+                           f"(got {[tuple(c.shape) for c in captured]} for input {tuple(x.shape)})")
+    return captured[0]
+
+
+def _nll_sum(lm_head, h, y, chunk_rows):
+    """Sum over rows of -log softmax(lm_head(h))[y], logits in float32, `chunk_rows` rows at a time."""
+    total = torch.zeros((), dtype=torch.float64, device=h.device)
+    for i in range(0, h.shape[0], chunk_rows):
+        logits = lm_head(h[i:i + chunk_rows]).float()
+        total += F.cross_entropy(logits, y[i:i + chunk_rows], reduction="sum").double()
+    return total
+
+
+def evaluate_perplexity(model, tokens, block_size=None, stride=None, batch_size=None, dtype=None,
+                        progress=True, desc="perplexity", chunk_rows=None):
+    """Perplexity of `model` (a model.GPT, on its device, in eval mode) on the 1-D token array `tokens`.
+
+    block_size: window length (default and maximum: model.config.block_size); stride: None for
+    non-overlapping windows, else sliding windows (see module doc). dtype: autocast dtype (None or
+    float32: plain float32). Returns a PerplexityResult.
+    """
+    device = model_device(model)
+    max_block = model.config.block_size
+    block_size = max_block if block_size is None else int(block_size)
+    if block_size > max_block:
+        raise UserError(f"--block_size {block_size} exceeds the model's block size {max_block}")
+    tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+    vocab = model.config.vocab_size
+    if tokens.numel() and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
+        raise UserError(f"the evaluation tokens range over [{int(tokens.min())}, {int(tokens.max())}] but the model's "
+                        f"vocabulary has {vocab} entries; evaluate with data tokenized for this model")
+    windows = make_windows(tokens.numel(), block_size, stride)
+    batch_size = batch_size or default_batch_size(device, block_size)
+    chunk_rows = chunk_rows or LOGIT_CHUNK_ROWS.get(device.type, 1024)
+    # batch windows of equal length (all but possibly the last one)
+    batches, current = [], []
+    for w in windows:
+        if current and (len(current) == batch_size or (w[1] - w[0]) != (current[0][1] - current[0][0])):
+            batches.append(current)
+            current = []
+        current.append(w)
+    batches.append(current)
+
+    from tqdm import tqdm
+    total_nll = torch.zeros((), dtype=torch.float64, device=device)
+    n_scored = 0
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast_context(device, dtype), \
+                tqdm(total=len(windows), desc=desc, unit="win", disable=not progress, leave=False,
+                     dynamic_ncols=True, mininterval=1.0) as bar:
+            for batch in batches:
+                length = batch[0][1] - batch[0][0]
+                x = torch.stack([tokens[b:e] for b, e, _ in batch]).to(device, non_blocking=True)
+                y = torch.stack([tokens[b + 1:e + 1] for b, e, _ in batch]).to(device, non_blocking=True)
+                scored = torch.arange(length)[None, :] >= torch.tensor([s for _, _, s in batch])[:, None]
+                scored = scored.to(device, non_blocking=True)
+                h = _hidden_states(model, x)
+                total_nll += _nll_sum(model.lm_head, h[scored], y[scored], chunk_rows)
+                n_scored += sum(e - b - s for b, e, s in batch)  # counted on the host: no device sync
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    assert n_scored == tokens.numel() - 1, (n_scored, tokens.numel())
+    nll = float(total_nll) / n_scored
+    return PerplexityResult(ppl=safe_exp(nll), nll=nll, n_tokens=n_scored,
+                            n_windows=len(windows), block_size=block_size,
+                            stride=block_size if stride is None else int(stride), seconds=seconds)
+

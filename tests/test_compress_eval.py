@@ -1,0 +1,399 @@
+"""compress_eval.py and perplexity.py: quantization / pruning against explicit float64 references,
+perplexity against a per-token float64 loop, and the command line's outputs and errors."""
+
+import copy
+import csv
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import compress_eval as ce
+from checkpoint import model_args_from, model_from_checkpoint, save_checkpoint
+from common import UserError, cli_main
+from data import write_tokens
+from model import GPT, GPTConfig
+from perplexity import evaluate_perplexity, make_windows
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(REPO, "..", "shared")
+VOCAB, BLOCK = 256, 32
+
+
+def tiny_model(attention="default", vocab=VOCAB, gain=1.0, seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=BLOCK, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, attention=attention))
+    if gain != 1.0:  # larger weights: sharper, more input-sensitive predictions than the 0.02 init
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(gain)
+    return model.eval()
+
+
+def save_tiny(path, model, iter_num=100):
+    save_checkpoint(path, {"model": model.state_dict(), "model_args": model_args_from(model.config),
+                           "iter_num": iter_num, "config": {"note": "test"}})
+    return str(path)
+
+
+def random_tokens(n, vocab=VOCAB, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, n).astype(np.int64)
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# W8
+
+def outlier_weight(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(48, 80, generator=g) * 0.05
+    w[7, 13] = 3.0  # one outlier dominates the per-tensor scale
+    return w
+
+
+def test_w8_per_tensor_levels_and_error():
+    w = outlier_weight()
+    w_hat, scale = ce.absmax_quantize(w, "tensor")
+    w64 = w.double().numpy()
+    ref_scale = np.abs(w64).max() / 127
+    assert float(scale) == pytest.approx(ref_scale, rel=1e-6)
+    q = w_hat.double().numpy() / ref_scale
+    assert np.abs(q - np.round(q)).max() < 1e-3          # on the integer grid
+    assert np.abs(q).max() <= 127 + 1e-3
+    assert len(np.unique(np.round(q))) <= 255
+    assert np.abs(w_hat.double().numpy() - w64).max() <= ref_scale / 2 * (1 + 1e-5)
+    assert round(q[7, 13]) == 127
+    # the outlier makes most weights collapse onto a handful of levels
+    assert len(np.unique(np.round(q))) < 20
+
+
+def test_w8_per_channel_scale_and_error():
+    w = outlier_weight()
+    w_hat, scale = ce.absmax_quantize(w, "channel")
+    w64 = w.double().numpy()
+    ref_scale = np.abs(w64).max(axis=1, keepdims=True) / 127
+    np.testing.assert_allclose(scale.double().numpy(), ref_scale, rtol=1e-6)
+    q = w_hat.double().numpy() / ref_scale
+    assert np.abs(q - np.round(q)).max() < 1e-3 and np.abs(q).max() <= 127 + 1e-3
+    assert np.all(np.abs(w_hat.double().numpy() - w64) <= ref_scale / 2 * (1 + 1e-5))
+    assert np.all(np.abs(np.round(q)).max(axis=1) == 127)  # every row reaches its extreme level
+    # the outlier only coarsens its own row
+    err_tensor = np.abs(ce.absmax_quantize(w, "tensor")[0].double().numpy() - w64)
+    err_channel = np.abs(w_hat.double().numpy() - w64)
+    others = np.arange(48) != 7
+    assert err_channel[others].mean() < err_tensor[others].mean() / 10
+
+
+def test_w8_groups_including_a_ragged_last_group():
+    w = outlier_weight()[:, :20]  # 20 columns, groups of 8: [0, 8), [8, 16), [16, 20)
+    w_hat, _ = ce.absmax_quantize(w, "group:8")
+    w64, out = w.double().numpy(), w_hat.double().numpy()
+    assert out.shape == w64.shape
+    for lo, hi in [(0, 8), (8, 16), (16, 20)]:
+        s = np.abs(w64[:, lo:hi]).max(axis=1, keepdims=True) / 127
+        q = out[:, lo:hi] / s
+        assert np.abs(q - np.round(q)).max() < 1e-3 and np.abs(q).max() <= 127 + 1e-3
+        assert np.all(np.abs(out[:, lo:hi] - w64[:, lo:hi]) <= s / 2 * (1 + 1e-5))
+
+
+def test_w8_zero_rows_and_bad_granularity():
+    w = torch.zeros(4, 8)
+    w[1] = torch.arange(8.0)
+    w_hat, _ = ce.absmax_quantize(w, "channel")
+    assert torch.isfinite(w_hat).all() and torch.equal(w_hat[0], torch.zeros(8))
+    for bad in ("row", "group:0", "group:x", "group"):
+        with pytest.raises(UserError, match="w8_granularity"):
+            ce.absmax_quantize(w, bad)
+
+
+def test_w8_on_a_model_touches_exactly_the_block_linears():
+    model = tiny_model("scaling")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = ce.quantize_weights_(model, "tensor")
+    assert any(n.endswith("scale_proj") for n in names) and len(names) == 2 * 5  # c_attn, c_proj, c_fc, c_proj, scale_proj
+    for key, value in model.state_dict().items():
+        changed = not torch.equal(value, before[key])
+        is_target = key.startswith("transformer.h.") and key.endswith(".weight") and any(
+            key.startswith(n + ".") for n in names)
+        assert changed == is_target, key
+        if is_target:
+            scale = before[key].abs().max() / 127
+            assert torch.allclose(value / scale, torch.round(value / scale), atol=1e-3), key
+
+
+# ----------------------------------------------------------------------------------------------
+# pruning
+
+def tied_weights(seed=0):
+    # integer magnitudes: many ties, some weights already zero
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-3, 4, (16, 32), generator=g).float()
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.3])
+def test_magnitude_pruning_exact_count_with_ties(sparsity):
+    w = tied_weights()
+    k = round(sparsity * w.numel())
+    assert int((w == 0).sum()) < k
+    mask = ce.smallest_k_mask(w.abs(), k)
+    pruned = w.masked_fill(mask, 0.0)
+    assert int(mask.sum()) == k and int((pruned == 0).sum()) == k
+    assert w.abs()[mask].max() <= w.abs()[~mask].min()  # the smallest magnitudes go
+
+
+def test_prune_per_layer_and_global_on_a_model():
+    model = tiny_model("scaling")
+    with torch.no_grad():  # different scales per layer make global pruning differ from per-layer pruning
+        for i, (_, lin) in enumerate(ce.block_linears(model)):
+            lin.weight.mul_(1.0 + i)
+    orig = {n: lin.weight.detach().clone() for n, lin in ce.block_linears(model)}
+    embed = model.transformer.wte.weight.detach().clone()
+
+    per_layer = copy.deepcopy(model)
+    ce.prune_magnitude_(per_layer, 0.5, "layer")
+    for n, lin in ce.block_linears(per_layer):
+        assert int((lin.weight == 0).sum()) == round(0.5 * lin.weight.numel()), n
+        removed = lin.weight == 0
+        assert orig[n].abs()[removed].max() <= orig[n].abs()[~removed].min(), n
+    assert torch.equal(per_layer.transformer.wte.weight, embed)
+
+    glob = copy.deepcopy(model)
+    ce.prune_magnitude_(glob, 0.5, "global")
+    weights = [lin.weight for _, lin in ce.block_linears(glob)]
+    total = sum(w.numel() for w in weights)
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.5 * total)
+    fractions = [float((w == 0).float().mean()) for w in weights]
+    assert max(fractions) - min(fractions) > 0.2  # global: small layers lose more than large ones
+    removed = torch.cat([orig[n].abs()[lin.weight == 0] for n, lin in ce.block_linears(glob)])
+    kept = torch.cat([orig[n].abs()[lin.weight != 0] for n, lin in ce.block_linears(glob)])
+    assert removed.max() <= kept.min()
+
+
+def test_wanda_mask_per_row():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(12, 40, generator=g)
+    norm = torch.rand(40, generator=g) + 0.1
+    norm[5] = 1e4  # an input feature with huge activations is never pruned
+    mask = ce.wanda_mask(w, norm, 0.5)
+    assert torch.equal(mask.sum(1), torch.full((12,), 20))
+    assert not mask[:, 5].any()
+    score = (w.double().abs() * norm.double()).numpy()
+    m = mask.numpy()
+    for r in range(12):
+        assert score[r][m[r]].max() <= score[r][~m[r]].min()
+
+
+def test_wanda_on_a_model_uses_the_calibration_activations():
+    model = tiny_model("default", gain=3.0)
+    w0 = model.transformer.h[0].attn.c_attn.weight.detach().clone()
+    calib = torch.from_numpy(random_tokens(4 * BLOCK, seed=3)).view(4, BLOCK)
+    ce.prune_wanda_(model, calib, 0.5, batch_size=3)
+    for n, lin in ce.block_linears(model):
+        per_row = (lin.weight == 0).sum(1)
+        assert torch.equal(per_row, torch.full_like(per_row, lin.in_features // 2)), n
+    # block 0's c_attn input, written out in float64: ln_1(wte(x) + wpe(pos))
+    ref = tiny_model("default", gain=3.0).double()
+    with torch.no_grad():
+        x = ref.transformer.wte(calib) + ref.transformer.wpe(torch.arange(BLOCK))
+        feats = ref.transformer.h[0].ln_1(x).reshape(-1, 32)
+    norms = feats.pow(2).sum(0).sqrt()
+    expected = ce.wanda_mask(w0.double(), norms, 0.5)
+    got = model.transformer.h[0].attn.c_attn.weight == 0
+    assert (expected != got).float().mean() < 0.01
+    assert not torch.equal(expected, ce.wanda_mask(w0, torch.ones(32), 0.5))  # norms matter
+
+
+# ----------------------------------------------------------------------------------------------
+# perplexity
+
+def test_windows_cover_every_prediction_once():
+    assert make_windows(100, 32) == [(0, 32, 0), (32, 64, 0), (64, 96, 0), (96, 99, 0)]
+    assert make_windows(50, 32, stride=8) == [(0, 32, 0), (8, 40, 24), (16, 48, 24), (24, 49, 24)]
+    for n, T, s in [(100, 32, None), (100, 32, 8), (77, 16, 5), (33, 32, 1)]:
+        scored = []
+        for b, e, sf in make_windows(n, T, s):
+            assert e - b <= T and sf >= 0
+            scored += list(range(b + 1 + sf, e + 1))  # token ids predicted and scored
+        assert scored == list(range(1, n))
+    with pytest.raises(UserError, match="fewer than one window"):
+        make_windows(32, 32)
+    with pytest.raises(UserError, match="stride"):
+        make_windows(100, 32, stride=33)
+
+
+def reference_ppl(model, tokens, T, stride):
+    """Per predicted token, the context its window gives it, one float64 forward each."""
+    m64 = copy.deepcopy(model).double()
+    t = torch.from_numpy(tokens)
+    nll = 0.0
+    for i in range(1, len(tokens)):
+        if stride is None:
+            b = ((i - 1) // T) * T
+        else:
+            b = 0 if i <= T else math.ceil((i - T) / stride) * stride
+        with torch.no_grad():
+            logits, _ = m64(t[b:i][None])
+        nll -= torch.log_softmax(logits[0, -1].double(), dim=-1)[tokens[i]].item()
+    return math.exp(nll / (len(tokens) - 1))
+
+
+@pytest.mark.parametrize("stride", [None, 8])
+def test_perplexity_matches_a_float64_per_token_loop(stride):
+    model = tiny_model(gain=4.0)
+    tokens = random_tokens(150, seed=1)  # not a multiple of the window: a short last window
+    res = evaluate_perplexity(model, tokens, stride=stride, batch_size=3, progress=False)
+    assert res.n_tokens == 149
+    ref = reference_ppl(model, tokens, BLOCK, stride)
+    assert res.ppl == pytest.approx(ref, rel=1e-5)
+    assert 1.5 < ref < VOCAB * 20  # a non-trivial distribution, not a constant
+
+
+def test_planted_outlier_hurts_per_tensor_w8_far_more_than_per_channel():
+    """One query channel of layer 0's c_attn (a column of GPT-2's Conv1D weight) scaled up 100x and the
+    matching key channel scaled down 100x: the model computes exactly the same function, but per-tensor
+    AbsMax now flattens every other channel of c_attn, while per-channel AbsMax confines the coarse grid
+    to the two planted rows. Perplexity changes are measured against the fp model itself, on text it
+    generated (so that its predictions are sharp and the comparison sensitive)."""
+    clean = tiny_model(seed=0)
+    with torch.no_grad():
+        for _, lin in ce.block_linears(clean):
+            lin.weight.mul_(6.0)              # larger blocks: the residual stream depends on them
+        clean.transformer.ln_f.weight.mul_(10.0)  # sharper next-token distributions
+    planted = copy.deepcopy(clean)
+    with torch.no_grad():
+        w = planted.transformer.h[0].attn.c_attn.weight  # rows: [q (32) | k (32) | v (32)]
+        w[3] *= 100.0
+        w[32 + 3] /= 100.0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        tokens = planted.generate(torch.zeros(1, 1, dtype=torch.long), 256)[0].numpy()
+
+    def change(model, granularity):
+        fp = evaluate_perplexity(model, tokens, progress=False).nll
+        q = copy.deepcopy(model)
+        ce.quantize_weights_(q, granularity)
+        return abs(evaluate_perplexity(q, tokens, progress=False).nll - fp)
+
+    assert evaluate_perplexity(planted, tokens, progress=False).nll == pytest.approx(
+        evaluate_perplexity(clean, tokens, progress=False).nll, rel=1e-5)  # same function
+    tensor_hit, channel_hit = change(planted, "tensor"), change(planted, "channel")
+    assert tensor_hit > 0.1                        # perplexity up by more than 10 %
+    assert tensor_hit > 20 * channel_hit
+    assert tensor_hit > 20 * change(clean, "tensor")  # without the outlier per-tensor W8 is harmless
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ce")
+    ckpts = [save_tiny(d / "a.pt", tiny_model("default", gain=3.0), 120),
+             save_tiny(d / "b.pt", tiny_model("scaling", gain=3.0, seed=1), 240)]
+    write_tokens(d / "val.bin", random_tokens(300, seed=4))
+    write_tokens(d / "train.bin", random_tokens(2000, seed=5))
+    hashes = [sha256(c) for c in ckpts]
+    out = d / "out"
+    ce.main(ckpts + ["--data", str(d / "val.bin"), "--out", str(out), "--no_progress",
+                     "--methods", "fp,w8,sparse50,w8a8,wanda", "--calib_windows", "4"])
+    return d, ckpts, hashes, out
+
+
+def test_cli_writes_the_table_and_leaves_checkpoints_alone(tiny_run):
+    d, ckpts, hashes, out = tiny_run
+    assert [sha256(c) for c in ckpts] == hashes
+    assert sorted(os.listdir(out)) == ["results.csv", "results.json", "results.md"]
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["attention"] for r in rows] == ["default", "scaling"] and [r["iter_num"] for r in rows] == [120, 240]
+    assert all(r["dtype"] == "float32" and set(r["ppl"]) == {"fp", "w8", "sparse50", "w8a8", "wanda"} for r in rows)
+    assert rows[0]["eval"]["tokens"] == 299 and rows[0]["checkpoint"] == ckpts[0]
+    # the fp column is the plain evaluation of the checkpoint's model
+    model, _ = model_from_checkpoint(ckpts[1])
+    tokens = np.fromfile(d / "val.bin", dtype=np.uint16).astype(np.int64)
+    assert rows[1]["ppl"]["fp"] == pytest.approx(evaluate_perplexity(model, tokens, progress=False).ppl, rel=1e-6)
+    assert len({rows[0]["ppl"][m] for m in rows[0]["ppl"]}) == 5  # every method changed something
+    md = (out / "results.md").read_text()
+    header = md.splitlines()[0]
+    assert header.startswith("| Model | PPL (FP32) | PPL (AbsMax W8) | PPL (50% Sparse) | PPL (AbsMax W8A8) | PPL (Wanda 50%) |")
+    assert "default @ iter 120" in md and "scaling @ iter 240" in md
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert float(table[0]["ppl_w8"]) == pytest.approx(rows[0]["ppl"]["w8"])
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(ce.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return exc.value.code, err
+
+
+@pytest.mark.parametrize("case", ["no_ckpt", "method", "short", "vocab", "granularity", "calib"])
+def test_bad_input_is_one_line_exit_2_and_no_output(tiny_run, tmp_path, capsys, case):
+    d, ckpts, _, _ = tiny_run
+    out = tmp_path / "never"
+    data = ["--data", str(d / "val.bin"), "--out", str(out), "--no_progress"]
+    if case == "no_ckpt":
+        argv, msg = data, "no checkpoints"
+    elif case == "method":
+        argv, msg = [ckpts[0], "--methods", "fp,w4"] + data, "unknown method 'w4'"
+    elif case == "short":
+        write_tokens(tmp_path / "short.bin", random_tokens(BLOCK))
+        argv, msg = [ckpts[0], "--data", str(tmp_path / "short.bin"), "--out", str(out)], "fewer than one window"
+    elif case == "vocab":
+        other = save_tiny(tmp_path / "c.pt", tiny_model(vocab=128))
+        argv, msg = [ckpts[0], other] + data, "different vocabularies"
+    elif case == "granularity":
+        argv, msg = [ckpts[0], "--w8_granularity", "row"] + data, "w8_granularity"
+    else:
+        (tmp_path / "eval.bin").write_bytes((d / "val.bin").read_bytes())  # no train.bin beside it
+        argv, msg = [ckpts[0], "--methods", "fp,wanda", "--data", str(tmp_path / "eval.bin"), "--out", str(out)], "calibration"
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
+    assert not out.exists()
+
+
+def test_offline_wikitext_says_what_to_do(tiny_run, tmp_path, capsys, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    code, err = run_cli([tiny_run[1][0], "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and len(err) == 1 and "--text_file" in err[0] and "--data" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_script_entry_point(tiny_run, tmp_path):
+    d, ckpts, _, _ = tiny_run
+    ok = subprocess.run([sys.executable, "compress_eval.py", ckpts[0], "--data", str(d / "val.bin"),
+                         "--methods", "fp,w8", "--w8_granularity", "channel", "--out", str(tmp_path / "o")],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "| Model | PPL (FP32) | PPL (AbsMax W8, per-channel) |" in ok.stdout
+    bad = subprocess.run([sys.executable, "compress_eval.py", "--data", str(d / "val.bin")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared (WikiText-2 text) is not available")
+def test_wikitext_text_file_with_gpt2_vocabulary(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
+    ckpt = save_tiny(tmp_path / "g.pt", tiny_model(vocab=50304))
+    ce.main([ckpt, "--text_file", os.path.join(SHARED, "data", "wikitext-2", "test.txt"), "--max_tokens", "600",
+             "--methods", "fp", "--stride", "16", "--out", str(tmp_path / "o"), "--no_progress"])
+    row = json.loads((tmp_path / "o" / "results.json").read_text())[0]
+    assert row["eval"]["tokens"] == 599 and row["eval"]["stride"] == 16
+    assert 1000 < row["ppl"]["fp"] < 2 * 50304  # near-uniform random model
