@@ -1,0 +1,306 @@
+#!/usr/bin/env python
+"""Attention kernel benchmark: the fused Triton kernel vs. torch SDPA vs. each variant's
+unfused PyTorch implementation.
+
+For every variant and sequence length T (B*T tokens fixed, default 16k; H=12, D=64, bf16) it
+measures forward, backward and forward+backward time with triton.testing.do_bench and reports
+TFLOP/s with FlashAttention's convention: 4*B*H*T^2*D FLOPs per forward, halved for causal
+attention, backward = 2.5x forward (so fwd+bwd = 3.5x).  Every implementation is charged the
+same FLOPs, so TFLOP/s ratios are speed ratios.  Peak memory (torch.cuda.max_memory_allocated
+above the inputs, reset between cases) is recorded for the forward (graph kept) and for
+forward+backward.
+
+Implementations:
+    fused    fused_attention(..., variant=v)                                   every variant
+    sdpa     F.scaled_dot_product_attention(is_causal=True), its best backend  'default' only
+    unfused  the variant's PyTorch path in attention_variants.py: SDPA with an explicit mask
+             and an extra key column for the sink variants, SDPA plus separate bias / gate ops
+             for fixed_bias / scaling, materialised scores for sigmoid
+
+Inputs mimic the model: q, k, v are views of one (B, T, 3*H*D) projection, the gate is a
+(B, H, T) view of a (B, T, H) tensor.  An implementation that runs out of memory is recorded
+as "OOM".
+
+Writes benchmarks/results/attention_<gpu>_<date>.json (GPU, torch/triton versions, date,
+command line, every measurement) and a markdown summary (printed and saved next to it).
+
+    python benchmarks/attention.py                       # the full sweep (needs CUDA)
+    python benchmarks/attention.py --seq-lens 1024 --variants default scaling
+    python benchmarks/attention.py --interpret-smoke     # tiny CPU run through the Triton
+                                                         # interpreter: exercises the code only
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+import traceback
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL_VARIANTS = ("default", "fixed_bias", "attention_bias", "context_bias", "scaling", "sigmoid")
+MODES = ("fwd", "bwd", "fwdbwd")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--tokens", type=int, default=16 * 1024, help="B*T per case (default 16k)")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=ALL_VARIANTS)
+    p.add_argument("--impls", nargs="+", default=["fused", "sdpa", "unfused"],
+                   choices=["fused", "sdpa", "unfused"])
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
+    p.add_argument("--out-dir", default=None,
+                   help="where the JSON/markdown go (default benchmarks/results; a temp dir for --interpret-smoke)")
+    p.add_argument("--interpret-smoke", action="store_true",
+                   help="run one tiny shape on CPU through the Triton interpreter (checks the code path only; "
+                        "the timings mean nothing)")
+    return p.parse_args(argv)
+
+
+def flops_fwd(B, H, T, D):
+    return 4 * B * H * T * T * D / 2  # causal
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.interpret_smoke:
+        # must happen before triton (and fused_attention) is imported
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.seq_lens, args.tokens, args.heads, args.head_dim = [80], 80, 2, 16
+    import torch
+
+    if not args.interpret_smoke and not torch.cuda.is_available():
+        print("error: benchmarks/attention.py needs a CUDA GPU (use --interpret-smoke for a CPU check of the "
+              "code path)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, REPO_ROOT)
+    import triton
+    import torch.nn.functional as F
+
+    import attention_variants as av
+    from fused_attention import fused_attention
+
+    device = "cpu" if args.interpret_smoke else "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    gpu = "cpu-interpreter" if args.interpret_smoke else torch.cuda.get_device_name()
+    H, D = args.heads, args.head_dim
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def bench(fn, grad_to_none):
+        """Median milliseconds of fn."""
+        if args.interpret_smoke:  # do_bench needs CUDA events; one timed call is enough here
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=grad_to_none,
+                                       return_mode="median")
+
+    def peak_mib(fn):
+        """Peak allocated memory above what is live before fn runs (MiB); None on CPU."""
+        if device != "cuda":
+            fn()
+            return None
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        keep = fn()
+        sync()
+        peak = torch.cuda.max_memory_allocated() - base
+        del keep
+        return peak / 2**20
+
+    def make_inputs(B, T):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        qkv = torch.randn(B, T, 3 * H * D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        k_bias = (0.5 * torch.randn(H, D, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+        v_bias = (0.5 * torch.randn(H, D, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+        gate = (2 * torch.rand(B, T, H, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+        dout = torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype)
+        return qkv, k_bias, v_bias, gate, dout
+
+    def split(qkv, B, T):
+        return [t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2)]
+
+    def make_fn(impl, variant, inputs, B, T):
+        qkv, k_bias, v_bias, gate, _ = inputs
+        spec = av.get_variant(variant)
+        extra = {"k_bias": k_bias, "v_bias": v_bias, "gate": gate.transpose(1, 2)}
+        extra = {n: t for n, t in extra.items()
+                 if n in spec.head_params or (n == "gate" and spec.has_gate)}
+        if impl == "fused":
+            return lambda: fused_attention(*split(qkv, B, T), variant=variant, **extra)
+        if impl == "sdpa":
+            return lambda: F.scaled_dot_product_attention(*split(qkv, B, T), is_causal=True)
+        # unfused: the project's own PyTorch path for the variant (SDPA form, else reference)
+        if spec.sdpa is not None:
+            return lambda: spec.sdpa(*split(qkv, B, T), **extra)
+        return lambda: spec.reference(*split(qkv, B, T), **extra)[0]
+
+    def run_case(impl, variant, B, T):
+        inputs = make_inputs(B, T)
+        leaves = [t for t in inputs[:4]]
+        dout = inputs[4]
+        fn = make_fn(impl, variant, inputs, B, T)
+        res = {}
+        fl = flops_fwd(B, H, T, D)
+        try:
+            res["peak_mib_fwd"] = peak_mib(fn)
+            res["peak_mib_fwdbwd"] = peak_mib(lambda: fn().backward(dout))
+            for t in leaves:
+                t.grad = None
+            ms_f = bench(fn, leaves)
+            out = fn()
+            ms_b = bench(lambda: out.backward(dout, retain_graph=True), leaves)
+            del out
+            ms_fb = bench(lambda: fn().backward(dout), leaves)
+            for mode, ms, mult in (("fwd", ms_f, 1.0), ("bwd", ms_b, 2.5), ("fwdbwd", ms_fb, 3.5)):
+                res[f"{mode}_ms"] = ms
+                res[f"{mode}_tflops"] = mult * fl / (ms * 1e-3) / 1e12
+        except torch.cuda.OutOfMemoryError:
+            res = {"status": "OOM"}
+        except Exception as err:  # keep sweeping; the error goes into the results
+            traceback.print_exc()
+            res = {"status": f"error: {type(err).__name__}: {err}"[:300]}
+        else:
+            res["status"] = "ok"
+        finally:
+            del inputs, leaves, fn
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        return res
+
+    def max_diff_vs_unfused(variant, B, T):
+        """Sanity check recorded with the fused results: max |fused - unfused| of the output."""
+        try:
+            inputs = make_inputs(B, T)
+            with torch.no_grad():
+                a = make_fn("fused", variant, inputs, B, T)()
+                b = make_fn("unfused", variant, inputs, B, T)()
+                return (a.float() - b.float()).abs().max().item()
+        except torch.cuda.OutOfMemoryError:
+            return "OOM"
+        except Exception as err:
+            return f"error: {type(err).__name__}: {err}"[:200]
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+    results = []
+    for T in args.seq_lens:
+        B = max(1, args.tokens // T)
+        for variant in args.variants:
+            for impl in args.impls:
+                if impl == "sdpa" and variant != "default":
+                    continue
+                res = run_case(impl, variant, B, T)
+                if impl == "fused" and res["status"] == "ok":
+                    res["max_abs_diff_vs_unfused"] = max_diff_vs_unfused(variant, B, T)
+                row = {"variant": variant, "impl": impl, "B": B, "H": H, "T": T, "D": D, **res}
+                results.append(row)
+                if res["status"] == "ok":
+                    print(f"T={T:5d} B={B:3d} {variant:15s} {impl:8s} "
+                          + " ".join(f"{m} {res[m + '_tflops']:7.2f} TF/s" for m in MODES)
+                          + (f"  peak {res['peak_mib_fwdbwd']:.0f} MiB" if res["peak_mib_fwdbwd"] is not None else "")
+                          + (f"  |fused-unfused| {res['max_abs_diff_vs_unfused']:.2e}"
+                             if isinstance(res.get("max_abs_diff_vs_unfused"), float) else ""),
+                          flush=True)
+                else:
+                    print(f"T={T:5d} B={B:3d} {variant:15s} {impl:8s} {res['status']}", flush=True)
+
+    table = markdown_table(results)
+    print()
+    print(table)
+    now = datetime.datetime.now()
+    out_dir = args.out_dir or (tempfile.mkdtemp(prefix="attn_bench_smoke_") if args.interpret_smoke
+                               else os.path.join(REPO_ROOT, "benchmarks", "results"))
+    os.makedirs(out_dir, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    stem = os.path.join(out_dir, f"attention_{slug}_{now.strftime('%Y%m%d-%H%M%S')}")
+    meta = {
+        "benchmark": "attention",
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": now.isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "interpret_smoke": args.interpret_smoke,
+        "dtype": args.dtype,
+        "tokens": args.tokens,
+        "flops_convention": "fwd = 4*B*H*T^2*D / 2 (causal); bwd = 2.5 x fwd; fwdbwd = 3.5 x fwd",
+        "timing": "triton.testing.do_bench median (ms)" if not args.interpret_smoke else "single call (interpreter)",
+        "results": results,
+        "summary_markdown": table,
+    }
+    with open(stem + ".json", "w") as f:
+        json.dump(meta, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# Attention benchmark: {gpu}, {meta['date']}\n\n"
+                f"torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
+                f"B*T = {args.tokens}, H = {H}, D = {D}; `{meta['command']}`\n\n{table}\n")
+    print(f"\nwrote {stem}.json and {stem}.md")
+    return 0
+
+
+def markdown_table(results):
+    """One row per (T, variant): fused TFLOP/s and the speed ratios vs SDPA and vs unfused."""
+    by = {(r["T"], r["variant"], r["impl"]): r for r in results}
+    sdpa_by_t = {r["T"]: r for r in results if r["impl"] == "sdpa"}
+
+    def tf(r, mode):
+        if r is None:
+            return "-"
+        if r.get("status") != "ok":
+            return r.get("status", "?")[:12]
+        return f"{r[mode + '_tflops']:.3g}"
+
+    def ratio(a, b, mode):
+        if a is None or b is None or a.get("status") != "ok" or b.get("status") != "ok":
+            return "-"
+        return f"{b[mode + '_ms'] / a[mode + '_ms']:.3g}x"
+
+    def mem(r):
+        if r is None or r.get("status") != "ok" or r.get("peak_mib_fwdbwd") is None:
+            return "-" if r is None or r.get("status") == "ok" else r.get("status", "?")[:12]
+        return f"{r['peak_mib_fwdbwd']:.0f}"
+
+    lines = [
+        "| T | variant | fused fwd | fused bwd | fused fwd+bwd | unfused fwd+bwd | SDPA fwd+bwd "
+        "| fused vs SDPA (fwd / fwd+bwd) | fused vs unfused (fwd / fwd+bwd) | peak MiB fused / unfused |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    keys = sorted({(r["T"], r["variant"]) for r in results},
+                  key=lambda k: (k[0], ALL_VARIANTS.index(k[1])))
+    for T, variant in keys:
+        fused = by.get((T, variant, "fused"))
+        unf = by.get((T, variant, "unfused"))
+        sdpa = sdpa_by_t.get(T)
+        lines.append(
+            f"| {T} | {variant} | {tf(fused, 'fwd')} | {tf(fused, 'bwd')} | {tf(fused, 'fwdbwd')} "
+            f"| {tf(unf, 'fwdbwd')} | {tf(sdpa, 'fwdbwd')} "
+            f"| {ratio(fused, sdpa, 'fwd')} / {ratio(fused, sdpa, 'fwdbwd')} "
+            f"| {ratio(fused, unf, 'fwd')} / {ratio(fused, unf, 'fwdbwd')} "
+            f"| {mem(fused)} / {mem(unf)} |")
+    lines.append("")
+    lines.append("TFLOP/s (FlashAttention convention, causal); ratios > 1 mean the fused kernel is faster "
+                 "(time of the other / time of fused).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Correctness tests for the fused Triton attention kernels (fused_attention.py).
+
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1,
+set in tests/conftest.py before anything imports triton); the GPU tests at real
+sizes skip cleanly.
+
+Tolerance rule (FlashAttention's): ground truth is ``fused_attention_ref`` on
+float64 copies of the inputs; the PyTorch reference path run in the test dtype
+gives the error budget.  The kernel must satisfy
+
+    max|kernel - truth| <= 2 * max|ref_dtype - truth| + atol[dtype]   (output)
+    max|kernel - truth| <= 3 * max|ref_dtype - truth| + atol[dtype]   (gradients)
+
+The atol term matters when the reference path is itself almost exact (fp32,
+where both errors are ~1e-7..1e-6 and only the summation order differs): 1e-5
+is ~100 fp32 ulps at magnitude 1.  For fp16 (ulp 1e-3 at 1) and bf16 (ulp 8e-3
+at 1) the atol is about one ulp at unit magnitude, i.e. it only forgives a
+single extra rounding of an O(1) value; the 2x / 3x factor does the real work.
+"""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # conftest does this too; harmless if repeated
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fused_attention import (  # noqa: E402
+    VARIANTS,
+    fused_attention,
+    fused_attention_ref,
+    is_supported,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+NEEDS = {
+    "default": (),
+    "fixed_bias": ("v_bias",),
+    "attention_bias": ("k_bias", "v_bias"),
+    "context_bias": ("k_bias", "v_bias"),
+    "scaling": ("gate",),
+    "sigmoid": (),
+}
+
+
+def _master(B, H, T, D, seed=0, device=DEVICE):
+    """float32 master values; every run casts copies of these."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    m = {
+        "qkv": torch.randn(B, T, 3 * H * D, generator=g),
+        "k_bias": torch.randn(H, D, generator=g),
+        "v_bias": torch.randn(H, D, generator=g),
+        # gate as a model would produce it: (B, T, H) in (0, 1), seen as (B, H, T)
+        "gate": torch.rand(B, T, H, generator=g),
+        "dout": torch.randn(B, H, T, D, generator=g),
+    }
+    return {k: v.to(device) for k, v in m.items()}
+
+
+def _run(fn, m, variant, dtype, sigmoid_bias=None, sm_scale=None, layout="qkv",
+         param_dtype=None):
+    """Run fn forward+backward on dtype copies of m; returns out and a grad dict."""
+    B, T, C3 = m["qkv"].shape
+    H, D = m["k_bias"].shape
+    pdt = dtype if param_dtype is None else param_dtype
+    qkv = m["qkv"].to(dtype).clone().requires_grad_()
+    kb = m["k_bias"].to(pdt).clone().requires_grad_()
+    vb = m["v_bias"].to(pdt).clone().requires_grad_()
+    gate = m["gate"].to(pdt).clone().requires_grad_()
+    if layout == "qkv":  # the model's layout: views of one fused projection
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    else:  # plain contiguous (B, H, T, D) tensors
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2).contiguous() for t in qkv.split(H * D, dim=2))
+    kwargs = {"variant": variant, "sigmoid_bias": sigmoid_bias, "sm_scale": sm_scale}
+    for name, t in (("k_bias", kb), ("v_bias", vb), ("gate", gate.transpose(1, 2))):
+        if name in NEEDS[variant]:
+            kwargs[name] = t
+    out = fn(q, k, v, **kwargs)
+    out.backward(m["dout"].to(dtype))
+    dq, dk, dv = (t.view(B, T, H, D) for t in qkv.grad.split(H * D, dim=2))
+    grads = {"q": dq, "k": dk, "v": dv}
+    for name, t in (("k_bias", kb), ("v_bias", vb), ("gate", gate)):
+        if name in NEEDS[variant]:
+            grads[name] = t.grad
+    return out, grads
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _check_against_truth(m, variant, dtype, **kw):
+    out_k, g_k = _run(fused_attention, m, variant, dtype, **kw)
+    out_r, g_r = _run(fused_attention_ref, m, variant, dtype, **kw)
+    out_t, g_t = _run(fused_attention_ref, m, variant, torch.float64, **kw)
+    atol = ATOL[dtype]
+    assert out_k.dtype == dtype and out_k.shape == out_t.shape
+    ek, er = _err(out_k, out_t), _err(out_r, out_t)
+    assert ek <= 2 * er + atol, f"{variant} {dtype} out: kernel {ek:.3e} vs ref {er:.3e}"
+    assert set(g_k) == set(g_t)
+    for name in g_t:
+        assert g_k[name] is not None, f"missing gradient for {name}"
+        assert g_k[name].shape == g_t[name].shape
+        ek, er = _err(g_k[name], g_t[name]), _err(g_r[name], g_t[name])
+        assert ek <= 3 * er + atol, f"{variant} {dtype} d{name}: kernel {ek:.3e} vs ref {er:.3e}"
+
+
+# A covering subset instead of the full cross product (the interpreter is slow):
+# every variant sees fp32 with several query/key blocks and a ragged tail, bf16
+# and fp16 at D=64 with a tail, and bf16 with a single token.
+CASES = [
+    # (dtype, B, H, T, D)
+    (torch.float32, 1, 3, 130, 16),
+    (torch.bfloat16, 2, 3, 37, 64),
+    (torch.float16, 1, 3, 37, 32),
+    (torch.bfloat16, 2, 3, 1, 16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{str(c[0])[6:]}-B{c[1]}H{c[2]}T{c[3]}D{c[4]}")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matches_reference(variant, case):
+    dtype, B, H, T, D = case
+    _check_against_truth(_master(B, H, T, D, seed=T + D), variant, dtype)
+
+
+# extra coverage: off-diagonal key blocks at D=64 in half precision, and D=128
+EXTRA = [
+    ("attention_bias", torch.bfloat16, 130, 64),
+    ("context_bias", torch.bfloat16, 130, 64),
+    ("scaling", torch.bfloat16, 130, 64),
+    ("fixed_bias", torch.float16, 70, 64),
+    ("context_bias", torch.float16, 70, 64),
+    ("sigmoid", torch.float16, 70, 64),
+    ("default", torch.float16, 20, 128),
+    ("attention_bias", torch.bfloat16, 20, 128),
+    ("sigmoid", torch.float32, 20, 128),
+]
+
+
+@pytest.mark.parametrize("variant,dtype,T,D", EXTRA, ids=lambda x: str(x).replace("torch.", ""))
+def test_matches_reference_extra(variant, dtype, T, D):
+    _check_against_truth(_master(1, 2, T, D, seed=3 + T), variant, dtype)
+
+
+@pytest.mark.parametrize("variant", ["attention_bias", "scaling"])
+def test_contiguous_layout_and_sm_scale(variant):
+    m = _master(1, 3, 45, 16, seed=5)
+    _check_against_truth(m, variant, torch.float32, layout="bhtd", sm_scale=0.3)
+
+
+def test_sigmoid_explicit_bias():
+    _check_against_truth(_master(2, 1, 50, 16, seed=7), "sigmoid", torch.float32, sigmoid_bias=1.5)
+
+
+def test_fp32_params_with_bf16_activations():
+    """Biases/gate kept in fp32 (e.g. fp32 parameters) while q/k/v are bf16."""
+    m = _master(1, 2, 20, 16, seed=11)
+    for variant in ("context_bias", "scaling"):
+        out_k, g_k = _run(fused_attention, m, variant, torch.bfloat16, param_dtype=torch.float32)
+        out_r, g_r = _run(fused_attention_ref, m, variant, torch.bfloat16, param_dtype=torch.float32)
+        out_t, g_t = _run(fused_attention_ref, m, variant, torch.float64)
+        assert _err(out_k, out_t) <= 2 * _err(out_r, out_t) + ATOL[torch.bfloat16]
+        for name in g_t:
+            if name in ("k_bias", "v_bias", "gate"):
+                assert g_k[name].dtype == torch.float32
+            assert _err(g_k[name], g_t[name]) <= 3 * _err(g_r[name], g_t[name]) + ATOL[torch.bfloat16]
+
+
+def test_expanded_grad_output():
+    """out.sum().backward() hands the kernel a dO with zero strides."""
+    m = _master(1, 2, 33, 16, seed=13)
+    for variant in ("default", "scaling"):
+        res = {}
+        for name, fn, dt in (("k", fused_attention, torch.float32),
+                             ("t", fused_attention_ref, torch.float64)):
+            qkv = m["qkv"].to(dt).clone().requires_grad_()
+            gate = m["gate"].to(dt).clone().requires_grad_()
+            q, k, v = (t.view(1, 33, 2, 16).transpose(1, 2) for t in qkv.split(32, dim=2))
+            kw = {"gate": gate.transpose(1, 2)} if variant == "scaling" else {}
+            fn(q, k, v, variant=variant, **kw).sum().backward()
+            res[name] = (qkv.grad, gate.grad)
+        assert _err(res["k"][0], res["t"][0]) < 1e-4
+        if variant == "scaling":
+            assert _err(res["k"][1], res["t"][1]) < 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_backward_is_deterministic(variant):
+    m = _master(1, 3, 37, 16, seed=17)
+    _, g1 = _run(fused_attention, m, variant, torch.bfloat16)
+    _, g2 = _run(fused_attention, m, variant, torch.bfloat16)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), f"{variant}: d{name} differs between runs"
+
+
+def test_sigmoid_bias_none_is_minus_log_t():
+    T = 29
+    m = _master(1, 2, T, 16, seed=19)
+    out_none, g_none = _run(fused_attention, m, "sigmoid", torch.float32, sigmoid_bias=None)
+    out_expl, g_expl = _run(fused_attention, m, "sigmoid", torch.float32, sigmoid_bias=-math.log(T))
+    assert torch.equal(out_none, out_expl)
+    for name in g_none:
+        assert torch.equal(g_none[name], g_expl[name])
+    out_t, _ = _run(fused_attention_ref, m, "sigmoid", torch.float64, sigmoid_bias=-math.log(T))
+    out_t2, _ = _run(fused_attention_ref, m, "sigmoid", torch.float64, sigmoid_bias=None)
+    assert torch.equal(out_t, out_t2)
+    assert _err(out_none, out_t) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["attention_bias", "context_bias"])
+def test_sink_visible_to_first_query(variant):
+    """T = 1: an explicit formula, independent of the reference implementation."""
+    B, H, D = 2, 3, 16
+    m = _master(B, H, 1, D, seed=23)
+    out, _ = _run(fused_attention, m, variant, torch.float32)
+    qkv = m["qkv"].double().view(B, 1, 3, H, D)
+    q, k, v = qkv[:, 0, 0], qkv[:, 0, 1], qkv[:, 0, 2]  # (B, H, D)
+    kb, vb = m["k_bias"].double(), m["v_bias"].double()
+    s = 1 / math.sqrt(D)
+    s_sink = (q * kb).sum(-1) * s
+    s_self = (q * k).sum(-1) * s
+    p_sink = torch.sigmoid(s_sink - s_self)[..., None]  # softmax over [sink, key 0]
+    if variant == "attention_bias":
+        expected = p_sink * vb + (1 - p_sink) * v
+    else:  # context_bias: plain softmax over one key is 1
+        expected = v + p_sink * vb
+    assert _err(out[:, :, 0], expected) < 1e-5
+    # the sink must actually change the answer for query 0
+    assert _err(out[:, :, 0], v) > 1e-2
+
+
+def test_reference_default_matches_sdpa():
+    m = _master(2, 3, 40, 16, seed=29)
+    qkv = m["qkv"].double()
+    q, k, v = (t.view(2, 40, 3, 16).transpose(1, 2) for t in qkv.split(48, dim=2))
+    ref = fused_attention_ref(q, k, v, variant="default")
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert _err(ref, sdpa) < 1e-12
+
+
+def _qkv(B=1, H=2, T=8, D=16, dtype=torch.float32):
+    return [torch.randn(B, H, T, D, device=DEVICE, dtype=dtype) for _ in range(3)]
+
+
+def test_bad_inputs_raise_value_error():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="unknown variant"):
+        fused_attention(q, k, v, variant="nope")
+    with pytest.raises(ValueError, match="unknown variant"):
+        fused_attention_ref(q, k, v, variant="nope")
+    q24, k24, v24 = _qkv(D=24)
+    with pytest.raises(ValueError, match="head dim"):
+        fused_attention(q24, k24, v24)
+    with pytest.raises(ValueError, match="same"):
+        fused_attention(q, k[:, :, :4], v)
+    with pytest.raises(ValueError, match="4-D"):
+        fused_attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="dtypes differ"):
+        fused_attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="not supported"):
+        fused_attention(*(t.double() for t in (q, k, v)))
+    for variant in ("attention_bias", "context_bias"):
+        with pytest.raises(ValueError, match="k_bias"):
+            fused_attention(q, k, v, variant=variant, v_bias=torch.zeros(2, 16, device=DEVICE))
+        with pytest.raises(ValueError, match="v_bias"):
+            fused_attention(q, k, v, variant=variant, k_bias=torch.zeros(2, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="v_bias"):
+        fused_attention(q, k, v, variant="fixed_bias")
+    with pytest.raises(ValueError, match=r"\(H, D\)"):
+        fused_attention(q, k, v, variant="fixed_bias", v_bias=torch.zeros(3, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="gate"):
+        fused_attention(q, k, v, variant="scaling")
+    with pytest.raises(ValueError, match=r"\(B, H, T\)"):
+        fused_attention(q, k, v, variant="scaling", gate=torch.ones(1, 2, 7, device=DEVICE))
+
+
+def test_is_supported():
+    q = _qkv()[0]
+    assert is_supported(q, "default", 0.0)
+    assert all(is_supported(q, v, 0.0) for v in VARIANTS)
+    assert not is_supported(q, "default", 0.1)
+    assert not is_supported(q, "unknown", 0.0)
+    assert not is_supported(_qkv(D=24)[0], "default", 0.0)
+    assert not is_supported(q.double(), "default", 0.0)
+    assert is_supported(q.half(), "scaling", 0.0) and is_supported(q.bfloat16(), "sigmoid", 0.0)
+
+
+# ----------------------------------------------------------------------------
+# GPU tests at real sizes (skipped without CUDA)
+# ----------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("T", [1024, 2048])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gpu_real_sizes_bf16(variant, D, T):
+    _check_against_truth(_master(2, 4, T, D, seed=T + D, device="cuda"), variant, torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("variant", ["attention_bias", "context_bias", "scaling", "sigmoid"])
+def test_gpu_other_dtypes(variant, dtype):
+    _check_against_truth(_master(2, 3, 517, 64, seed=1, device="cuda"), variant, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gpu_backward_is_deterministic(variant):
+    m = _master(4, 6, 1024, 64, seed=2, device="cuda")
+    _, g1 = _run(fused_attention, m, variant, torch.bfloat16)
+    _, g2 = _run(fused_attention, m, variant, torch.bfloat16)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), f"{variant}: d{name} differs between runs"
+
+
+# ----------------------------------------------------------------------------
+# the benchmark scripts' CPU smoke paths (the GPU sweeps themselves need CUDA)
+# ----------------------------------------------------------------------------
+
+def _load_script(name):
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", name)
+    spec = importlib.util.spec_from_file_location(f"_bench_{name[:-3]}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="smoke mode is the CPU-interpreter path")
+def test_attention_benchmark_smoke(tmp_path):
+    import json
+    bench = _load_script("attention.py")
+    assert bench.main(["--interpret-smoke", "--variants", "context_bias", "--out-dir", str(tmp_path)]) == 0
+    (out,) = tmp_path.glob("attention_*.json")
+    data = json.loads(out.read_text())
+    assert {r["impl"] for r in data["results"]} == {"fused", "unfused"}
+    assert all(r["status"] == "ok" for r in data["results"])
+    fused = next(r for r in data["results"] if r["impl"] == "fused")
+    assert fused["max_abs_diff_vs_unfused"] < 5e-2  # bf16 outputs of two implementations
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="smoke mode is the CPU-interpreter path")
+def test_train_throughput_smoke(tmp_path):
+    import json
+    bench = _load_script("train_throughput.py")
+    argv = ["--smoke", "--variants", "attention_bias", "--backends", "triton", "sdpa", "--out-dir", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (out,) = tmp_path.glob("train_throughput_*.json")
+    res = {r["backend"]: r for r in json.loads(out.read_text())["results"]}
+    assert res["triton"]["status"] == "ok" and res["sdpa"]["status"] == "ok"
+    assert abs(res["triton"]["final_loss"] - res["sdpa"]["final_loss"]) < 1e-3
