@@ -29,9 +29,13 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 test: install
 	$(PY) -m pytest -q --durations=15 tests
 
+# The main job end to end on a small built-in corpus (Python standard-library source; no download):
+# prepare tokens, train config/tiny.py, analyse its outliers, print its compression table.
 demo: install
-	$(PY) -c "from model import GPT, GPTConfig; from attention_variants import VARIANTS; \
-	[print(f'{v:15s} {GPT(GPTConfig(attention=v)).get_num_params():,} non-embedding parameters') for v in VARIANTS]"
+	$(PY) prepare_data.py --dataset builtin
+	$(PY) train.py config/tiny.py
+	$(PY) analyze_outliers.py $(DEMO_OUT)/ckpt.pt --data data/builtin/val.bin --num_seqs 8 --tau 20 --out $(DEMO_OUT)/outliers
+	$(PY) compress_eval.py $(DEMO_OUT)/ckpt.pt --data data/builtin/val.bin --out $(DEMO_OUT)/compress
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
