@@ -1,0 +1,507 @@
+"""outlier_stats: definitions against explicit loops, planted outliers in tiny models, telemetry.
+
+References are independent of the code under test: explicit Python loops in float64, hand-computed
+numbers, or models whose outliers are planted at known layers / channels / positions.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import outlier_stats as S
+from attention_variants import VARIANTS
+from model import GPT, GPTConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# definitions on hand-made tensors
+
+def test_activation_outlier_mask_matches_loop():
+    x = torch.full((2, 4, 5), 0.5, dtype=torch.float64)
+    x[0, 0, 3] = 100.0  # mean|x| of seq 0 = (19*0.5 + 100)/20 = 5.475 -> 100 > 10*5.475
+    x[0, 2, 1] = -60.0  # mean now (18*0.5+160)/20 = 8.45 -> 60 < 84.5 at tau 10, > 42.25 at tau 5
+    x[1, 3, 4] = -40.0  # seq 1: mean (19*0.5+40)/20 = 2.475 -> 40 > 24.75
+    for tau, expected in ((10, {(0, 0, 3), (1, 3, 4)}), (5, {(0, 0, 3), (0, 2, 1), (1, 3, 4)})):
+        got = {tuple(i) for i in S.activation_outlier_mask(x.float(), tau).nonzero().tolist()}
+        assert got == expected
+        ref = set()
+        for b in range(2):
+            mean = sum(abs(float(v)) for v in x[b].flatten()) / 20
+            for t in range(4):
+                for c in range(5):
+                    if abs(float(x[b, t, c])) > tau * mean:
+                        ref.add((b, t, c))
+        assert got == ref
+
+
+def test_sparse_activation_outliers_equal_dense_definition():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 50, 40, generator=g)
+    x[0, 7, 5], x[0, 7, 9], x[2, 0, 1], x[2, 49, 39] = 300.0, -250.0, 500.0, -90.0
+    for tau in (3.0, 30.0, 100.0):
+        out, top, med = S.find_activation_outliers(x, tau, stats=True)
+        dense = S.activation_outlier_mask(x, tau)
+        assert {tuple(i) for i in out.idx.tolist()} == {tuple(i) for i in dense.nonzero().tolist()}
+        assert torch.equal(out.rows, dense.any(-1))
+        assert torch.equal(out.values, x[dense.nonzero(as_tuple=True)]) or \
+            sorted(out.values.tolist()) == sorted(x[dense].tolist())
+        assert out.mean.tolist() == pytest.approx(x.abs().double().mean((1, 2)).tolist(), rel=1e-5)
+    assert {tuple(i) for i in S.find_activation_outliers(x, 100.0).idx.tolist()} == {(0, 7, 5), (0, 7, 9), (2, 0, 1)}
+
+
+def test_weight_outlier_mask_and_extremal_ratio_match_loops():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 9, generator=g, dtype=torch.float64) * 0.1
+    w[2, 4] = 9.0
+    w[5, 0] = -7.0
+    w[1, 2] = 2.0  # an outlier of its row, but not of its column (which also holds ...)
+    w[3, 2] = 20.0  # ... this one): the definition is row-wise
+    mask = S.weight_outlier_mask(w.float(), 5.0)
+    ratio = S.column_extremal_ratio(w.float())
+    for i in range(6):
+        row_mean = sum(abs(float(v)) for v in w[i]) / 9
+        for j in range(9):
+            assert bool(mask[i, j]) == (abs(float(w[i, j])) > 5.0 * row_mean)
+    assert {tuple(i) for i in mask.nonzero().tolist()} == {(2, 4), (5, 0), (1, 2), (3, 2)}
+    for j in range(9):
+        col = [abs(float(w[i, j])) for i in range(6)]
+        assert math.isclose(float(ratio[j]), max(col) / (sum(col) / 6), rel_tol=1e-5)
+    assert float(S.column_extremal_ratio(torch.zeros(3, 2))[0]) == 0.0
+    # the per-layer, per-module report of a model whose layer-1 W_down is this matrix
+    m = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=2, n_head=1, n_embd=6))
+    with torch.no_grad():
+        m.transformer.h[1].mlp.c_proj.weight.copy_(torch.nn.functional.pad(w.float(), (0, 24 - 9)))
+    res = S.weight_statistics(m, 5.0)["mlp.c_proj"]
+    wp = torch.nn.functional.pad(w, (0, 24 - 9))
+    loop = {(i, j) for i in range(6) for j in range(24) if abs(float(wp[i, j])) > 5.0 * float(wp[i].abs().mean())}
+    assert res["outlier_count"][1] == len(loop) and {(1, 2), (3, 2)} <= loop
+    assert res["outlier_channels"][1] == sorted({j for _, j in loop})
+    assert res["outlier_out_channels"][1] == sorted({i for i, _ in loop})
+    cols = [max(abs(float(wp[i, j])) for i in range(6)) / max(float(wp[:, j].abs().mean()), 1e-30) for j in range(24)]
+    assert res["extremal_ratio"][1] == pytest.approx(max(cols), rel=1e-5)
+    assert res["extremal_channel"][1] == int(np.argmax(cols))
+    assert "attn.scale_proj" not in S.weight_statistics(m, 5.0)
+
+
+def test_attention_outliers_match_loop():
+    T = 6
+    probs = torch.zeros(1, 2, T, T, dtype=torch.float64)
+    for i in range(T):  # head 0: every query puts 0.9 on key 0 (a sink); head 1: uniform causal
+        probs[0, 0, i, 0] = 0.9 if i else 1.0
+        for j in range(1, i + 1):
+            probs[0, 0, i, j] = 0.1 / i
+        probs[0, 1, i, :i + 1] = 1.0 / (i + 1)
+    cum = S.cumulative_attention(probs.float())
+    for h in range(2):
+        for j in range(T):
+            assert math.isclose(float(cum[0, h, j]), sum(float(probs[0, h, i, j]) for i in range(T)), rel_tol=1e-6)
+    # softmax rows sum to 1, so the mean cumulative score is exactly 1
+    assert torch.allclose(cum.mean(-1), torch.ones(1, 2))
+    mask = S.attention_outlier_mask(cum, 2.0)
+    assert mask[0, 0].nonzero().flatten().tolist() == [0]  # 5.5 > 2
+    assert mask[0, 1].nonzero().flatten().tolist() == [0]  # harmonic number H_6 = 2.45 > 2
+    assert not S.attention_outlier_mask(cum, 3.0)[0, 1].any()
+
+
+def test_token_categories():
+    assert S.token_category("Hello", 0) == "initial"
+    assert S.token_category(".", 3) == "delimiter"
+    assert S.token_category(" ,", 3) == "delimiter"
+    assert S.token_category("<|endoftext|>", 3, 50256) == "delimiter"
+    assert S.token_category("\n\n", 3) == "whitespace"
+    assert S.token_category(" ", 3) == "whitespace"
+    assert S.token_category(" the", 3) == "other"
+    assert S.token_category("\ufffd", 3) == "other"
+    assert S.token_category(None, 3) == "other"
+
+
+def test_token_info_categories_and_fallback():
+    texts = {5: "Hi", 1: ".", 2: "\n", 3: " the", 50256: "<|endoftext|>"}
+    ti = S.TokenInfo(lambda i: texts[i])
+    got = ti.categories(np.array([[5, 1, 2, 3, 50256], [1, 5, 3, 2, 1]]))
+    names = [[S.CATEGORIES[c] for c in row] for row in got]
+    assert names == [["initial", "delimiter", "whitespace", "other", "delimiter"],
+                     ["initial", "other", "other", "whitespace", "delimiter"]]
+    assert ti.text(3) == " the" and ti.text(99) == "<99>"  # unknown id: shown as <id>
+    assert S.TokenInfo(None).text(7) == "<7>"
+
+
+def test_overlap_hand_computed():
+    assert S.overlap({1, 2, 3, 4}, {2, 4, 9}) == 0.5
+    assert S.overlap({2, 4, 9}, {1, 2, 3, 4}) == pytest.approx(2 / 3)
+    assert S.overlap(set(), {1}) is None
+    assert S.overlap([True, True, False, False], [True, False, True, False]) == 0.5
+    # per head |A & K_h| / |A|, then mean over heads
+    A = torch.tensor([[1, 1, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)  # seq 0: positions {0, 1, 3}; seq 1 empty
+    K = torch.tensor([[[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 1, 0]],
+                      [[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]], dtype=torch.bool)
+    got = S.head_averaged_overlap(A, K)
+    assert got[0].item() == pytest.approx((1 / 3 + 3 / 3 + 0 / 3) / 3)
+    assert math.isnan(got[1].item())
+    rev = S.row_overlap(K, A[:, None, :].expand_as(K))  # |K_h & A| / |K_h|
+    assert rev[0].tolist() == pytest.approx([1.0, 3 / 4, 0.0])
+    assert rev[1, 0].item() == 0.0 and math.isnan(rev[1, 1].item())
+
+
+def test_top_and_median_match_sorting():
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 7, 5), (3, 40, 300), (1, 3, 1)):  # the last one: fewer elements per row than k
+        a = torch.randn(*shape, generator=g).abs()
+        a[0, 1, :] = 5.0  # a row holding several of the largest values (ties included)
+        top, med, mean = S.top_and_median(a, 3)
+        for b in range(shape[0]):
+            vals = sorted(a[b].flatten().double().tolist())
+            k = min(3, len(vals))
+            assert top[b].tolist() == pytest.approx(vals[::-1][:k])
+            assert med[b].item() == pytest.approx(vals[(len(vals) - 1) // 2])  # lower median
+            assert mean[b].item() == pytest.approx(sum(vals) / len(vals), rel=1e-5)
+
+
+def test_channel_kurtosis_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 16, 8, generator=g)
+    h[:, :, 3] *= 30
+    s = (h.double() ** 2).reshape(-1, 8).mean(0).numpy()
+    assert S.channel_kurtosis(h) == pytest.approx(float((s ** 2).mean() / s.mean() ** 2), rel=1e-5)
+
+
+def test_toplist_keeps_largest_and_counts():
+    tl = S.TopList(3)
+    for chunk in range(5):
+        vals = [chunk * 10 + i for i in range(4)]
+        tl.add(vals, [{"v": v} for v in vals])
+    assert [r["v"] for r in tl.result()] == [43, 42, 41] and tl.total == 20
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny models with planted outliers
+
+V, T, C, L = 64, 32, 32, 4
+SPECIAL, E0, K_UNIT, CH, BIG = 63, 3, 7, 11, 40.0
+POSITIONS = (5, 17)
+SPECIAL2, E1, K_UNIT2 = 62, 4, 9  # a second unit: fires on SPECIAL2 but writes nothing (x_down outlier only)
+
+
+def planted_model():
+    """Massive activation planted in layer 1: MLP unit K_UNIT fires only on token SPECIAL (through an
+    embedding dimension E0 that only SPECIAL uses) and column K_UNIT of layer 1's W_down writes BIG
+    into channel CH only."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=2, n_embd=C, bias=True)).eval()
+    with torch.no_grad():
+        b0, b1 = m.transformer.h[0], m.transformer.h[1]
+        for token, dim, unit in ((SPECIAL, E0, K_UNIT), (SPECIAL2, E1, K_UNIT2)):
+            m.transformer.wte.weight[:, dim] = 0
+            m.transformer.wpe.weight[:, dim] = 0
+            m.transformer.wte.weight[token, dim] = 0.1
+            for lin in (b0.attn.c_proj, b0.mlp.c_proj):
+                lin.weight[dim] = 0
+                lin.bias[dim] = 0
+            b1.mlp.c_fc.weight[unit] = 0
+            b1.mlp.c_fc.weight[unit, dim] = 5.0
+            b1.mlp.c_fc.bias[unit] = -3.0
+            b1.mlp.c_proj.weight[:, unit] = 0
+        b1.mlp.c_proj.weight[CH, K_UNIT] = BIG
+    return m
+
+
+def planted_batch(n=3):
+    g = torch.Generator().manual_seed(1)
+    X = torch.randint(0, SPECIAL2, (n, T), generator=g)
+    for p in POSITIONS:
+        X[:, p] = SPECIAL
+    return X, torch.roll(X, -1, 1)
+
+
+def block_outputs(model, X):
+    """Independent forward: layer outputs h_l and branch outputs by calling the modules directly, float64 copies."""
+    tr = model.transformer
+    x = tr.wte(X) + tr.wpe(torch.arange(X.shape[1]))
+    hs, attn, mlp = [], [], []
+    for block in tr.h:
+        a = block.attn(block.ln_1(x))
+        x = x + a
+        mo = block.mlp(block.ln_2(x))
+        x = x + mo
+        hs.append(x.double()), attn.append(a.double()), mlp.append(mo.double())
+    return hs, attn, mlp
+
+
+@pytest.fixture(scope="module")
+def planted_result():
+    m = planted_model()
+    X, Y = planted_batch()
+    an = S.OutlierAnalyzer(m, tau_act=20, tau_weight=20, tau_attn=8, seq_len=T)
+    with torch.no_grad():
+        an.run_batch(X[:2], Y[:2])
+        an.run_batch(X[2:], Y[2:])
+        hs, _, _ = block_outputs(m, X)
+    return m, X, Y, an, an.result(), hs
+
+
+def test_planted_massive_activation_location(planted_result):
+    m, X, Y, an, r, hs = planted_result
+    h = r["layer_output"]
+    # independent detection on the float64 block outputs
+    ref = set()
+    for l, x in enumerate(hs):
+        for b in range(X.shape[0]):
+            mean = x[b].abs().mean().item()
+            for t, c in (x[b].abs() > 20 * mean).nonzero().tolist():
+                ref.add((l, b, t, c))
+    assert ref == {(l, b, p, CH) for l in (1, 2, 3) for b in range(3) for p in POSITIONS}
+    got = {(o["layer"], o["seq"], o["position"], o["channel"]) for o in h["outliers"]}
+    assert got == ref and h["outliers_total"] == len(ref)
+    assert h["count"] == [0, 6, 6, 6]
+    assert h["channels"][1] == [[CH, 6]]
+    assert sorted(p for p, _ in h["positions"][2]) == list(POSITIONS)
+    for o in h["outliers"]:
+        assert o["value"] == pytest.approx(hs[o["layer"]][o["seq"], o["position"], o["channel"]].item(), rel=1e-4)
+    # top-3 / median per layer: means over sequences of float64 references
+    for l, x in enumerate(hs):
+        flat = x.abs().reshape(3, -1)
+        top3 = flat.sort(dim=1, descending=True).values[:, :3].mean(0)
+        med = flat.sort(dim=1).values[:, (flat.shape[1] - 1) // 2].mean()
+        assert h["top3"][l] == pytest.approx(top3.tolist(), rel=1e-4)
+        assert h["median"][l] == pytest.approx(med.item(), rel=1e-4)
+    # the MLP unit that creates it is the down-projection input outlier, in layer 1 only
+    xd = r["down_input"]
+    assert xd["count"] == [0, 6, 0, 0] and xd["channels"][1] == [[K_UNIT, 6]]
+    # and the planted W_down entry is the weight outlier
+    w = r["weight"]["mlp.c_proj"]
+    assert w["outlier_channels"][1] == [K_UNIT] and w["outlier_out_channels"][1] == [CH]
+    assert w["top_entries"][0][:3] == [1, CH, K_UNIT]
+
+
+def test_planted_lifecycle_generated_then_propagated(planted_result):
+    m, X, Y, an, r, hs = planted_result
+    life = {(e["position"], e["channel"]): e for e in r["lifecycle"]}
+    assert set(life) == {(p, CH) for p in POSITIONS}
+    for p in POSITIONS:
+        e = life[(p, CH)]
+        assert e["count"] == 3
+        assert e["generated_at"] == 1 and e["generated_by"] == "mlp" and e["first_massive_at"] == 1
+        assert e["status"] == ["-", "generated", "propagated", "propagated"]
+        assert e["cancelled_at"] == []
+        assert e["mlp_drivers"][0]["down_input_channel"] == K_UNIT
+        assert e["mlp_drivers"][0]["share"] == pytest.approx(1.0, abs=1e-3)
+        for l in range(L):
+            assert e["trajectory"][l] == pytest.approx(hs[l][:, p, CH].mean().item(), rel=1e-4, abs=1e-6)
+        # the residual stream carries it: h_l - h_{l-1} = attention + MLP contributions
+        for l in range(1, L):
+            step = e["trajectory"][l] - e["trajectory"][l - 1]
+            assert step == pytest.approx(e["attn_contrib"][l] + e["mlp_contrib"][l], abs=1e-3)
+
+
+def test_lifecycle_emerged_propagated_cancelled_on_constructed_tensors():
+    """(t=2, c=1) builds up from two non-massive branch outputs in layer 1, is carried in layer 2 and
+    cancelled by the attention branch in layer 3. tau = 5; every other entry is 0.1."""
+    Lc, T_, C_ = 4, 4, 4
+    A = [torch.zeros(1, T_, C_) for _ in range(Lc)]
+    M = [torch.zeros(1, T_, C_) for _ in range(Lc)]
+    A[1][0, 2, 1] = M[1][0, 2, 1] = 1.0  # each 1.0 < 5 * mean|h_1| = 5 * (15 * 0.1 + 2.1) / 16 = 1.125
+    A[3][0, 2, 1] = -2.1
+    H, x = [], torch.full((1, T_, C_), 0.1)
+    for l in range(Lc):
+        x = x + A[l] + M[l]
+        H.append(x.clone())
+    assert H[1][0, 2, 1].item() == pytest.approx(2.1) and H[3][0, 2, 1].item() == pytest.approx(0.0, abs=1e-6)
+    acc = S.LifecycleAccumulator(Lc)
+    h_out = [S.find_activation_outliers(h, 5.0) for h in H]
+    acc.update(H, A, M, None, None, h_out, 5.0, np.zeros((1, T_), dtype=np.int64), S.TokenInfo())
+    (e,) = acc.result(S.TokenInfo())
+    assert (e["position"], e["channel"]) == (2, 1)
+    assert e["status"] == ["-", "emerged", "propagated", "-"]
+    assert e["first_massive_at"] == 1 and e["generated_at"] is None and e["cancelled_at"] == [3]
+    assert e["trajectory"] == pytest.approx([0.1, 2.1, 2.1, 0.0], abs=1e-6)
+    assert e["attn_contrib"] == pytest.approx([0, 1.0, 0, -2.1]) and e["mlp_contrib"] == pytest.approx([0, 1.0, 0, 0])
+
+
+def test_planted_consistency_hand_computed(planted_result):
+    c = planted_result[4]["consistency"]
+    # W_down weight outlier (1, K_UNIT) vs x_down outlier channels {(1, K_UNIT)}; out row CH vs h channels {CH}
+    for key in ("wdown_vs_xdown", "wdown_vs_h"):
+        assert (c[key]["a_in_b"], c[key]["b_in_a"], c[key]["n_a"], c[key]["n_b"]) == (1.0, 1.0, 1, 1)
+    # h outliers and x_down outliers sit at the same positions in every sequence
+    assert (c["h_vs_xdown"]["a_in_b"], c["h_vs_xdown"]["b_in_a"], c["h_vs_xdown"]["n_a"]) == (1.0, 1.0, 3)
+
+
+def test_consistency_h_vs_xdown_differing_sets():
+    """Add SPECIAL2 at position 9: an x_down outlier (unit K_UNIT2) without any h outlier. Per sequence
+    A (h positions) = {5, 17}, B (x_down positions) = {5, 9, 17}: A in B = 1, B in A = 2/3."""
+    m = planted_model()
+    X, _ = planted_batch(2)
+    X[:, 9] = SPECIAL2
+    an = S.OutlierAnalyzer(m, tau_act=20, tau_weight=20, tau_attn=8, seq_len=T)
+    an.run_batch(X)
+    r = an.result()
+    assert r["down_input"]["channels"][1] == [[K_UNIT, 4], [K_UNIT2, 2]]
+    assert {o["position"] for o in r["layer_output"]["outliers"]} == set(POSITIONS)
+    c = r["consistency"]["h_vs_xdown"]
+    assert (c["a_in_b"], c["b_in_a"], c["n_a"], c["n_b"]) == (1.0, pytest.approx(2 / 3), 2, 2)
+    w = r["consistency"]["wdown_vs_xdown"]  # A = {(1, K_UNIT)}, B = {(1, K_UNIT), (1, K_UNIT2)}
+    assert (w["a_in_b"], w["b_in_a"], w["n_a"], w["n_b"]) == (1.0, 0.5, 1, 2)
+
+
+def test_intervention_zero_and_mean_change_the_loss(planted_result):
+    m, X, Y, an, r, hs = planted_result
+    with torch.no_grad():
+        _, base = m(X, Y)
+        with S.Intervention(m, 20, "zero") as iv:
+            _, zero = m(X, Y)
+        assert iv.count == 6  # generated in layer 1 at 2 positions x 3 sequences, nowhere else
+        means = an.lifecycle.generated_means()
+        assert set(means) == {(1, CH)}
+        assert means[(1, CH)] == pytest.approx(hs[1][:, list(POSITIONS), CH].mean().item(), rel=1e-4)
+        with S.Intervention(m, 20, "mean", means) as iv2:
+            _, mean = m(X, Y)
+        _, after = m(X, Y)
+    assert abs(zero.item() - base.item()) > 1e-3
+    assert abs(mean.item() - zero.item()) > 1e-4
+    assert after.item() == base.item()  # hooks removed
+    assert r["loss"] == pytest.approx(base.item(), rel=1e-5)
+
+
+def sink_model():
+    """Layer 0, head 0: every query has q[0] = 10 and only token SPECIAL has a large positive k[0]."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=2, n_embd=C, bias=True)).eval()
+    with torch.no_grad():
+        m.transformer.wte.weight[:, E0] = 0
+        m.transformer.wpe.weight[:, E0] = 0
+        m.transformer.wte.weight[SPECIAL, E0] = 0.1
+        qkv = m.transformer.h[0].attn.c_attn
+        qkv.weight[0] = 0
+        qkv.bias[0] = 10.0  # q, head 0, dim 0
+        qkv.weight[C] = 0
+        qkv.weight[C, E0] = 10.0  # k, head 0, dim 0 reads E0 ...
+        qkv.bias[C] = -5.0  # ... and is negative for every other token
+    return m
+
+
+@pytest.mark.parametrize("variant", ["default", "sigmoid"])
+def test_constructed_attention_sink_found(variant):
+    m = sink_model()
+    if variant != "default":  # same weights, other formulation
+        m2 = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=2, n_embd=C, bias=True, attention=variant)).eval()
+        m2.load_state_dict(m.state_dict())
+        m = m2
+    g = torch.Generator().manual_seed(2)
+    X = torch.randint(0, V - 1, (2, T), generator=g)
+    X[:, 7] = SPECIAL
+    an = S.OutlierAnalyzer(m, tau_act=1000, tau_weight=1000, tau_attn=8, seq_len=T)
+    an.run_batch(X)
+    r = an.result()
+    att = r["attention"]
+    # independent reference: attention weights from q, k computed by hand
+    with torch.no_grad():
+        x = m.transformer.h[0].ln_1(m.transformer.wte(X) + m.transformer.wpe(torch.arange(T))).double()
+        W, b = m.transformer.h[0].attn.c_attn.weight.double(), m.transformer.h[0].attn.c_attn.bias.double()
+        qkv = x @ W.T + b
+        q, k = qkv[..., :16], qkv[..., C:C + 16]  # head 0
+        scores = (q @ k.transpose(-1, -2)) / 4.0
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        A = torch.softmax(scores, -1) if variant == "default" else torch.sigmoid(scores - math.log(T))
+        cum = A.sum(1)  # (B, T)
+    expected = {(b, j) for b in range(2) for j in range(T) if cum[b, j] > 8 * cum[b].mean()}
+    assert expected == {(0, 7), (1, 7)}
+    got = {(o["seq"], o["position"]) for o in att["outlier_keys"] if o["layer"] == 0 and o["head"] == 0}
+    assert got == expected
+    for o in att["outlier_keys"]:
+        if o["layer"] == 0 and o["head"] == 0:
+            assert o["score"] == pytest.approx(cum[o["seq"], 7].item(), rel=1e-4)
+            assert o["category"] == "other"
+    assert att["positions"][0][0][0] == 7
+    qk = {(r_["layer"], r_["head"]): r_ for r_ in att["qk_alignment"]}
+    assert qk[(0, 0)]["dims"][0][0] == 0  # aligned in dimension 0, where q and k were planted
+    # mean logit q.k/sqrt(d) over the queries that see the outlier key 7 (i >= 7), mean over sequences
+    assert qk[(0, 0)]["n_keys"] == 2
+    ref_logit = scores[:, 7:, 7].mean().item()
+    assert qk[(0, 0)]["logit"] == pytest.approx(ref_logit, rel=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["context_bias", "attention_bias", "scaling"])
+def test_variant_specific_attention_reports(variant):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=16, attention=variant)).eval()
+    X = torch.randint(0, V, (2, 16))
+    an = S.OutlierAnalyzer(m, tau_act=5, tau_weight=5, tau_attn=2, seq_len=16)
+    an.run_batch(X)
+    att = an.result()["attention"]
+    blk = m.transformer.h[0].attn
+    with torch.no_grad():
+        for b in m.transformer.h:
+            b.attn.record = True
+        m(X)
+        rec = blk.recorded
+        for b in m.transformer.h:
+            b.attn.record = False
+    if variant == "scaling":
+        gate = rec["gate"].double().mean(1)  # (B, T)
+        assert att["gate"]["first"][0] == pytest.approx(gate[:, 0].mean().item(), rel=1e-5)
+        assert "sink_share" not in att
+    else:
+        assert att["sink_share"][0] == pytest.approx(rec["sink_probs"].double().mean().item(), rel=1e-5)
+        assert "gate" not in att
+    assert "scale_proj" not in str(an.result()["weight"].keys()) or variant == "scaling"
+
+
+# ----------------------------------------------------------------------------------------------
+# telemetry
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_telemetry_keys_values_and_restored_state(variant):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=16, attention=variant, dropout=0.1))
+    m.train()
+    X = torch.randint(0, V, (2, 16))
+    out = S.training_telemetry(m, X)
+    keys = {f"outlier/{k}/L{l}" for k in ("top1_h", "median_h", "ratio_h", "kurtosis", "first_attn") for l in range(2)}
+    keys |= {"outlier/max_top1_h", "outlier/max_ratio_h", "outlier/max_kurtosis", "outlier/max_first_attn"}
+    if variant in ("context_bias", "attention_bias"):
+        keys |= {f"outlier/sink_mass/L{l}" for l in range(2)}
+    if variant == "scaling":
+        keys |= {f"outlier/{k}/L{l}" for k in ("gate_first", "gate_rest") for l in range(2)}
+    assert set(out) == keys
+    assert all(isinstance(v, float) and math.isfinite(v) for v in out.values())
+    # state restored: train mode, record flags, recorded dicts, no hooks left
+    assert m.training
+    for b in m.transformer.h:
+        assert b.attn.record is False and b.attn.recorded == {}
+    for mod in m.modules():
+        assert not mod._forward_hooks and not mod._forward_pre_hooks
+    # values against an independent eval-mode forward
+    m.eval()
+    with torch.no_grad():
+        hs, _, _ = block_outputs(m, X)
+    for l, h in enumerate(hs):
+        flat = h.abs().flatten()
+        assert out[f"outlier/top1_h/L{l}"] == pytest.approx(flat.max().item(), rel=1e-5)
+        assert out[f"outlier/median_h/L{l}"] == pytest.approx(flat.sort().values[(flat.numel() - 1) // 2].item(), rel=1e-5)
+        s = (h ** 2).reshape(-1, 16).mean(0)
+        assert out[f"outlier/kurtosis/L{l}"] == pytest.approx(((s ** 2).mean() / s.mean() ** 2).item(), rel=1e-4)
+
+
+def test_telemetry_first_token_attention_of_a_sink():
+    m = sink_model()
+    X = torch.randint(0, V - 1, (1, T))
+    X[:, 0] = SPECIAL  # the sink token at position 0: head 0 of layer 0 puts ~all attention on it
+    out = S.training_telemetry(m, X)
+    assert out["outlier/first_attn/L0"] > 0.45  # head 0 ~1, head 1 ~ mean 1/(i+1)
+    assert out["outlier/max_first_attn"] == out["outlier/first_attn/L0"]
+
+
+def test_probe_restores_state_on_error():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=16)).eval()
+
+    def boom(l, rec, x):
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        with S.Probe(m, attention_fn=boom, branches=True, down_input=True, norms=True):
+            m(torch.zeros(1, 4, dtype=torch.long))
+    for mod in m.modules():
+        assert not mod._forward_hooks and not mod._forward_pre_hooks
+    assert all(b.attn.record is False for b in m.transformer.h)
