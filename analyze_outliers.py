@@ -25,7 +25,8 @@ import time
 
 import numpy as np
 
-from common import UserError, cli_main, resolve_device, resolve_dtype, run_metadata
+from common import UserError, autocast_context, cli_main, json_safe, resolve_device, resolve_dtype, run_metadata
+from data import input_tokens
 
 FORMAT = "outlier-gpt/outliers"
 FORMAT_VERSION = 1
@@ -86,13 +87,10 @@ def validate_args(args):
         raise UserError("no data: give --data FILE.bin, --text_file FILE or --text 'some text'")
     if args.text is not None and not args.text.strip():
         raise UserError("--text is empty; give some text to analyse")
+    from checkpoint import check_checkpoint_path
     for path in [args.ckpt] + list(args.compare or []):
-        if path is None:
-            continue
-        if not os.path.exists(path):
-            raise UserError(f"checkpoint {path} does not exist")
-        if os.path.isdir(path):
-            raise UserError(f"{path} is a directory; pass the checkpoint file inside it (e.g. {os.path.join(path, 'ckpt.pt')})")
+        if path is not None:
+            check_checkpoint_path(path)
     for path, flag in ((args.data, "--data"), (args.text_file, "--text_file")):
         if path is not None and not os.path.isfile(path):
             raise UserError(f"{flag} {path} does not exist")
@@ -110,14 +108,14 @@ def validate_args(args):
 # ----------------------------------------------------------------------------------------------
 # inputs
 
-def load_model(args, path, device):
+def model_and_info(args, path, device):
+    """(model on device in eval mode, model info for outliers.json) of checkpoint `path`, or of --pretrained."""
+    from checkpoint import load_model
     if path is not None:
-        from checkpoint import model_from_checkpoint
-        model, ckpt = model_from_checkpoint(path, device=device)
+        model, ckpt = load_model(path, device=device)
         info = {"source": os.path.abspath(path), "iter_num": ckpt.get("iter_num")}
     else:
-        from model import GPT
-        model = GPT.from_pretrained(args.pretrained, attention=args.attention).to(device).eval()
+        model, _ = load_model(pretrained=args.pretrained, device=device, attention=args.attention)
         info = {"source": args.pretrained, "iter_num": None}
     cfg = model.config
     info.update(attention=cfg.attention, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
@@ -127,13 +125,12 @@ def load_model(args, path, device):
 
 def load_sequences(args, block_size):
     """-> (int64 array (N, seq_len + 1), data info dict). Inputs are [:, :-1], targets [:, 1:]."""
-    from data import load_tokens, read_text_file, tokens_from_text
     if args.seq_len is not None and args.seq_len > block_size:
         raise UserError(f"--seq_len {args.seq_len} is above the model's block size {block_size}; use --seq_len {block_size} or less")
     seq_len = args.seq_len or block_size
     rng = np.random.default_rng(args.seed)
     if args.data is not None:
-        tokens = load_tokens(args.data)
+        tokens = input_tokens(data=args.data)  # memory-mapped: only the drawn windows are read
         if len(tokens) < seq_len + 1:
             raise UserError(f"{args.data} holds {len(tokens)} tokens; a sequence needs seq_len + 1 = {seq_len + 1}: "
                             f"lower --seq_len")
@@ -141,8 +138,7 @@ def load_sequences(args, block_size):
         seqs = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
         source = os.path.abspath(args.data)
     else:
-        text = read_text_file(args.text_file) if args.text_file is not None else args.text
-        ids = tokens_from_text(text)
+        ids = input_tokens(text_file=args.text_file, text=args.text)
         if len(ids) < 2:
             raise UserError("the text is a single token; give at least two tokens of text")
         if len(ids) < seq_len + 1:
@@ -183,13 +179,6 @@ def progress(total, disable, desc):
     return tqdm(total=total, disable=disable, desc=desc, unit="seq", file=sys.stderr, mininterval=1.0)
 
 
-def autocast_for(device, dtype):
-    import torch
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
-
-
 # ----------------------------------------------------------------------------------------------
 # atomic output directory
 
@@ -227,7 +216,7 @@ def analyse(args, model, seqs, device, dtype, token_info):
     t0 = time.time()
     with progress(len(seqs), args.no_progress, "analysing") as bar:
         for X, _ in batches(seqs, bs, device):
-            an.run_batch(X, autocast=autocast_for(device, dtype))
+            an.run_batch(X, autocast=autocast_context(device, dtype))
             bar.update(X.shape[0])
     result = an.result()
     timing = {"analysis_s": time.time() - t0}
@@ -249,7 +238,7 @@ def intervene(args, model, seqs, bs, device, dtype, means):
         total = 0.0
         with progress(len(seqs), args.no_progress, desc) as bar, torch.no_grad():
             for X, Y in batches(seqs, bs, device):
-                with autocast_for(device, dtype):
+                with autocast_context(device, dtype):
                     _, loss = model(X, Y)
                 total += float(loss) * X.shape[0]
                 bar.update(X.shape[0])
@@ -637,21 +626,8 @@ def _write_json(path, obj):
     import json
     from common import _json_default
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(_sanitize(obj), f, indent=1, default=_json_default, allow_nan=False)
+        json.dump(json_safe(obj), f, indent=1, default=_json_default, allow_nan=False)
         f.write("\n")
-
-
-def _sanitize(x):
-    """NaN / inf -> None so that the file is strict JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _sanitize(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_sanitize(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return _sanitize(x.item())
-    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -663,7 +639,7 @@ def run_compare(args, device, dtype, token_info):
     runs = []
     seqs, data_info = None, None
     for path in args.compare:
-        model, info = load_model(args, path, device)
+        model, info = model_and_info(args, path, device)
         if seqs is None:
             seqs, data_info = load_sequences(args, model.config.block_size)
         elif seqs.shape[1] - 1 > model.config.block_size:
@@ -674,7 +650,7 @@ def run_compare(args, device, dtype, token_info):
         bs = args.batch_size or (8 if device.startswith("cuda") else 1)
         with progress(len(seqs), args.no_progress, os.path.basename(os.path.dirname(os.path.abspath(path))) or path) as bar:
             for X, _ in batches(seqs, bs, device):
-                an.run_batch(X, autocast=autocast_for(device, dtype))
+                an.run_batch(X, autocast=autocast_context(device, dtype))
                 bar.update(X.shape[0])
         r = an.result()["layer_output"]
         runs.append({"model": info, "label": f"{info['attention']} ({os.path.relpath(path)})",
@@ -734,7 +710,7 @@ def main(argv=None):
     if args.compare:
         return run_compare(args, device, dtype, token_info)
     t_load = time.time()
-    model, model_info = load_model(args, args.ckpt, device)
+    model, model_info = model_and_info(args, args.ckpt, device)
     if args.surface_layer is not None and not 0 <= args.surface_layer < model.config.n_layer:
         raise UserError(f"--surface_layer {args.surface_layer} is outside 0..{model.config.n_layer - 1}")
     seqs, data_info = load_sequences(args, model.config.block_size)

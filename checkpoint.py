@@ -1,4 +1,5 @@
-"""The one place that saves and loads checkpoints; every script goes through it.
+"""The one place that saves and loads checkpoints and builds models from them (or from OpenAI GPT-2
+weights, `load_model`); every script goes through it.
 
 A checkpoint is a dict with at least
     model       the model's state dict
@@ -18,7 +19,7 @@ from dataclasses import asdict
 import torch
 
 from attention_variants import VARIANTS
-from common import UserError, atomic_path
+from common import UserError, atomic_path, one_line
 from model import GPT, GPTConfig, config_fields
 
 REQUIRED_KEYS = ("model", "model_args", "iter_num", "config")
@@ -50,32 +51,34 @@ def strip_wrapper_prefixes(state_dict):
     return out
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Read and validate a checkpoint; every failure is a UserError naming the file and the cause."""
+def check_checkpoint_path(path):
+    """UserError unless `path` is an existing file (scripts call it early, before any other work)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist")
     if os.path.isdir(path):
         raise UserError(f"{path} is a directory; pass the checkpoint file inside it (e.g. {os.path.join(path, 'ckpt.pt')})")
+    return path
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read and validate a checkpoint; every failure is a UserError naming the file and the cause."""
+    path = check_checkpoint_path(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Weights only" in str(e):
             raise UserError(f"refusing to load {path}: it contains Python objects that could run code when "
                             f"unpickled (only tensors and plain containers are allowed)") from None
-        raise UserError(f"{path} is not a readable checkpoint ({_first_line(e)})") from None
+        raise UserError(f"{path} is not a readable checkpoint ({one_line(e, 200) or type(e).__name__})") from None
     except Exception as e:  # torch reports damaged archives as many different exception types
-        raise UserError(f"{path} is not a readable checkpoint: truncated or corrupt ({_first_line(e)})") from None
+        raise UserError(f"{path} is not a readable checkpoint: truncated or corrupt ({one_line(e, 200) or type(e).__name__})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         have = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is not an outlier-gpt checkpoint: expected keys {list(REQUIRED_KEYS)}, found {have}")
     _check_model_args(path, ckpt["model_args"])
     ckpt["model"] = strip_wrapper_prefixes(ckpt["model"])
     return ckpt
-
-
-def _first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _check_model_args(path, model_args):
@@ -119,3 +122,25 @@ def model_from_checkpoint(path_or_ckpt, device="cpu", **config_overrides):
     model = GPT(config)
     load_state_dict_checked(model, ckpt["model"], source)
     return model.to(device).eval(), ckpt
+
+
+def load_model(path=None, pretrained=None, device="cpu", **overrides):
+    """A model in eval mode on `device`, from exactly one of a checkpoint of this repo (`path`: a file or
+    an already loaded checkpoint dict) or OpenAI GPT-2 weights (`pretrained`: gpt2, gpt2-medium, ... or a
+    local Hugging Face GPT-2 directory). Returns (model, checkpoint dict, or None for pretrained weights).
+
+    `overrides`: GPTConfig fields; for pretrained weights `attention` (the variant to load them into),
+    `dropout`, `attn_backend` and `sigmoid_bias`.
+    """
+    if (path is None) == (pretrained is None):
+        raise ValueError("give exactly one of path and pretrained")
+    if path is not None:
+        return model_from_checkpoint(path, device=device, **overrides)
+    try:
+        model = GPT.from_pretrained(pretrained, **overrides)
+    except UserError:
+        raise
+    except Exception as e:  # network / cache / format trouble deep inside the hub client
+        raise UserError(f"cannot load pretrained {pretrained!r} ({type(e).__name__}: {one_line(e, 200)}); "
+                        f"it needs network or a Hugging Face cache") from None
+    return model.to(device).eval(), None

@@ -8,6 +8,7 @@ Every command-line script wraps its `main` with `cli_main`, so that a `UserError
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -69,6 +70,26 @@ def _json_default(x):
     if hasattr(x, "tolist"):  # numpy / torch scalars and arrays
         return x.tolist()
     return str(x)
+
+
+def one_line(e, limit=300):
+    """An exception's message on one line (whitespace collapsed), at most `limit` characters."""
+    text = " ".join(str(e).split())
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def json_safe(x):
+    """`x` with every NaN / inf float replaced by None (and numpy scalars by Python numbers), so that
+    json.dumps(..., allow_nan=False) accepts it: strict JSON has no NaN or Infinity."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if hasattr(x, "item") and getattr(x, "ndim", None) == 0:  # numpy / torch scalars
+        return json_safe(x.item())
+    return x
 
 
 def git_commit(repo_dir=None):
@@ -140,3 +161,11 @@ def resolve_dtype(dtype, device):
     if dtype not in names:
         raise UserError(f"unknown dtype {dtype!r}; choose one of auto, float32, bfloat16, float16")
     return names[dtype]
+
+
+def autocast_context(device, dtype):
+    """bf16/fp16 autocast on the device when dtype asks for it; nothing for float32 (or None)."""
+    import torch
+    if dtype in (None, torch.float32):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

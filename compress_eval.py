@@ -32,8 +32,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import UserError, atomic_write_json, atomic_write_text, cli_main, resolve_device, resolve_dtype, run_metadata
-from perplexity import autocast_context, evaluate_perplexity, load_eval_tokens, make_windows, wikitext2_text
+from common import (UserError, atomic_write_json, atomic_write_text, autocast_context, cli_main, resolve_device,
+                    resolve_dtype, run_metadata)
+from data import WIKITEXT2, input_tokens
+from perplexity import evaluate_perplexity, load_eval_tokens, make_windows, wikitext2_text
 
 METHODS = ("fp", "w8", "sparse50", "w8a8", "wanda")
 DEFAULT_METHODS = "fp,w8,sparse50"
@@ -247,11 +249,11 @@ def prune_wanda_(model, calib, sparsity=0.5, dtype=None, batch_size=8):
 
 def calibration_windows(tokens, n_windows, block_size, seed=0):
     """(n_windows, block_size) int64 windows at random (seeded) offsets of a calibration token stream."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    if tokens.size < block_size:
-        raise UserError(f"the calibration data has {tokens.size} tokens, fewer than one window of {block_size}")
-    starts = np.random.default_rng(seed).integers(0, tokens.size - block_size + 1, size=n_windows)
-    return torch.from_numpy(np.stack([tokens[s:s + block_size] for s in starts]))
+    n = len(tokens)  # a memory-mapped token file is only read where the windows are
+    if n < block_size:
+        raise UserError(f"the calibration data has {n} tokens, fewer than one window of {block_size}")
+    starts = np.random.default_rng(seed).integers(0, n - block_size + 1, size=n_windows)
+    return torch.from_numpy(np.stack([np.asarray(tokens[s:s + block_size], dtype=np.int64) for s in starts]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,7 +273,7 @@ class Source:
 
 
 def load_sources(paths, pretrained, attn_backend):
-    from checkpoint import load_checkpoint
+    from checkpoint import load_checkpoint, load_model
     sources = []
     for path in paths:
         ckpt = load_checkpoint(path)
@@ -280,17 +282,10 @@ def load_sources(paths, pretrained, attn_backend):
                               vocab_size=int(args.get("vocab_size", 50304)), block_size=int(args.get("block_size", 1024))))
         del ckpt
     for name in pretrained:
-        from model import GPT
-        try:
-            model = GPT.from_pretrained(name, attn_backend=attn_backend)
-        except UserError:
-            raise
-        except Exception as e:  # network / cache / format trouble deep inside the hub client
-            raise UserError(f"cannot load pretrained {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}); "
-                            f"it needs network or a Hugging Face cache") from None
+        model, _ = load_model(pretrained=name, device="cpu", attn_backend=attn_backend)
         sources.append(Source(checkpoint=f"pretrained:{name}", attention=model.config.attention, iter_num=None,
                               vocab_size=model.config.vocab_size, block_size=model.config.block_size,
-                              pretrained=name, model=model.eval()))
+                              pretrained=name, model=model))
     names = [f"{s.pretrained} (pretrained)" if s.pretrained else f"{s.attention} @ iter {s.iter_num}" for s in sources]
     for s, n in zip(sources, names):
         s.name = n if names.count(n) == 1 else f"{n} [{s.checkpoint}]"
@@ -312,8 +307,8 @@ def check_vocabularies(sources):
 def build_model(source, device, attn_backend):
     if source.model is not None:
         return copy.deepcopy(source.model).to(device).eval()
-    from checkpoint import model_from_checkpoint
-    model, _ = model_from_checkpoint(source.checkpoint, device=device, attn_backend=attn_backend)
+    from checkpoint import load_model
+    model, _ = load_model(source.checkpoint, device=device, attn_backend=attn_backend)
     return model
 
 
@@ -446,22 +441,22 @@ def validate_args(args):
 
 
 def calibration_tokens(args):
-    """(tokens, description) for wanda: never the evaluation text."""
-    from data import load_tokens, read_text_file, tokens_from_text
+    """(tokens, description) for wanda: never the evaluation text. Token files stay memory-mapped."""
     if args.calib_data:
-        return np.asarray(load_tokens(args.calib_data), dtype=np.int64), f"tokens {args.calib_data}"
+        return input_tokens(data=args.calib_data), f"tokens {args.calib_data}"
     if args.calib_text_file:
-        return tokens_from_text(read_text_file(args.calib_text_file)), f"text {args.calib_text_file}"
+        return input_tokens(text_file=args.calib_text_file), f"text {args.calib_text_file}"
     if args.data:
         sibling = os.path.join(os.path.dirname(os.path.abspath(args.data)), "train.bin")
         if os.path.basename(args.data) != "train.bin" and os.path.isfile(sibling):
-            return np.asarray(load_tokens(sibling), dtype=np.int64), f"tokens {sibling}"
+            return input_tokens(data=sibling), f"tokens {sibling}"
         raise UserError(f"wanda needs calibration data from a training split and there is no train.bin beside {args.data}; "
                         f"pass --calib_data TRAIN.bin or --calib_text_file FILE")
     if args.text_file:
         raise UserError("wanda needs calibration data from a training split, not the evaluation text; "
                         "pass --calib_data TRAIN.bin or --calib_text_file FILE")
-    return tokens_from_text(wikitext2_text("train")), "wikitext2 (wikitext-2-raw-v1, train)"
+    text = wikitext2_text("train", instead="pass --calib_data TRAIN.bin or --calib_text_file FILE")
+    return input_tokens(text=text), f"wikitext2 ({WIKITEXT2[1]}, train)"
 
 
 def main(argv=None):

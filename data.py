@@ -1,4 +1,5 @@
-"""Token files and text inputs shared by prepare_data.py, train.py, analyze_outliers.py and compress_eval.py.
+"""Token files, text inputs and Hugging Face datasets shared by prepare_data.py, train.py,
+perplexity.py, analyze_outliers.py and compress_eval.py.
 
 Token files use nanoGPT's format: a flat array of uint16 GPT-2 token ids (`train.bin`, `val.bin`),
 so data prepared by nanoGPT works here as is.
@@ -8,11 +9,17 @@ import os
 
 import numpy as np
 
-from common import UserError, atomic_path
+from common import UserError, atomic_path, one_line
 from tokenizer import EOT_TOKEN, encode
 
 TOKEN_DTYPE = np.uint16
+# WikiText-2 (raw) on the Hugging Face Hub: (dataset id, config); the canonical id (formerly "wikitext").
+# The one hub id of the repo: prepare_data.py and perplexity.py both load it through wikitext2_split.
+WIKITEXT2 = ("Salesforce/wikitext", "wikitext-2-raw-v1")
+WIKITEXT2_SPLITS = ("train", "validation", "test")
 
+
+# ---------------------------------------------------------------------------------------------- token files
 
 def load_tokens(path):
     """Memory-map a uint16 token file, with clear errors for missing, empty or malformed files."""
@@ -28,27 +35,41 @@ def load_tokens(path):
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
 
 
+def check_token_range(ids):
+    """UserError when token ids do not fit TOKEN_DTYPE (they would silently wrap around)."""
+    ids = np.asarray(ids)
+    limit = np.iinfo(TOKEN_DTYPE).max
+    if ids.size and (ids.min() < 0 or ids.max() > limit):
+        raise UserError(f"token ids range over [{ids.min()}, {ids.max()}], which does not fit uint16; "
+                        f"this format holds vocabularies of at most {limit + 1:,} tokens")
+
+
 def write_tokens(path, ids):
     """Write token ids atomically as uint16; ids that do not fit are an error, not a silent wrap."""
     ids = np.asarray(ids)
-    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(TOKEN_DTYPE).max):
-        raise UserError(f"token ids range over [{ids.min()}, {ids.max()}], which does not fit uint16; "
-                        f"this format holds vocabularies of at most 65,536 tokens")
+    check_token_range(ids)
     with atomic_path(path) as tmp:
         ids.astype(TOKEN_DTYPE).tofile(tmp)
 
 
-def read_text_file(path):
+# ---------------------------------------------------------------------------------------------- text
+
+def read_text_file(path, what="text file"):
+    """The text of a UTF-8 file, read with universal newlines ("\\r\\n" and "\\r" become "\\n").
+
+    Missing files, files that are not UTF-8 and files holding no text (empty or whitespace only) are
+    a UserError naming `what` (e.g. "text file", "input") and the path.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"text file {path} does not exist")
+        raise UserError(f"{what} {path} does not exist")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:  # universal newlines, like datasets' text loader
             text = f.read()
     except UnicodeDecodeError as e:
-        raise UserError(f"text file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
-        raise UserError(f"text file {path} is empty")
+        raise UserError(f"{what} {path} is empty (it holds no text)")
     return text
 
 
@@ -58,3 +79,54 @@ def tokens_from_text(text, add_eot=False):
     if add_eot:
         ids.append(EOT_TOKEN)
     return np.asarray(ids, dtype=np.int64)
+
+
+def input_tokens(data=None, text_file=None, text=None):
+    """GPT-2 token ids of exactly one input: `data`, a prepared token file (memory-mapped uint16, not
+    copied), `text_file`, a UTF-8 text file, or `text` itself (int64 arrays)."""
+    if sum(x is not None for x in (data, text_file, text)) != 1:
+        raise ValueError("give exactly one of data, text_file, text")
+    if data is not None:
+        return load_tokens(data)
+    return tokens_from_text(read_text_file(text_file) if text_file is not None else text)
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face datasets
+
+def import_datasets(instead):
+    """The `datasets` package (quiet), or a UserError that says to install it or to pass `instead`."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"this needs the `datasets` package (pip install datasets); or {instead}") from None
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
+def load_hf_dataset(name, config=None, *, what, instead, split=None, cache_dir=None, num_proc=None):
+    """datasets.load_dataset(name, config, ...) with one clear UserError when it fails (no network and
+    no cache, a Hub copy that needs a loading script, ...). `what` names what needs the data (e.g.
+    "--dataset wikitext2"), `instead` says what to pass without network (e.g. "pass --text_file FILE")."""
+    datasets = import_datasets(instead)
+    try:
+        return datasets.load_dataset(name, config, split=split, cache_dir=cache_dir, num_proc=num_proc)
+    except Exception as e:  # ConnectionError, OfflineModeIsEnabled, DatasetNotFoundError, RuntimeError, ...
+        msg = one_line(e)
+        if "scripts are no longer supported" in msg:
+            raise UserError(f"{what}: the Hub copy {name} still needs a loading script, which this version of "
+                            f"`datasets` cannot run; pass a parquet copy of it, or {instead}") from None
+        held = f"{name}{' ' + config if config else ''}{f' (split {split})' if split else ''}"
+        raise UserError(f"{what} needs the Hugging Face Hub (network) or a datasets cache that already holds "
+                        f"{held}; loading it failed: {type(e).__name__}: {msg} ({instead})") from None
+
+
+def wikitext2_split(split, *, what="WikiText-2", instead="pass local text instead", name=None, cache_dir=None):
+    """The raw lines (the 'text' column, a list of str) of a WikiText-2 split: train, validation or test.
+
+    `name` overrides the Hub id WIKITEXT2[0] (e.g. a mirror); `what` / `instead`: see load_hf_dataset.
+    """
+    if split not in WIKITEXT2_SPLITS:
+        raise UserError(f"unknown WikiText-2 split {split!r}; choose one of {', '.join(WIKITEXT2_SPLITS)}")
+    ds = load_hf_dataset(name or WIKITEXT2[0], WIKITEXT2[1], what=what, instead=instead, split=split,
+                         cache_dir=cache_dir)
+    return ds["text"]

@@ -319,7 +319,7 @@ def training_telemetry(raw_model, X_fixed):
     batch, heads and queries), and outlier/max_top1_h, outlier/max_ratio_h, outlier/max_kurtosis,
     outlier/max_first_attn. Sink variants add outlier/sink_mass/L{l} (mean sink-column
     probability); `scaling` adds outlier/gate_first/L{l} and outlier/gate_rest/L{l} (mean gate S(x)
-    at position 0 and at the other positions). Runs in eval mode under torch.no_grad() (within any
+    at position 0 and at the other positions; gate_rest only when T > 1). Runs in eval mode under torch.no_grad() (within any
     autocast the caller set) and restores the train/eval mode, record flags and hooks.
     """
     L = len(raw_model.transformer.h)
@@ -332,7 +332,8 @@ def training_telemetry(raw_model, X_fixed):
         if "gate" in rec:
             gate = rec["gate"].float()  # (B, nh, T)
             out[f"outlier/gate_first/L{l}"] = float(gate[..., 0].mean())
-            out[f"outlier/gate_rest/L{l}"] = float(gate[..., 1:].mean()) if gate.shape[-1] > 1 else float("nan")
+            if gate.shape[-1] > 1:  # no other positions when T == 1: no key rather than a NaN
+                out[f"outlier/gate_rest/L{l}"] = float(gate[..., 1:].mean())
 
     was_training = raw_model.training
     raw_model.eval()

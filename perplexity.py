@@ -15,7 +15,6 @@ computed in float32 from the final hidden states (captured from `transformer.ln_
 so that the (tokens x vocab) logits never sit in memory at once.
 """
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -24,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import UserError
+from common import UserError, autocast_context
+from data import WIKITEXT2, input_tokens, wikitext2_split
 
-WIKITEXT2 = ("wikitext", "wikitext-2-raw-v1")
 # rows of (rows x vocab) float32 logits computed at once: 4096 x 50304 x 4 B = 0.8 GB on GPU, 0.2 GB on CPU
 LOGIT_CHUNK_ROWS = {"cuda": 4096, "cpu": 1024}
 
@@ -34,38 +33,28 @@ LOGIT_CHUNK_ROWS = {"cuda": 4096, "cpu": 1024}
 # ----------------------------------------------------------------------------------------------
 # evaluation texts
 
-def wikitext2_text(split="test"):
-    """The raw WikiText-2 split through Hugging Face `datasets`, joined with blank lines (the usual way)."""
-    try:
-        import datasets
-    except ImportError:
-        raise UserError("the WikiText-2 evaluation needs the `datasets` package (pip install datasets); "
-                        "or pass --text_file FILE / --data TOKENS.bin") from None
-    try:
-        ds = datasets.load_dataset(*WIKITEXT2, split=split)
-    except Exception as e:  # offline: ConnectionError/OSError subclasses, sometimes others
-        msg = str(e).splitlines()[0][:200] if str(e) else ""
-        raise UserError(f"cannot load WikiText-2 ({'/'.join(WIKITEXT2)}, split {split}) through Hugging Face "
-                        f"datasets ({type(e).__name__}: {msg}); without network or a datasets cache, pass a "
-                        f"local text with --text_file FILE (e.g. ../shared/data/wikitext-2/{'valid' if split == 'validation' else split}.txt) "
-                        f"or prepared tokens with --data TOKENS.bin") from None
-    return "\n\n".join(ds["text"])
+def wikitext2_text(split="test", instead=None):
+    """The raw WikiText-2 split through Hugging Face `datasets`, its lines joined with blank lines (the
+    usual way). `instead`: what the offline error tells the user to pass (default: --text_file / --data)."""
+    if instead is None:
+        local = "valid" if split == "validation" else split
+        instead = (f"pass a local text with --text_file FILE (e.g. ../shared/data/wikitext-2/{local}.txt) "
+                   f"or prepared tokens with --data TOKENS.bin")
+    return "\n\n".join(wikitext2_split(split, what="the WikiText-2 evaluation", instead=instead))
 
 
 def load_eval_tokens(dataset=None, text_file=None, data=None, split="test"):
     """(int64 token array, description) from exactly one of: dataset 'wikitext2', a text file, a .bin file."""
-    from data import load_tokens, read_text_file, tokens_from_text
     given = [x is not None for x in (dataset, text_file, data)]
     if sum(given) != 1:
         raise UserError("give exactly one evaluation text: --dataset wikitext2, --text_file FILE or --data TOKENS.bin")
-    if data is not None:
-        return np.asarray(load_tokens(data), dtype=np.int64), f"tokens {data}"
-    if text_file is not None:
-        return tokens_from_text(read_text_file(text_file)), f"text {text_file}"
+    if data is not None or text_file is not None:
+        tokens = input_tokens(data=data, text_file=text_file)
+        return np.asarray(tokens, dtype=np.int64), f"tokens {data}" if data is not None else f"text {text_file}"
     if dataset != "wikitext2":
         raise UserError(f"unknown dataset {dataset!r}; the one built in is wikitext2 "
                         f"(or pass --text_file FILE / --data TOKENS.bin)")
-    return tokens_from_text(wikitext2_text(split)), f"wikitext2 ({WIKITEXT2[1]}, {split})"
+    return input_tokens(text=wikitext2_text(split)), f"wikitext2 ({WIKITEXT2[1]}, {split})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,13 +106,6 @@ def safe_exp(x):
     if math.isnan(x):
         return math.nan
     return math.exp(x) if x < 709.0 else math.inf
-
-
-def autocast_context(device, dtype):
-    """bf16/fp16 autocast on the device when dtype asks for it; nothing for float32."""
-    if dtype in (None, torch.float32):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def model_device(model):

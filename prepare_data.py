@@ -49,16 +49,19 @@ import urllib.request
 import numpy as np
 
 import tokenizer
-from common import UserError, atomic_path, atomic_write_json, cli_main
-from data import TOKEN_DTYPE
+from common import UserError, atomic_path, atomic_write_json, cli_main, one_line
+from data import (TOKEN_DTYPE, WIKITEXT2, check_token_range, import_datasets, load_hf_dataset, read_text_file,
+                  wikitext2_split)
 
 DATASETS = ("builtin", "openwebtext", "wikitext2", "shakespeare", "text")
 NETWORK_DATASETS = {"openwebtext", "wikitext2", "shakespeare"}
 DEFAULT_VAL_FRACTION = {"openwebtext": 0.0005}  # nanoGPT's split; every other corpus: 0.1
 HF_DATASETS = {  # Hugging Face Hub ids (overridable with --hf_dataset, e.g. for a mirror)
     "openwebtext": ("Skylion007/openwebtext", None),
-    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1"),
+    "wikitext2": WIKITEXT2,
 }
+OFFLINE_ALTERNATIVES = ("use --hf_dataset ID for another copy on the Hub, --dataset text --input FILES for local "
+                        "text, or --dataset builtin offline")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")
 FORMAT = "nanogpt-uint16"
@@ -183,14 +186,8 @@ def _check_out_dir(out_dir, source, overwrite):
     present = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(out_dir, f))]
     if not present or overwrite:
         return
-    meta_path = os.path.join(out_dir, "meta.json")
-    old_source = None
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                old_source = json.load(f).get("source")
-        except (OSError, ValueError, AttributeError):
-            old_source = None
+    meta = _read_meta(out_dir)
+    old_source = meta.get("source") if isinstance(meta, dict) else None
     if old_source != source:
         what = f"data from {_describe(old_source)}" if old_source else f"{', '.join(present)} of unknown origin"
         raise UserError(f"{out_dir} already holds {what}; pass --overwrite to replace it, or choose another --out_dir")
@@ -205,31 +202,26 @@ def _describe(source):
 
 # ---------------------------------------------------------------------------------------------- corpora
 
-def _datasets():
-    import datasets
-    datasets.logging.set_verbosity_error()
-    return datasets
-
-
 def _load_splits(args, inputs, out_dir, val_fraction):
     """Return ({'train': Dataset, 'val': Dataset} of a 'text' column, split-rule description)."""
-    ds_lib = _datasets()
+    ds_lib = import_datasets(OFFLINE_ALTERNATIVES)
     if args.dataset == "wikitext2":
-        name, config = HF_DATASETS["wikitext2"]
-        name = args.hf_dataset or name
-        dd = _load_hub(ds_lib, "wikitext2", name, config, args)
-        splits = {s: ds_lib.Dataset.from_dict({"text": _wikitext_articles(dd[hf])})
-                  for s, hf in (("train", "train"), ("val", "validation"))}
-        return splits, "official train/validation splits of wikitext-2-raw-v1; one document per article"
+        splits = {}
+        for part, hf_split in (("train", "train"), ("val", "validation")):
+            lines = wikitext2_split(hf_split, what="--dataset wikitext2", instead=OFFLINE_ALTERNATIVES,
+                                    name=args.hf_dataset, cache_dir=args.cache_dir)
+            splits[part] = ds_lib.Dataset.from_dict({"text": _wikitext_articles(lines)})
+        return splits, f"official train/validation splits of {WIKITEXT2[1]}; one document per article"
     if args.dataset == "openwebtext":
         name = args.hf_dataset or HF_DATASETS["openwebtext"][0]
-        docs = _load_hub(ds_lib, "openwebtext", name, None, args)["train"]
+        docs = load_hf_dataset(name, what="--dataset openwebtext", instead=OFFLINE_ALTERNATIVES, split="train",
+                               cache_dir=args.cache_dir, num_proc=_nproc(args.num_proc, 1 << 30))
     elif args.dataset == "text":
         docs = _load_text_files(ds_lib, inputs, args)
     elif args.dataset == "shakespeare":
-        text = _read_text(inputs[0]) if inputs else _download_shakespeare(out_dir)
         if inputs and len(inputs) > 1:
             raise UserError("--dataset shakespeare takes one --input file (its input.txt)")
+        text = read_text_file(inputs[0], what="input") if inputs else _download_shakespeare(out_dir)
         docs = ds_lib.Dataset.from_dict({"text": [text]})
     else:
         docs = ds_lib.Dataset.from_dict({"text": builtin_documents()})
@@ -239,20 +231,6 @@ def _load_splits(args, inputs, out_dir, val_fraction):
     if len(docs) == 0:
         raise UserError(f"the {args.dataset} corpus is empty (no document holds any text)")
     return split_documents(docs, val_fraction, args.seed, args.num_proc)
-
-
-def _load_hub(ds_lib, dataset, name, config, args):
-    try:
-        return ds_lib.load_dataset(name, config, cache_dir=args.cache_dir,
-                                   num_proc=_nproc(args.num_proc, 1 << 30) if dataset == "openwebtext" else None)
-    except Exception as e:  # ConnectionError, OfflineModeIsEnabled, DatasetNotFoundError, RuntimeError, ...
-        msg = _one_line(e)
-        if "scripts are no longer supported" in msg:
-            raise UserError(f"--dataset {dataset}: the Hub copy {name} still needs a loading script, which this "
-                            f"version of `datasets` cannot run; pass --hf_dataset with a parquet copy of it") from None
-        raise UserError(f"--dataset {dataset} needs the Hugging Face Hub (network) or a datasets cache that already "
-                        f"holds {name}{' ' + config if config else ''}; loading it failed: {type(e).__name__}: {msg} "
-                        f"(use --dataset text --input FILES for local text, or --dataset builtin offline)") from None
 
 
 def _load_text_files(ds_lib, files, args):
@@ -266,19 +244,8 @@ def _load_text_files(ds_lib, files, args):
         if isinstance(cause, UnicodeDecodeError):
             raise UserError(f"an input file is not UTF-8 text ({cause.reason} at byte {cause.start}); "
                             f"convert it to UTF-8 or leave it out") from None
-        raise UserError(f"could not read the input text files: {type(e).__name__}: {_one_line(e)}") from None
+        raise UserError(f"could not read the input text files: {type(e).__name__}: {one_line(e)}") from None
     return dd["train"]
-
-
-def _read_text(path):
-    try:
-        with open(path, encoding="utf-8") as f:  # universal newlines, like datasets' text loader
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not text.strip():
-        raise UserError(f"the input is empty: {path} holds no text")
-    return text
 
 
 def _download_shakespeare(out_dir):
@@ -291,11 +258,11 @@ def _download_shakespeare(out_dir):
                 body = r.read()
         except (urllib.error.URLError, OSError) as e:
             raise UserError(f"--dataset shakespeare needs the network to download {SHAKESPEARE_URL} "
-                            f"({type(e).__name__}: {_one_line(e)}); or pass --input PATH/TO/input.txt") from None
+                            f"({type(e).__name__}: {one_line(e)}); or pass --input PATH/TO/input.txt") from None
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 f.write(body)
-    return _read_text(path)
+    return read_text_file(path, what="input")
 
 
 def builtin_documents():
@@ -312,10 +279,10 @@ def builtin_documents():
     return docs
 
 
-def _wikitext_articles(ds):
+def _wikitext_articles(lines):
     """Join wikitext lines into articles; a line ' = Title = ' (one '=' on each side) starts one."""
     articles, current = [], []
-    for line in ds["text"]:
+    for line in lines:
         s = line.strip()
         if s.startswith("= ") and s.endswith(" =") and not s.startswith("= ="):
             if current:
@@ -324,7 +291,8 @@ def _wikitext_articles(ds):
         current.append(line)
     if current:
         articles.append("".join(current))
-    return articles
+    # the splits open with a blank line before the first title: not a document of its own
+    return [a for a in articles if a.strip()]
 
 
 # ---------------------------------------------------------------------------------------------- split
@@ -432,7 +400,6 @@ def _write_bin(ds, path, part):
     total = int(np.sum(ds.with_format("numpy")["len"], dtype=np.int64)) if len(ds) else 0
     if total == 0:
         raise UserError(f"the {part} split holds no tokens; use more text")
-    limit = np.iinfo(TOKEN_DTYPE).max
     arr = np.memmap(path, dtype=TOKEN_DTYPE, mode="w+", shape=(total,))
     digest = hashlib.sha256()
     n_shards = min(1024, len(ds))
@@ -440,9 +407,7 @@ def _write_bin(ds, path, part):
     for i in tqdm(range(n_shards), desc=f"writing {part}.bin", disable=n_shards < 8):
         shard = ds.shard(num_shards=n_shards, index=i, contiguous=True).with_format("numpy")
         batch = np.concatenate([np.asarray(x, dtype=np.int64) for x in shard["ids"]])
-        if batch.size and (batch.min() < 0 or batch.max() > limit):
-            raise UserError(f"token ids range over [{batch.min()}, {batch.max()}], which does not fit uint16 "
-                            f"(the token-file format holds vocabularies of at most {limit + 1:,} tokens)")
+        check_token_range(batch)
         batch = batch.astype(TOKEN_DTYPE)
         arr[pos:pos + len(batch)] = batch
         digest.update(batch.tobytes())
@@ -451,11 +416,6 @@ def _write_bin(ds, path, part):
     del arr
     assert pos == total, (pos, total)
     return total, digest.hexdigest()
-
-
-def _one_line(e):
-    text = " ".join(str(e).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 if __name__ == "__main__":

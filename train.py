@@ -45,8 +45,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import UserError, atomic_path, atomic_write_json, cli_main, resolve_device, resolve_dtype, run_metadata
-from data import load_tokens
+import outlier_stats
+from common import (UserError, atomic_path, atomic_write_json, autocast_context, cli_main, json_safe, one_line,
+                    resolve_device, resolve_dtype, run_metadata)
+from data import TOKEN_DTYPE, load_tokens
 
 
 @dataclass
@@ -315,7 +317,7 @@ class Batches:
 
     def get(self, offsets):
         """(x, y) on the device for window starts `offsets` (1-D tensor)."""
-        data = np.memmap(self.path, dtype=np.uint16, mode="r")  # re-open per batch: avoids a memmap leak
+        data = np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r")  # re-open per batch: avoids a memmap leak
         T = self.block_size
         starts = offsets.tolist()
         x = torch.from_numpy(np.stack([data[i:i + T] for i in starts]).astype(np.int64))
@@ -435,7 +437,11 @@ class StopFlag:
 
 
 class JsonlLog:
-    """Rank 0's log.jsonl (and wandb): one JSON object per line, flushed at once."""
+    """Rank 0's log.jsonl (and wandb): one JSON object per line, flushed at once.
+
+    The file is strict JSON: a non-finite number (a diverged loss, an inf gradient norm) is written
+    as null; wandb gets the numbers as they are.
+    """
 
     def __init__(self, path, wandb_run=None):
         self.path = path
@@ -443,7 +449,7 @@ class JsonlLog:
         self.wandb_run = wandb_run
 
     def write(self, record):
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k not in ("iter", "kind")}, step=record["iter"])
@@ -494,7 +500,7 @@ class Trainer:
             self.rank = int(os.environ["RANK"])
             self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
             self.world = int(os.environ["WORLD_SIZE"])
-            want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            want = resolve_device(cfg.device)
             self.device = resolve_device(f"cuda:{self.local_rank}" if want.startswith("cuda") else want)
             if self.device.startswith("cuda"):
                 torch.cuda.set_device(self.device)
@@ -535,8 +541,7 @@ class Trainer:
         if self.device_type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls
         self.ptdtype = resolve_dtype(cfg.dtype, self.device)
-        self.autocast = (contextlib.nullcontext() if self.ptdtype == torch.float32
-                         else torch.autocast(device_type=self.device_type, dtype=self.ptdtype))
+        self.autocast = autocast_context(self.device, self.ptdtype)
         self.data_dir = cfg.data_dir or os.path.join("data", cfg.dataset)
         ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
         self.ckpt_path, self.log_path = ckpt_path, os.path.join(cfg.out_dir, "log.jsonl")
@@ -596,16 +601,7 @@ class Trainer:
             self.model = DDP(self.fwd_model, device_ids=[self.local_rank] if self.device_type == "cuda" else None)
 
         # ---- outlier telemetry hook
-        self.telemetry = None
-        if cfg.outlier_interval > 0:
-            try:
-                import outlier_stats
-            except ModuleNotFoundError as e:
-                if e.name != "outlier_stats":
-                    raise
-                raise UserError("outlier_interval > 0 needs outlier_stats.py; set --outlier_interval=0 to train "
-                                "without outlier telemetry") from None
-            self.telemetry = outlier_stats.training_telemetry
+        self.telemetry = outlier_stats.training_telemetry if cfg.outlier_interval > 0 else None
         val_b, val_offsets = self.eval_batches["val"]
         self.X_fixed = val_b.get(val_offsets[0])[0]
 
@@ -661,19 +657,19 @@ class Trainer:
 
     def build_model(self, ckpt):
         cfg = self.cfg
+        from checkpoint import load_model
         from model import GPT, GPTConfig
         if ckpt is not None:
-            from checkpoint import model_from_checkpoint
-            model, _ = model_from_checkpoint(ckpt, device="cpu", dropout=cfg.dropout, attn_backend=cfg.attn_backend)
-            model.train()
-            return model
+            model, _ = load_model(ckpt, device="cpu", dropout=cfg.dropout, attn_backend=cfg.attn_backend)
+            return model.train()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and for every world size
         self.pretrained_from = None if cfg.init_from == "scratch" else cfg.init_from
         if cfg.init_from == "scratch":
             model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}))
         else:
-            model = GPT.from_pretrained(cfg.init_from, attention=cfg.attention, dropout=cfg.dropout,
-                                        attn_backend=cfg.attn_backend, sigmoid_bias=cfg.sigmoid_bias)
+            model, _ = load_model(pretrained=cfg.init_from, device="cpu", attention=cfg.attention, dropout=cfg.dropout,
+                                  attn_backend=cfg.attn_backend, sigmoid_bias=cfg.sigmoid_bias)
+            model.train()
             if cfg.block_size < model.config.block_size:
                 model.crop_block_size(cfg.block_size)
             for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias"):
@@ -714,7 +710,7 @@ class Trainer:
                              name=cfg.wandb_run_name or f"{cfg.attention}-{os.path.basename(os.path.abspath(cfg.out_dir))}",
                              config=dataclasses.asdict(cfg))
         except Exception as e:
-            raise UserError(f"wandb could not start ({type(e).__name__}: {' '.join(str(e).split())[:200]}); run "
+            raise UserError(f"wandb could not start ({type(e).__name__}: {one_line(e, 200)}); run "
                             f"`wandb login`, set WANDB_MODE=offline, or pass --wandb_log=False") from None
         return run, wandb_id
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attention_variants import VARIANTS
-from checkpoint import load_checkpoint, model_args_from, model_from_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, load_model, model_args_from, model_from_checkpoint, save_checkpoint
 from common import UserError
 from model import GPT, GPTConfig
 
@@ -112,3 +112,15 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 def test_save_requires_the_documented_keys(tmp_path):
     with pytest.raises(ValueError):
         save_checkpoint(tmp_path / "c.pt", {"model": {}})
+
+
+def test_load_model_from_a_checkpoint_or_pretrained(tmp_path):
+    model = tiny("scaling").eval()
+    write(model, tmp_path / "c.pt")
+    loaded, ckpt = load_model(str(tmp_path / "c.pt"), attn_backend="reference")
+    assert ckpt["iter_num"] == 7 and not loaded.training and loaded.config.attn_backend == "reference"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError):
+        load_model(str(tmp_path / "c.pt"), pretrained="gpt2")
+    with pytest.raises(UserError, match="neither a directory nor one of"):
+        load_model(pretrained="gpt3")

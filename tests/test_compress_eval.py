@@ -376,6 +376,20 @@ def test_offline_wikitext_says_what_to_do(tiny_run, tmp_path, capsys, monkeypatc
     assert not (tmp_path / "o").exists()
 
 
+def test_wikitext2_text_joins_lines_of_the_one_loader(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    import perplexity
+    calls = []
+
+    def fake(name, config=None, split=None, **kw):
+        calls.append((name, config, split))
+        return {"text": [" = T = \n", " x\n"]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert perplexity.wikitext2_text("test") == " = T = \n\n\n x\n"
+    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test")]
+
+
 def test_script_entry_point(tiny_run, tmp_path):
     d, ckpts, _, _ = tiny_run
     ok = subprocess.run([sys.executable, "compress_eval.py", ckpts[0], "--data", str(d / "val.bin"),

@@ -4,6 +4,7 @@ References are independent of the code under test: explicit Python loops in floa
 numbers, or models whose outliers are planted at known layers / channels / positions.
 """
 
+import json
 import math
 
 import numpy as np
@@ -482,6 +483,16 @@ def test_training_telemetry_keys_values_and_restored_state(variant):
         assert out[f"outlier/median_h/L{l}"] == pytest.approx(flat.sort().values[(flat.numel() - 1) // 2].item(), rel=1e-5)
         s = (h ** 2).reshape(-1, 16).mean(0)
         assert out[f"outlier/kurtosis/L{l}"] == pytest.approx(((s ** 2).mean() / s.mean() ** 2).item(), rel=1e-4)
+
+
+def test_telemetry_of_a_single_token_is_finite_json():
+    """T == 1: scaling's gate_rest has no positions to average and is left out (never NaN)."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=16, attention="scaling"))
+    out = S.training_telemetry(m, torch.randint(0, V, (2, 1)))
+    assert "outlier/gate_first/L0" in out and not any(k.startswith("outlier/gate_rest/") for k in out)
+    assert all(math.isfinite(v) for v in out.values())
+    json.dumps(out, allow_nan=False)
 
 
 def test_telemetry_first_token_attention_of_a_sink():

@@ -205,3 +205,27 @@ def test_cli_errors_exit_2_without_traceback(tmp_path):
     line = p.stderr.strip().splitlines()[-1]
     assert line.startswith("error: --dataset wikitext2 needs the Hugging Face Hub (network)")
     assert not (tmp_path / "w").exists() or not os.listdir(tmp_path / "w")
+
+
+def test_wikitext2_official_splits_one_document_per_article(tmp_path, monkeypatch):
+    """Through data.wikitext2_split (the one WikiText-2 loader); the Hub is replaced by two tiny splits."""
+    datasets = pytest.importorskip("datasets")
+    # the real splits open with a blank line before the first title: it must not become a document
+    lines = {"train": ["", " = Alpha = \n", " a1\n", " = = Sub = = \n", " a2\n", " = Beta = \n", " b\n"],
+             "validation": [" = Gamma = \n", " g\n"]}
+    calls = []
+
+    def fake(name, config=None, split=None, **kw):
+        calls.append((name, config, split))
+        return {"text": lines[split]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    out = tmp_path / "w"
+    code = prepare_data.main(["--dataset", "wikitext2", "--out_dir", str(out), "--num_proc", "1"])
+    assert code == 0 and calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", s) for s in ("train", "validation")]
+    enc = reference_encoding()
+    train_docs = [enc.decode(d) for d in documents(read_ids(out / "train.bin"))]
+    assert train_docs == [" = Alpha = \n a1\n = = Sub = = \n a2\n", " = Beta = \n b\n"]
+    assert [enc.decode(d) for d in documents(read_ids(out / "val.bin"))] == [" = Gamma = \n g\n"]
+    source = json.loads((out / "meta.json").read_text())["source"]
+    assert source["hf_dataset"] == "Salesforce/wikitext" and source["hf_config"] == "wikitext-2-raw-v1"

@@ -9,7 +9,8 @@ import pytest
 
 from common import UserError
 from conftest import REPO_ROOT, needs_tokenizer
-from data import load_tokens, read_text_file, tokens_from_text, write_tokens
+import data
+from data import input_tokens, load_tokens, read_text_file, tokens_from_text, write_tokens
 
 
 def test_gpt2_token_ids():
@@ -59,3 +60,51 @@ def test_text_files(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(UserError, match="UTF-8"):
         read_text_file(tmp_path / "bin.txt")
+    # universal newlines; errors name what the file is
+    (tmp_path / "crlf.txt").write_bytes(b"a\r\nb\rc\n")
+    assert read_text_file(tmp_path / "crlf.txt") == "a\nb\nc\n"
+    with pytest.raises(UserError, match="^input .*blank.txt is empty"):
+        read_text_file(tmp_path / "blank.txt", what="input")
+    with pytest.raises(UserError, match="^text file .*missing.txt does not exist"):
+        read_text_file(tmp_path / "missing.txt")
+
+
+def test_input_tokens(tmp_path):
+    needs_tokenizer()
+    write_tokens(tmp_path / "a.bin", [5, 6, 7])
+    got = input_tokens(data=tmp_path / "a.bin")
+    assert isinstance(got, np.memmap) and got.tolist() == [5, 6, 7]  # mapped, not copied
+    (tmp_path / "t.txt").write_text("Hello world", encoding="utf-8")
+    assert input_tokens(text_file=tmp_path / "t.txt").tolist() == [15496, 995]
+    assert input_tokens(text="Hello world").dtype == np.int64
+    with pytest.raises(ValueError):
+        input_tokens(data=tmp_path / "a.bin", text="x")
+
+
+def test_wikitext2_goes_through_the_one_hub_id(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake(name, config=None, **kw):
+        calls.append((name, config, kw.get("split")))
+        return {"text": [" = A = \n", "line\n"]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert data.wikitext2_split("validation") == [" = A = \n", "line\n"]
+    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "validation")] and data.WIKITEXT2[0] == "Salesforce/wikitext"
+    with pytest.raises(UserError, match="unknown WikiText-2 split"):
+        data.wikitext2_split("valid")
+
+
+def test_hub_failure_is_one_clear_error(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'x' on the Hub\n(LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError) as e:
+        data.load_hf_dataset("org/x", "cfg", what="--dataset x", instead="pass --text_file FILE", split="test")
+    msg = str(e.value)
+    assert msg.startswith("--dataset x needs the Hugging Face Hub (network)") and "\n" not in msg
+    assert "org/x cfg (split test)" in msg and msg.endswith("(pass --text_file FILE)")

@@ -65,9 +65,13 @@ def run_train(args, env=None, timeout=300, check=True):
     return p
 
 
+def _not_json(constant):
+    raise AssertionError(f"log.jsonl holds {constant}, which is not strict JSON")
+
+
 def read_log(out_dir, kind=None):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        records = [json.loads(line) for line in f]
+        records = [json.loads(line, parse_constant=_not_json) for line in f]
     return [r for r in records if kind is None or r["kind"] == kind]
 
 
@@ -147,6 +151,14 @@ def test_learning_rate_schedule():
 
 
 # ------------------------------------------------------------------------------------------- errors
+
+def test_log_jsonl_is_strict_json(tmp_path):
+    log = train.JsonlLog(str(tmp_path / "log.jsonl"))
+    log.write({"kind": "train", "iter": 3, "loss": float("nan"), "grad_norm": float("inf"), "lr": np.float32(0.5),
+               "mfu": None})
+    log.close()
+    assert read_log(tmp_path) == [{"kind": "train", "iter": 3, "loss": None, "grad_norm": None, "lr": 0.5, "mfu": None}]
+
 
 def test_clear_errors_before_training(data_dir, tmp_path):
     out = str(tmp_path / "out")
