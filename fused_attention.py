@@ -46,29 +46,43 @@ passes give bit-identical gradients.
 Also exported: ``fused_attention_ref`` (plain PyTorch reference with the same
 signature, materialised scores, explicit causal mask; matmuls in the input dtype,
 softmax/sigmoid in float32 -- or float64 for float64 inputs -- then cast back),
-``VARIANTS`` and ``is_supported(q, variant, dropout_p)``.
+``VARIANTS``, ``is_supported(q, variant, dropout_p)`` and ``interpreting()``
+(True when the kernels were built for Triton's CPU interpreter).
 
 Supported / limits (honest list)
 --------------------------------
 * dtypes: float16, bfloat16, float32 (q, k, v must share one dtype; biases and
   gate may be any float dtype, they are read as float32).  float32 dots use IEEE
   fp32 unless ``torch.get_float32_matmul_precision()`` is not "highest", in which
-  case TF32 is used, mirroring PyTorch matmuls.
-* head dim D in {16, 32, 64, 128}; any T >= 1 (tails are masked); any B and H.
+  case TF32 is used, mirroring PyTorch matmuls.  IEEE fp32 ("ieee") is emulated
+  with several tensor-core passes and uses small tiles: it is slow (meant for
+  checks, not training); use bf16/fp16, or TF32 via
+  ``torch.set_float32_matmul_precision("high")``.
+* head dim D in {16, 32, 64, 128}; any B and H (B * H is on grid axis 0, so it
+  is not bound by the 65535 limit of axes 1/2); 1 <= T <= 65535 * 16 = 1,048,560
+  (query / key blocks are on grid axis 1; tails are masked).
 * causal self-attention only (q, k, v share T; no cross-attention, no GQA/MQA,
   no padding / key masks); no dropout on the attention probabilities (use the
   PyTorch path when attention dropout > 0); no double backward.
 * CUDA tensors (or CPU tensors with TRITON_INTERPRET=1, which is slow and meant
-  for tests).  Offsets inside one (batch, head) slice are 32-bit: T * stride(T)
-  and T * D must stay below 2**31.
-* Tile sizes are a fixed table per (D, dtype) aimed at Hopper (H100/H200),
-  shrunk automatically if a config does not fit the GPU (OutOfResources).  No
-  autotuning, so launches (and bits) are reproducible across processes.  When
-  this file was written no GPU was available: the kernels were validated under
-  the Triton interpreter and compiled ahead-of-time for sm_90 (wgmma, cp.async
-  pipelining, shared memory <= 131 KB, no register spills for bf16 D=64/128),
-  but their speed was never measured; run benchmarks/attention.py and the GPU
-  tests in tests/test_fused_attention.py on the target GPU.
+  for tests).  Launches go to q's device.  Offsets inside one (batch, head) slice
+  are 32-bit: T * stride(T) and T * D must stay below 2**31 (more exactly, the
+  largest element offset inside a slice of q, k, v, the output and the gate);
+  larger inputs raise a ValueError.
+* Tile sizes are a fixed table per (D, dtype) and architecture: one for Hopper
+  and newer (sm_90+: H100/H200, wgmma, up to 128 KB of shared memory) and one
+  with smaller tiles for sm_8x (A100 and Ampere/Ada: mma.sync, 255 registers per
+  thread).  A config that does not fit the GPU (OutOfResources or a ptxas error)
+  is skipped for the next one; the choice is cached per device and compute
+  capability.  No autotuning, so launches (and bits) are reproducible across
+  processes.  When this file was written no GPU was available: the kernels were
+  validated under the Triton interpreter (the GPU tile tables included) and
+  compiled ahead-of-time for sm_90 and sm_80 with triton 3.6 and 3.9 (the first
+  config of each table compiles without register spills for bf16 D=64/128, every
+  variant), but their speed was never measured; run benchmarks/attention.py and
+  the GPU tests in tests/test_fused_attention.py on the target GPU.
+* The CPU-interpreter tests need triton >= 3.9, or numpy < 2.4 with older
+  triton: triton 3.6's interpreter breaks with numpy >= 2.4.
 * Under the CPU interpreter bf16 is emulated: dot operands are upcast to fp32
   (exact) and fp32 -> bf16 casts are rounded to nearest even explicitly (the
   interpreter truncates), so results match what the GPU computes up to
@@ -87,8 +101,8 @@ Supported / limits (honest list)
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 
 import torch
 import triton
@@ -98,11 +112,18 @@ try:  # present in every triton 3.x; keep a fallback so imports never break
     from triton.runtime.errors import OutOfResources as _OutOfResources
 except Exception:  # pragma: no cover
     _OutOfResources = RuntimeError
+try:  # ptxas failures (e.g. too many registers / shared memory); not in every version
+    from triton.runtime.errors import PTXASError as _PTXASError
+except Exception:  # pragma: no cover
+    _PTXASError = None
+# errors that mean "this tile config does not fit this GPU": try the next one
+_FIT_ERRORS = tuple(e for e in (_OutOfResources, _PTXASError) if e is not None)
 
 __all__ = [
     "VARIANTS",
     "fused_attention",
     "fused_attention_ref",
+    "interpreting",
     "is_supported",
 ]
 
@@ -121,10 +142,6 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ----------------------------------------------------------------------------
@@ -210,8 +227,11 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # B*H on grid axis 0 (up to 2**31 - 1 programs; axes 1/2 stop at 65535),
+    # query blocks on axis 1, heaviest (last, most key blocks) first so that the
+    # light blocks fill the end of the launch
+    bh = tl.program_id(0)
+    start_m = tl.num_programs(1) - 1 - tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
@@ -318,8 +338,8 @@ def _bwd_preprocess(
     VARIANT: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    start_m = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -421,8 +441,9 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    # B*H on axis 0; key blocks on axis 1 in natural order (block 0 has the most work)
+    bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -514,8 +535,9 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # B*H on axis 0; query blocks on axis 1, heaviest (last) first
+    bh = tl.program_id(0)
+    start_m = tl.num_programs(1) - 1 - tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -560,73 +582,151 @@ def _bwd_dq_kernel(
              _rne(dq, UPCAST).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
+# Triton decides interpreter vs. compiled kernels once, when @triton.jit runs
+# (i.e. when this module is imported, from TRITON_INTERPRET); read that decision
+# from the kernels themselves so the host code always agrees with it.
+_INTERPRET = not isinstance(_fwd_kernel, triton.runtime.jit.JITFunction)
+
+# Launch options passed explicitly: FP fusion (FMA contraction) on, which is the
+# default of every Triton 3.x; passing it silences triton 3.9's warning about the
+# default changing in 3.10 and keeps the numerics fixed across versions.
+_LAUNCH_OPTS = {"enable_fp_fusion": True}
+
 # ----------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------
 # Each entry: (BLOCK_M, BLOCK_N, num_warps, num_stages).  Constraints used by the
 # causal loops: fwd and dq need BLOCK_M % BLOCK_N == 0, dkdv needs
-# BLOCK_N % BLOCK_M == 0.  Candidates are tried in order; a candidate that does
-# not fit the GPU (OutOfResources) is skipped and the choice is cached.
+# BLOCK_N % BLOCK_M == 0.  The table is chosen by compute capability (Hopper and
+# newer: larger tiles, wgmma; sm_8x: smaller tiles that fit its register file
+# with mma.sync).  Candidates are tried in order; one that does not fit the GPU
+# (OutOfResources, or a ptxas failure) is skipped and the choice is cached per
+# (kernel, D, dtype, variant, precision, device, compute capability).
+# The first candidates were checked ahead of time (triton 3.6 and 3.9, bf16,
+# D = 64 / 128, every variant) to compile without register spills on their arch.
 
-def _candidates(kind: str, D: int, dtype: torch.dtype):
-    if _interpreting():
-        # moderate tiles keep the numpy interpreter fast (fewer, larger steps)
-        # while T > 64 still exercises the off-diagonal / diagonal / tail paths,
-        # with 2 sub-blocks per diagonal block as in the GPU configs
-        return {
-            "fwd": [(64, 32, 4, 1)],
-            "dkdv": [(32, 64, 4, 1)],
-            "dq": [(64, 32, 4, 1)],
-        }[kind]
+_INTERP_TABLE = {
+    # moderate tiles keep the numpy interpreter fast (fewer, larger steps) while
+    # T > 64 still exercises the off-diagonal / diagonal / tail paths, with 2
+    # sub-blocks per diagonal block as in the GPU configs
+    "fwd": [(64, 32, 4, 1)],
+    "dkdv": [(32, 64, 4, 1)],
+    "dq": [(64, 32, 4, 1)],
+}
+
+
+def _candidates(kind: str, D: int, dtype: torch.dtype, arch=None):
+    """Tile candidates for ``kind`` in {"fwd", "dkdv", "dq"}.  ``arch`` is the
+    compute capability as major * 10 + minor (90 for H100/H200, 80 for A100);
+    ``None`` means the CPU interpreter."""
+    if arch is None:
+        return list(_INTERP_TABLE[kind])
     wide = dtype == torch.float32
     big = D >= 64
-    if kind == "fwd":
-        if wide:
-            c = [(64, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)]
-        elif big:
-            c = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2), (32, 16, 4, 1)]
-        else:
-            c = [(128, 64, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)]
-    elif kind == "dkdv":  # BLOCK_M = query tile, BLOCK_N = key tile
-        if wide:
-            c = [(32, 64, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1)]
-        elif big:  # 8 warps: with 4, D=64 spills (255 registers) on sm_90
-            c = [(32, 128, 8, 3), (32, 64, 4, 2), (16, 32, 4, 1)]
-        else:
-            c = [(32, 128, 4, 3), (32, 64, 4, 2), (16, 32, 4, 1)]
-    else:  # dq: BLOCK_M = query tile, BLOCK_N = key tile
-        if wide:
-            c = [(64, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)]
-        elif D >= 128:
-            c = [(128, 32, 8, 3), (64, 32, 4, 2), (32, 16, 4, 1)]
-        else:
-            c = [(128, 32, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)]
-    return c
+    if wide:  # fp32 operands: 2x the registers / shared memory per element
+        c = {
+            "fwd": [(64, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+            "dkdv": [(32, 64, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1)],
+            "dq": [(64, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)],
+        }[kind]
+    elif arch >= 90:  # Hopper and newer
+        if kind == "fwd":
+            if big:
+                c = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2), (32, 16, 4, 1)]
+            else:
+                c = [(128, 64, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)]
+        elif kind == "dkdv":  # BLOCK_M = query tile, BLOCK_N = key tile
+            if big:  # 8 warps: with 4, D=64 spills (255 registers) on sm_90
+                c = [(32, 128, 8, 3), (32, 64, 4, 2), (16, 32, 4, 1)]
+            else:
+                c = [(32, 128, 4, 3), (32, 64, 4, 2), (16, 32, 4, 1)]
+        else:  # dq: BLOCK_M = query tile, BLOCK_N = key tile
+            if D >= 128:
+                c = [(128, 32, 8, 3), (64, 32, 4, 2), (32, 16, 4, 1)]
+            else:
+                c = [(128, 32, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)]
+    else:  # sm_8x (and older): mma.sync, 255 registers per thread, less shared memory
+        c = _SM8X_TABLE[kind][min(D, 128)]
+    return list(c)
 
 
+# sm_8x, 16-bit dtypes.  Hopper's first configs spill registers here for D=128
+# (mma.sync keeps the accumulators in registers; e.g. dkdv (32, 128, 8, 3)
+# spilled ~1-18 KB) and dq (128, 32, 4, 3) spills at D=64; the first configs
+# below do not (ptxas for sm_80, triton 3.6 and 3.9, every variant, D=16..128)
+# and use <= 88 KB of shared memory, so they also fit sm_86/sm_89 (99 KB).
+_SM8X_TABLE = {
+    "fwd": {16: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)],
+            32: [(128, 64, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)],
+            64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)],
+            128: [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 16, 4, 1)]},
+    "dkdv": {16: [(32, 128, 4, 3), (32, 64, 4, 2), (16, 32, 4, 1)],
+             32: [(32, 128, 4, 3), (32, 64, 4, 2), (16, 32, 4, 1)],
+             64: [(32, 128, 8, 3), (32, 64, 4, 3), (16, 32, 4, 1)],
+             128: [(32, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 1)]},
+    "dq": {16: [(128, 32, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)],
+           32: [(128, 32, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)],
+           64: [(128, 32, 8, 3), (64, 32, 4, 3), (32, 16, 4, 1)],
+           128: [(64, 32, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)]},
+}
+
+# (kernel, D, dtype, variant, dot precision, device, compute capability) -> config
 _CHOSEN: dict = {}
+_CHOSEN_KEY_FIELDS = ("kernel", "head_dim", "dtype", "variant", "precision", "device", "arch")
+
+# Test-only hook: set to a compute capability (e.g. 90 or 80) to use that GPU
+# tile table instead of the interpreter's (the tests run the real GPU tiles,
+# ragged tails included, under the interpreter).  None: decided by the device.
+_FORCE_ARCH = None
 
 
-def _launch(kind, kernel, T, BH, D, dtype, args, constexprs):
-    """Launch ``kernel`` with the first candidate config that fits; cache it."""
-    key = (kind, D, dtype, constexprs.get("VARIANT"), _interpreting())
-    cands = _candidates(kind, D, dtype)
-    if key in _CHOSEN:
-        cands = [_CHOSEN[key]]
+def interpreting() -> bool:
+    """True when the kernels were built for Triton's CPU interpreter
+    (TRITON_INTERPRET was set when this module was imported)."""
+    return _INTERPRET
+
+
+def _device_arch(device: torch.device):
+    """Compute capability of ``device`` as major * 10 + minor; None under the
+    interpreter or for a non-CUDA device."""
+    if _FORCE_ARCH is not None:
+        return _FORCE_ARCH
+    if _INTERPRET or device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _on_device(device: torch.device):
+    """Context that makes ``device`` current for the launches (Triton launches on
+    the current CUDA device, not necessarily the tensors' one)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _launch(kind, kernel, q, T, BH, D, args, constexprs):
+    """Launch ``kernel`` with the first candidate config that fits; cache it.
+    Must run under ``_on_device(q.device)``."""
+    arch = _device_arch(q.device)
+    key = (kind, D, q.dtype, constexprs.get("VARIANT"), constexprs.get("PREC"),
+           str(q.device), arch)
+    cands = [_CHOSEN[key]] if key in _CHOSEN else _candidates(kind, D, q.dtype, arch)
     last_err = None
     for cfg in cands:
         bm, bn, warps, stages = cfg
         tile = bm if kind in ("fwd", "dq") else bn
-        grid = (triton.cdiv(T, tile), BH)
+        grid = (BH, triton.cdiv(T, tile))
         try:
             kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                         num_stages=stages, **constexprs)
-        except _OutOfResources as err:  # pragma: no cover - GPU only
+                         num_stages=stages, **_LAUNCH_OPTS, **constexprs)
+        except _FIT_ERRORS as err:  # pragma: no cover - GPU only
             last_err = err
             continue
         _CHOSEN[key] = cfg
         return
-    raise RuntimeError(f"fused_attention: no {kind} config fits this GPU") from last_err
+    raise RuntimeError(f"fused_attention: no {kind} config fits this GPU "
+                       f"({q.device}, sm_{arch})") from last_err
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -635,14 +735,42 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _bthd_layout(q: torch.Tensor) -> bool:
+    """True when q is a transposed (B, T, H, D) view (the model's layout)."""
+    return q.stride(1) < q.stride(2)
+
+
 def _alloc_like(q: torch.Tensor, dtype=None) -> torch.Tensor:
     """(B, H, T, D) buffer whose memory layout follows q's: (B, T, H, D) storage
     when q is a transposed (B, T, H, D) view (the model's layout), else (B, H, T, D)."""
     B, H, T, D = q.shape
     dtype = q.dtype if dtype is None else dtype
-    if q.stride(1) < q.stride(2):
+    if _bthd_layout(q):
         return torch.empty((B, T, H, D), dtype=dtype, device=q.device).transpose(1, 2)
     return torch.empty((B, H, T, D), dtype=dtype, device=q.device)
+
+
+# Offsets inside one (batch, head) slice are computed in 32-bit integers by the
+# kernels (the batch / head offsets and the (B*H, T) row buffers use 64-bit).
+_MAX_OFFSET = 2**31
+# query / key blocks are on grid axis 1 (at most 65535); the smallest tile is 16
+_MAX_T = 65535 * 16
+
+
+def _slice_span(t: torch.Tensor) -> int:
+    """Largest element offset inside one (batch, head) slice of a (B, H, T[, D])
+    tensor: sum over the T (and D) dims of (size - 1) * stride."""
+    return sum((t.shape[i] - 1) * abs(t.stride(i)) for i in range(2, t.dim()))
+
+
+def _out_span(q: torch.Tensor) -> int:
+    """_slice_span of an output allocated by _alloc_like(q)."""
+    B, H, T, D = q.shape
+    return (T - 1) * (H * D if _bthd_layout(q) else D) + D - 1
+
+
+def _offsets_fit(t: torch.Tensor) -> bool:
+    return _slice_span(t) < _MAX_OFFSET
 
 
 def _s4(t):
@@ -672,12 +800,13 @@ class _FusedAttention(torch.autograd.Function):
         qk_scale = sm_scale * _LOG2E
         sig2 = sig_bias * _LOG2E
         prec = _dot_precision(q.dtype)
-        upcast = _interpreting() and q.dtype == torch.bfloat16
+        upcast = _INTERPRET and q.dtype == torch.bfloat16
         args = (q, k, v, o, ou, lse, kb_, vb_, g_,
                 *_s4(q), *_s4(k), *_s4(v), *_s4(o), *kbs, *vbs, *gs,
                 H, T, qk_scale, sig2)
-        _launch("fwd", _fwd_kernel, T, B * H, D, q.dtype, args,
-                dict(VARIANT=vid, HEAD_D=D, PREC=prec, UPCAST=upcast))
+        with _on_device(q.device):
+            _launch("fwd", _fwd_kernel, q, T, B * H, D, args,
+                    dict(VARIANT=vid, HEAD_D=D, PREC=prec, UPCAST=upcast))
         saved_o = ou  # == o for default / attention_bias / sigmoid
         ctx.save_for_backward(q, k, v, saved_o, lse, kb, vb, g)
         ctx.vid = vid
@@ -695,10 +824,12 @@ class _FusedAttention(torch.autograd.Function):
         dev = q.device
         if do.dtype != q.dtype:
             do = do.to(q.dtype)
+        if not _offsets_fit(do):  # e.g. an odd incoming gradient layout
+            do = do.contiguous()
         qk_scale = sm_scale * _LOG2E
         sig2 = ctx.sig_bias * _LOG2E
         prec = _dot_precision(q.dtype)
-        upcast = _interpreting() and q.dtype == torch.bfloat16
+        upcast = _INTERPRET and q.dtype == torch.bfloat16
         dummy = q
         kb_ = kb if kb is not None else dummy
         vb_ = vb if vb is not None else dummy
@@ -709,40 +840,42 @@ class _FusedAttention(torch.autograd.Function):
         f32 = torch.float32
         sink = vid in (_ATTN_BIAS, _CTX_BIAS)
 
-        delta = lse  # placeholder for sigmoid (never read)
-        ds0 = lse
-        dg = None
-        dkb_part = dvb_part = None
-        if vid != _SIGMOID:
-            pre_bm = 32 if _interpreting() else 64
-            nblk = triton.cdiv(T, pre_bm)
-            delta = torch.empty((B * H, T), dtype=f32, device=dev)
-            ds0 = torch.empty((B * H, T), dtype=f32, device=dev) if sink else delta
-            dg = torch.empty((B, H, T), dtype=f32, device=dev) if vid == _SCALING else None
-            if sink:
-                dkb_part = torch.empty((B, H, nblk, D), dtype=f32, device=dev)
-                dvb_part = torch.empty((B, H, nblk, D), dtype=f32, device=dev)
-            _bwd_preprocess[(nblk, B * H)](
-                o, do, q, kb_, vb_, g_, lse, delta, ds0,
-                dg if dg is not None else delta,
-                dkb_part if sink else delta, dvb_part if sink else delta,
-                *_s4(o), *_s4(do), *_s4(q), *kbs, *vbs, *gs,
-                H, T, nblk, sm_scale, qk_scale,
-                VARIANT=vid, HEAD_D=D, BLOCK_M=pre_bm, UPCAST=upcast, num_warps=4)
+        with _on_device(dev):
+            delta = lse  # placeholder for sigmoid (never read)
+            ds0 = lse
+            dg = None
+            dkb_part = dvb_part = None
+            if vid != _SIGMOID:
+                pre_bm = 32 if _device_arch(dev) is None else 64
+                nblk = triton.cdiv(T, pre_bm)
+                delta = torch.empty((B * H, T), dtype=f32, device=dev)
+                ds0 = torch.empty((B * H, T), dtype=f32, device=dev) if sink else delta
+                dg = torch.empty((B, H, T), dtype=f32, device=dev) if vid == _SCALING else None
+                if sink:
+                    dkb_part = torch.empty((B, H, nblk, D), dtype=f32, device=dev)
+                    dvb_part = torch.empty((B, H, nblk, D), dtype=f32, device=dev)
+                _bwd_preprocess[(B * H, nblk)](
+                    o, do, q, kb_, vb_, g_, lse, delta, ds0,
+                    dg if dg is not None else delta,
+                    dkb_part if sink else delta, dvb_part if sink else delta,
+                    *_s4(o), *_s4(do), *_s4(q), *kbs, *vbs, *gs,
+                    H, T, nblk, sm_scale, qk_scale,
+                    VARIANT=vid, HEAD_D=D, BLOCK_M=pre_bm, UPCAST=upcast, num_warps=4,
+                    **_LAUNCH_OPTS)
 
-        dq = _alloc_like(q)
-        dk = _alloc_like(k)
-        dv = _alloc_like(v)
-        args = (q, k, v, do, g_, lse, delta, dk, dv,
-                *_s4(q), *_s4(k), *_s4(v), *_s4(do), *_s4(dk), *_s4(dv), *gs,
-                H, T, qk_scale, sm_scale, sig2)
-        _launch("dkdv", _bwd_dkdv_kernel, T, B * H, D, q.dtype, args,
-                dict(VARIANT=vid, HEAD_D=D, PREC=prec, UPCAST=upcast))
-        args = (q, k, v, do, g_, lse, delta, ds0, kb_, dq,
-                *_s4(q), *_s4(k), *_s4(v), *_s4(do), *_s4(dq), *gs, *kbs,
-                H, T, qk_scale, sm_scale, sig2)
-        _launch("dq", _bwd_dq_kernel, T, B * H, D, q.dtype, args,
-                dict(VARIANT=vid, HEAD_D=D, PREC=prec, UPCAST=upcast))
+            dq = _alloc_like(q)
+            dk = _alloc_like(k)
+            dv = _alloc_like(v)
+            args = (q, k, v, do, g_, lse, delta, dk, dv,
+                    *_s4(q), *_s4(k), *_s4(v), *_s4(do), *_s4(dk), *_s4(dv), *gs,
+                    H, T, qk_scale, sm_scale, sig2)
+            _launch("dkdv", _bwd_dkdv_kernel, q, T, B * H, D, args,
+                    dict(VARIANT=vid, HEAD_D=D, PREC=prec, UPCAST=upcast))
+            args = (q, k, v, do, g_, lse, delta, ds0, kb_, dq,
+                    *_s4(q), *_s4(k), *_s4(v), *_s4(do), *_s4(dq), *gs, *kbs,
+                    H, T, qk_scale, sm_scale, sig2)
+            _launch("dq", _bwd_dq_kernel, q, T, B * H, D, args,
+                    dict(VARIANT=vid, HEAD_D=D, PREC=prec, UPCAST=upcast))
 
         dkb = dvb = dgate = None
         if sink:
@@ -776,14 +909,17 @@ def _apply(*args):
 def is_supported(q: torch.Tensor, variant: str = "default", dropout_p: float = 0.0) -> bool:
     """True when ``fused_attention`` can run this call: CUDA tensor (or any tensor
     with TRITON_INTERPRET set), head dim in {16, 32, 64, 128}, dtype fp16/bf16/fp32,
-    known variant and no attention dropout."""
+    known variant, no attention dropout and offsets of q's (batch, head) slices
+    (and of the output's) within 32 bits."""
     if variant not in _VID or dropout_p:
         return False
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         return False
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS or q.dtype not in SUPPORTED_DTYPES:
         return False
-    return q.is_cuda or _interpreting()
+    if q.shape[2] > _MAX_T or not _offsets_fit(q) or _out_span(q) >= _MAX_OFFSET:
+        return False
+    return q.is_cuda or _INTERPRET
 
 
 def _check(q, k, v, variant, k_bias, v_bias, gate):
@@ -802,6 +938,9 @@ def _check(q, k, v, variant, k_bias, v_bias, gate):
                          f"supported: {SUPPORTED_HEAD_DIMS}")
     if T < 1 or B < 1 or H < 1:
         raise ValueError(f"fused_attention: empty input shape {tuple(q.shape)}")
+    if T > _MAX_T:
+        raise ValueError(f"fused_attention: T={T} is above the supported {_MAX_T} "
+                         "(65535 blocks of 16 on grid axis 1)")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"fused_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if q.dtype not in SUPPORTED_DTYPES:
@@ -809,8 +948,21 @@ def _check(q, k, v, variant, k_bias, v_bias, gate):
                          "use float16, bfloat16 or float32")
     if not (q.device == k.device == v.device):
         raise ValueError("fused_attention: q, k, v are on different devices")
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or _INTERPRET):
         raise ValueError("fused_attention: needs CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
+    # 32-bit offsets inside one (batch, head) slice: inputs, outputs (laid out
+    # like q: rows of H*D or of D elements) and the gate
+    spans = [(name, _slice_span(t), tuple(t.stride())) for name, t in (("q", q), ("k", k), ("v", v))]
+    spans.append(("the output", _out_span(q), (H * D if _bthd_layout(q) else D, 1)))
+    if variant == "scaling" and isinstance(gate, torch.Tensor) and gate.dim() == 3:
+        spans.append(("gate", _slice_span(gate), tuple(gate.stride())))
+    for name, span, strides in spans:
+        if span >= _MAX_OFFSET:
+            raise ValueError(
+                f"fused_attention: {name} exceeds the kernels' 32-bit offsets: an element offset "
+                f"inside one (batch, head) slice reaches {span} >= 2**31 (T * stride(T) and T * D "
+                f"must stay below 2**31; shape {tuple(q.shape)}, strides {strides}); use shorter "
+                "sequences or the PyTorch attention path")
 
     def _bias(name, t):
         if t is None:

@@ -7,8 +7,9 @@ measures forward, backward and forward+backward time with triton.testing.do_benc
 TFLOP/s with FlashAttention's convention: 4*B*H*T^2*D FLOPs per forward, halved for causal
 attention, backward = 2.5x forward (so fwd+bwd = 3.5x).  Every implementation is charged the
 same FLOPs, so TFLOP/s ratios are speed ratios.  Peak memory (torch.cuda.max_memory_allocated
-above the inputs, reset between cases) is recorded for the forward (graph kept) and for
-forward+backward.
+above the live inputs during one call, reset after a warm-up call of each case) is recorded for
+the forward (graph kept) and for forward+backward.  SDPA only computes the default variant; for
+the other variants the table's SDPA ratio is labelled "vs causal SDPA (default)".
 
 Implementations:
     fused    fused_attention(..., variant=v)                                   every variant
@@ -21,8 +22,9 @@ Inputs mimic the model: q, k, v are views of one (B, T, 3*H*D) projection, the g
 (B, H, T) view of a (B, T, H) tensor.  An implementation that runs out of memory is recorded
 as "OOM".
 
-Writes benchmarks/results/attention_<gpu>_<date>.json (GPU, torch/triton versions, date,
-command line, every measurement) and a markdown summary (printed and saved next to it).
+Writes benchmarks/results/attention_<gpu>_<date>.json (common.run_metadata(): command line,
+date, git commit, versions, GPU; plus compute capability, driver version, the tile configs the
+fused kernels ran with, every measurement) and a markdown summary (printed and saved next to it).
 
     python benchmarks/attention.py                       # the full sweep (needs CUDA)
     python benchmarks/attention.py --seq-lens 1024 --variants default scaling
@@ -31,17 +33,14 @@ command line, every measurement) and a markdown summary (printed and saved next 
 """
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import re
 import sys
 import tempfile
 import time
 import traceback
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(BENCH_DIR)
 ALL_VARIANTS = ("default", "fixed_bias", "attention_bias", "context_bias", "scaling", "sigmoid")
 MODES = ("fwd", "bwd", "fwdbwd")
 
@@ -72,6 +71,7 @@ def flops_fwd(B, H, T, D):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.interpret_smoke:
         # must happen before triton (and fused_attention) is imported
@@ -84,16 +84,19 @@ def main(argv=None):
               "code path)", file=sys.stderr)
         return 2
     sys.path.insert(0, REPO_ROOT)
+    sys.path.insert(0, BENCH_DIR)
     import triton
     import torch.nn.functional as F
 
     import attention_variants as av
+    import bench_utils
     from fused_attention import fused_attention
 
     device = "cpu" if args.interpret_smoke else "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     gpu = "cpu-interpreter" if args.interpret_smoke else torch.cuda.get_device_name()
     H, D = args.heads, args.head_dim
+    meta = bench_utils.bench_metadata("attention", "benchmarks/attention.py", argv, device)
 
     def sync():
         if device == "cuda":
@@ -109,11 +112,16 @@ def main(argv=None):
         return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=grad_to_none,
                                        return_mode="median")
 
-    def peak_mib(fn):
-        """Peak allocated memory above what is live before fn runs (MiB); None on CPU."""
+    def peak_mib(fn, leaves):
+        """Peak allocated memory of one call of fn above what is live before it (MiB), measured
+        after a warm-up call (kernel compilation, cuBLAS / allocator workspaces); None on CPU."""
         if device != "cuda":
             fn()
             return None
+        keep = fn()  # warm-up
+        del keep
+        for t in leaves:
+            t.grad = None
         sync()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -121,6 +129,8 @@ def main(argv=None):
         sync()
         peak = torch.cuda.max_memory_allocated() - base
         del keep
+        for t in leaves:
+            t.grad = None
         return peak / 2**20
 
     def make_inputs(B, T):
@@ -158,8 +168,8 @@ def main(argv=None):
         res = {}
         fl = flops_fwd(B, H, T, D)
         try:
-            res["peak_mib_fwd"] = peak_mib(fn)
-            res["peak_mib_fwdbwd"] = peak_mib(lambda: fn().backward(dout))
+            res["peak_mib_fwd"] = peak_mib(fn, leaves)
+            res["peak_mib_fwdbwd"] = peak_mib(lambda: fn().backward(dout), leaves)
             for t in leaves:
                 t.grad = None
             ms_f = bench(fn, leaves)
@@ -222,38 +232,22 @@ def main(argv=None):
                     print(f"T={T:5d} B={B:3d} {variant:15s} {impl:8s} {res['status']}", flush=True)
 
     table = markdown_table(results)
-    print()
-    print(table)
-    now = datetime.datetime.now()
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix="attn_bench_smoke_") if args.interpret_smoke
                                else os.path.join(REPO_ROOT, "benchmarks", "results"))
-    os.makedirs(out_dir, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    stem = os.path.join(out_dir, f"attention_{slug}_{now.strftime('%Y%m%d-%H%M%S')}")
-    meta = {
-        "benchmark": "attention",
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": now.isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    meta.update({
         "interpret_smoke": args.interpret_smoke,
         "dtype": args.dtype,
         "tokens": args.tokens,
+        "heads": H,
+        "head_dim": D,
         "flops_convention": "fwd = 4*B*H*T^2*D / 2 (causal); bwd = 2.5 x fwd; fwdbwd = 3.5 x fwd",
         "timing": "triton.testing.do_bench median (ms)" if not args.interpret_smoke else "single call (interpreter)",
-        "results": results,
-        "summary_markdown": table,
-    }
-    with open(stem + ".json", "w") as f:
-        json.dump(meta, f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write(f"# Attention benchmark: {gpu}, {meta['date']}\n\n"
-                f"torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
-                f"B*T = {args.tokens}, H = {H}, D = {D}; `{meta['command']}`\n\n{table}\n")
-    print(f"\nwrote {stem}.json and {stem}.md")
+        "peak_memory": "max_memory_allocated above the live inputs during one call, after a warm-up call",
+    })
+    bench_utils.write_results(
+        meta, results, table, out_dir, title="Attention benchmark", label=gpu,
+        summary=f"torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
+                f"B*T = {args.tokens}, H = {H}, D = {D}, compute capability {meta['compute_capability']}")
     return 0
 
 
@@ -280,7 +274,7 @@ def markdown_table(results):
         return f"{r['peak_mib_fwdbwd']:.0f}"
 
     lines = [
-        "| T | variant | fused fwd | fused bwd | fused fwd+bwd | unfused fwd+bwd | SDPA fwd+bwd "
+        "| T | variant | fused fwd | fused bwd | fused fwd+bwd | unfused fwd+bwd | causal SDPA (default) fwd+bwd "
         "| fused vs SDPA (fwd / fwd+bwd) | fused vs unfused (fwd / fwd+bwd) | peak MiB fused / unfused |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -290,15 +284,20 @@ def markdown_table(results):
         fused = by.get((T, variant, "fused"))
         unf = by.get((T, variant, "unfused"))
         sdpa = sdpa_by_t.get(T)
+        vs_sdpa = f"{ratio(fused, sdpa, 'fwd')} / {ratio(fused, sdpa, 'fwdbwd')}"
+        if variant != "default" and sdpa is not None:
+            vs_sdpa += " vs causal SDPA (default)"
         lines.append(
             f"| {T} | {variant} | {tf(fused, 'fwd')} | {tf(fused, 'bwd')} | {tf(fused, 'fwdbwd')} "
             f"| {tf(unf, 'fwdbwd')} | {tf(sdpa, 'fwdbwd')} "
-            f"| {ratio(fused, sdpa, 'fwd')} / {ratio(fused, sdpa, 'fwdbwd')} "
+            f"| {vs_sdpa} "
             f"| {ratio(fused, unf, 'fwd')} / {ratio(fused, unf, 'fwdbwd')} "
             f"| {mem(fused)} / {mem(unf)} |")
     lines.append("")
     lines.append("TFLOP/s (FlashAttention convention, causal); ratios > 1 mean the fused kernel is faster "
-                 "(time of the other / time of fused).")
+                 "(time of the other / time of fused).  SDPA has no form of the other variants: their "
+                 "'vs causal SDPA (default)' ratio compares with plain causal SDPA, i.e. it shows what the "
+                 "variant costs over default attention.  Peak memory is measured after a warm-up call.")
     return "\n".join(lines)
 
 

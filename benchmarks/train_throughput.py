@@ -11,8 +11,10 @@ Backends: 'triton' is the fused kernel (fused_attention.py); 'sdpa' is the proje
 PyTorch path (torch SDPA where the variant has such a form, the materialised reference for
 sigmoid); 'reference' and 'auto' are accepted too.  An out-of-memory case is recorded as "OOM".
 
-Writes benchmarks/results/train_throughput_<gpu>_<date>.json (GPU, torch/triton versions, date,
-command line, every measurement) and a markdown summary (printed and saved next to it).
+Writes benchmarks/results/train_throughput_<gpu>_<date>.json (common.run_metadata(): command
+line, date, git commit, versions, GPU; plus compute capability, driver version, the tile configs
+the fused kernels ran with, every measurement) and a markdown summary (printed and saved next
+to it).
 
     python benchmarks/train_throughput.py                      # all variants, triton vs sdpa
     python benchmarks/train_throughput.py --compile --variants default sigmoid
@@ -20,17 +22,14 @@ command line, every measurement) and a markdown summary (printed and saved next 
 """
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import re
 import sys
 import tempfile
 import time
 import traceback
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(BENCH_DIR)
 ALL_VARIANTS = ("default", "fixed_bias", "attention_bias", "context_bias", "scaling", "sigmoid")
 
 
@@ -60,6 +59,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
@@ -72,19 +72,17 @@ def main(argv=None):
               "code path)", file=sys.stderr)
         return 2
     sys.path.insert(0, REPO_ROOT)
+    sys.path.insert(0, BENCH_DIR)
     try:
         from model import GPT, GPTConfig
     except ImportError as err:
         print(f"error: cannot import GPT, GPTConfig from model.py ({err})", file=sys.stderr)
         return 2
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    import bench_utils
 
     device = "cpu" if args.smoke else "cuda"
     gpu = "cpu-interpreter" if args.smoke else torch.cuda.get_device_name()
+    meta = bench_utils.bench_metadata("train_throughput", "benchmarks/train_throughput.py", argv, device)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -172,23 +170,9 @@ def main(argv=None):
                 print(f"{variant:15s} {backend:9s} {res['status']}", flush=True)
 
     table = markdown_table(results, args.backends)
-    print()
-    print(table)
-    now = datetime.datetime.now()
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix="train_bench_smoke_") if args.smoke
                                else os.path.join(REPO_ROOT, "benchmarks", "results"))
-    os.makedirs(out_dir, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    stem = os.path.join(out_dir, f"train_throughput_{slug}_{now.strftime('%Y%m%d-%H%M%S')}")
-    meta = {
-        "benchmark": "train_throughput",
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": now.isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    meta.update({
         "smoke": args.smoke,
         "compile": args.compile,
         "batch_size": B,
@@ -198,16 +182,11 @@ def main(argv=None):
         "warmup_steps": args.warmup_steps,
         "steps": args.steps,
         "precision": "bf16 autocast" if device == "cuda" else "fp32 (CPU smoke)",
-        "results": results,
-        "summary_markdown": table,
-    }
-    with open(stem + ".json", "w") as f:
-        json.dump(meta, f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write(f"# Training throughput: {gpu}, {meta['date']}\n\n"
-                f"torch {torch.__version__}, triton {triton_version}, batch {B} x {T}, "
-                f"compile={args.compile}; `{meta['command']}`\n\n{table}\n")
-    print(f"\nwrote {stem}.json and {stem}.md")
+    })
+    bench_utils.write_results(
+        meta, results, table, out_dir, title="Training throughput", label=gpu,
+        summary=f"torch {torch.__version__}, triton {meta['triton']}, batch {B} x {T}, "
+                f"compile={args.compile}, compute capability {meta['compute_capability']}")
     return 0
 
 

@@ -30,10 +30,12 @@ if not torch.cuda.is_available():  # conftest does this too; harmless if repeate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import fused_attention as fa  # noqa: E402
 from fused_attention import (  # noqa: E402
     VARIANTS,
     fused_attention,
     fused_attention_ref,
+    interpreting,
     is_supported,
 )
 
@@ -281,6 +283,86 @@ def test_bad_inputs_raise_value_error():
         fused_attention(q, k, v, variant="scaling", gate=torch.ones(1, 2, 7, device=DEVICE))
 
 
+# The GPU tile tables, run under the interpreter through the test-only _FORCE_ARCH hook:
+# the interpreter's own table uses small tiles, these are the configs a GPU launches first
+# (BLOCK_M != BLOCK_N, several off-diagonal blocks, diagonal sub-blocks and ragged tails).
+GPU_TILE_CASES = [
+    # (arch, variant, dtype, T, D)
+    (90, "context_bias", torch.bfloat16, 300, 64),
+    (90, "scaling", torch.bfloat16, 300, 64),
+    (80, "attention_bias", torch.bfloat16, 300, 64),
+    (90, "sigmoid", torch.float16, 129, 32),
+    (80, "fixed_bias", torch.float16, 129, 32),
+    (90, "attention_bias", torch.float16, 200, 128),
+    (80, "sigmoid", torch.bfloat16, 200, 128),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter run of the GPU tile tables")
+@pytest.mark.parametrize("arch,variant,dtype,T,D", GPU_TILE_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_gpu_tile_table_under_interpreter(monkeypatch, arch, variant, dtype, T, D):
+    monkeypatch.setattr(fa, "_FORCE_ARCH", arch)
+    _check_against_truth(_master(1, 2, T, D, seed=T + D + arch), variant, dtype)
+    used = {k[0]: cfg for k, cfg in fa._CHOSEN.items()
+            if k[1] == D and k[2] == dtype and k[3] == fa._VID[variant] and k[-1] == arch}
+    for kind in ("fwd", "dkdv", "dq"):
+        first = fa._candidates(kind, D, dtype, arch)[0]
+        assert used[kind] == first, (kind, used.get(kind), first)
+        assert T % first[0] and T % first[1]  # ragged tails in both tile dims
+    assert any(cfg[0] != cfg[1] for cfg in used.values())
+
+
+def test_tile_tables_are_consistent():
+    """Every candidate obeys the causal loops' divisibility constraints and the tables
+    differ per architecture (sm_8x gets smaller tiles than Hopper)."""
+    for arch in (None, 75, 80, 86, 89, 90, 100):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for D in (16, 32, 64, 128):
+                for kind in ("fwd", "dkdv", "dq"):
+                    cands = fa._candidates(kind, D, dtype, arch)
+                    assert cands, (arch, dtype, D, kind)
+                    for bm, bn, warps, stages in cands:
+                        if kind == "dkdv":
+                            assert bn % bm == 0, (arch, dtype, D, kind, bm, bn)
+                        else:
+                            assert bm % bn == 0, (arch, dtype, D, kind, bm, bn)
+                        assert warps in (1, 2, 4, 8) and stages >= 1
+    assert fa._candidates("dkdv", 128, torch.bfloat16, 80) != fa._candidates("dkdv", 128, torch.bfloat16, 90)
+
+
+def test_interpreting_flag():
+    """interpreting() reports the decision triton took when the kernels were decorated."""
+    import triton
+    assert interpreting() == (not isinstance(fa._fwd_kernel, triton.runtime.jit.JITFunction))
+    if not torch.cuda.is_available():  # conftest sets TRITON_INTERPRET=1 before the import
+        assert interpreting()
+
+
+def test_32bit_offset_limit_raises():
+    """Offsets inside one (batch, head) slice are 32-bit: a clear ValueError, not a wrong answer.
+    Meta tensors: no memory is allocated."""
+    if not interpreting():
+        pytest.skip("meta tensors only pass the device check under the interpreter")
+    # the model's (B, T, H, D) layout: rows of H * D elements, (T - 1) * H * D >= 2**31
+    T, H, D = 600_000, 32, 128
+    big = [torch.empty(1, T, H, D, device="meta").transpose(1, 2) for _ in range(3)]
+    with pytest.raises(ValueError, match="32-bit"):
+        fused_attention(*big)
+    assert not is_supported(big[0])
+    # a small T with a huge row stride (e.g. a view into a very wide buffer)
+    T, D, stride_t = 2049, 16, 2**20  # (T - 1) * stride_t == 2**31
+    wide = [torch.empty_strided((1, 1, T, D), (T * stride_t, T * stride_t, stride_t, 1), device="meta")
+            for _ in range(3)]
+    with pytest.raises(ValueError, match=r"2\*\*31"):
+        fused_attention(*wide)
+    ok = [torch.empty_strided((1, 1, 1024, D), (2**30, 2**30, 2**20, 1), device="meta") for _ in range(3)]
+    fa._check(*ok, "default", None, None, None)  # 1023 * 2**20 + 15 < 2**31: accepted
+    # query / key blocks on grid axis 1: at most 65535 blocks of 16
+    long = [torch.empty(1, 1, 65535 * 16 + 1, 16, device="meta") for _ in range(3)]
+    with pytest.raises(ValueError, match="above the supported"):
+        fused_attention(*long)
+
+
 def test_is_supported():
     q = _qkv()[0]
     assert is_supported(q, "default", 0.0)
@@ -324,6 +406,27 @@ def test_gpu_backward_is_deterministic(variant):
         assert torch.equal(g1[name], g2[name]), f"{variant}: d{name} differs between runs"
 
 
+@needs_cuda
+def test_gpu_many_heads_grid():
+    """B*H > 65535 (the CUDA limit of grid axes 1 and 2): B*H lives on grid axis 0."""
+    B, H, T, D = 2, 32771, 16, 16
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out = fused_attention(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert _err(out, ref) < 2e-2
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_second_device():
+    """Launches go to the tensors' device, not the current one."""
+    m = _master(1, 2, 300, 64, seed=4, device="cuda:1")
+    with torch.cuda.device(0):
+        _check_against_truth(m, "context_bias", torch.bfloat16)
+
+
 # ----------------------------------------------------------------------------
 # the benchmark scripts' CPU smoke paths (the GPU sweeps themselves need CUDA)
 # ----------------------------------------------------------------------------
@@ -340,10 +443,16 @@ def _load_script(name):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="smoke mode is the CPU-interpreter path")
 def test_attention_benchmark_smoke(tmp_path):
     import json
+    import shlex
     bench = _load_script("attention.py")
-    assert bench.main(["--interpret-smoke", "--variants", "context_bias", "--out-dir", str(tmp_path)]) == 0
+    argv = ["--interpret-smoke", "--variants", "context_bias", "--out-dir", str(tmp_path)]
+    assert bench.main(argv) == 0
     (out,) = tmp_path.glob("attention_*.json")
     data = json.loads(out.read_text())
+    assert shlex.split(data["command"])[2:] == argv  # the argv given to main, not sys.argv
+    for key in ("git_commit", "date", "torch", "triton", "gpu", "compute_capability", "driver_version"):
+        assert key in data
+    assert {"fwd", "dkdv", "dq"} <= {row["kernel"] for row in data["tile_configs"]}
     assert {r["impl"] for r in data["results"]} == {"fused", "unfused"}
     assert all(r["status"] == "ok" for r in data["results"])
     fused = next(r for r in data["results"] if r["impl"] == "fused")
@@ -357,6 +466,8 @@ def test_train_throughput_smoke(tmp_path):
     argv = ["--smoke", "--variants", "attention_bias", "--backends", "triton", "sdpa", "--out-dir", str(tmp_path)]
     assert bench.main(argv) == 0
     (out,) = tmp_path.glob("train_throughput_*.json")
-    res = {r["backend"]: r for r in json.loads(out.read_text())["results"]}
+    data = json.loads(out.read_text())
+    assert data["command"].endswith(" ".join(argv)) and "git_commit" in data and "tile_configs" in data
+    res = {r["backend"]: r for r in data["results"]}
     assert res["triton"]["status"] == "ok" and res["sdpa"]["status"] == "ok"
     assert abs(res["triton"]["final_loss"] - res["sdpa"]["final_loss"]) < 1e-3

@@ -1,0 +1,112 @@
+"""Pieces shared by the benchmark scripts (attention.py, train_throughput.py): run metadata
+and the JSON + markdown result files.
+
+    meta = bench_metadata("attention", "benchmarks/attention.py", argv, device)
+    ...
+    write_results(meta, results, table, out_dir, title="Attention benchmark", label=gpu,
+                  summary="torch ..., bf16, ...")
+"""
+
+import datetime
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import common  # noqa: E402  (the repo is flat: its modules import by name)
+
+
+def _driver_version():
+    """NVIDIA driver version (e.g. '550.54.15') via NVML or nvidia-smi; None if neither answers."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            v = pynvml.nvmlSystemGetDriverVersion()
+            return v.decode() if isinstance(v, bytes) else str(v)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        return out.splitlines()[0].strip() if out else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def gpu_info(device):
+    """Compute capability, driver version and CUDA driver API version of a CUDA device
+    (all None for a CPU run)."""
+    import torch
+    info = {"compute_capability": None, "driver_version": None, "cuda_driver_api": None}
+    if not (str(device).startswith("cuda") and torch.cuda.is_available()):
+        return info
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    info["compute_capability"] = f"{major}.{minor}"
+    info["driver_version"] = _driver_version()
+    get_api = getattr(torch._C, "_cuda_getDriverVersion", None)
+    if get_api is not None:
+        try:
+            api = int(get_api())  # e.g. 12040 -> "12.4"
+            info["cuda_driver_api"] = f"{api // 1000}.{api % 1000 // 10}"
+        except Exception:
+            pass
+    return info
+
+
+def bench_metadata(benchmark, script, argv, device):
+    """common.run_metadata() plus the GPU's compute capability / driver; the recorded command
+    is the argv given to the script's main (not sys.argv, which differs when main is called
+    from Python)."""
+    meta = {"benchmark": benchmark}
+    meta.update(common.run_metadata(device))
+    meta["command"] = shlex.join(["python", script] + list(argv))
+    meta.update(gpu_info(device))
+    return meta
+
+
+def chosen_tile_configs():
+    """fused_attention's launch cache (the tile config each kernel ran with) as JSON rows;
+    empty when the fused kernel was not used in this process."""
+    fa = sys.modules.get("fused_attention")
+    if fa is None or not hasattr(fa, "_CHOSEN"):
+        return []
+    fields = getattr(fa, "_CHOSEN_KEY_FIELDS", None)
+    rows = []
+    for key, (bm, bn, warps, stages) in list(fa._CHOSEN.items()):
+        key = [str(x).replace("torch.", "") if not isinstance(x, (int, type(None))) else x for x in key]
+        row = dict(zip(fields, key)) if fields and len(fields) == len(key) else {"key": key}
+        if "variant" in row and isinstance(row["variant"], int) and hasattr(fa, "VARIANTS"):
+            row["variant"] = fa.VARIANTS[row["variant"]]
+        row.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        rows.append(row)
+    return rows
+
+
+def write_results(meta, results, table, out_dir, *, title, label, summary):
+    """Write <out_dir>/<benchmark>_<label>_<time>.json (meta + results + tile configs + the
+    markdown table) and the .md next to it; prints the table and the paths; returns the stem."""
+    meta = dict(meta)
+    meta["tile_configs"] = chosen_tile_configs()
+    meta["results"] = results
+    meta["summary_markdown"] = table
+    print()
+    print(table)
+    os.makedirs(out_dir, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", str(label).lower()).strip("-")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = os.path.join(out_dir, f"{meta['benchmark']}_{slug}_{stamp}")
+    common.atomic_write_json(stem + ".json", meta)
+    common.atomic_write_text(
+        stem + ".md",
+        f"# {title}: {meta.get('gpu')}, {meta.get('date')}\n\n"
+        f"{summary}; commit {meta.get('git_commit')}; `{meta['command']}`\n\n{table}\n")
+    print(f"\nwrote {stem}.json and {stem}.md")
+    return stem
