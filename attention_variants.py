@@ -21,7 +21,6 @@ Backends:
 """
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -202,8 +201,6 @@ def variant_inputs(module, variant, x):
 # dispatch
 
 def _triton_supported(q, variant_name, dropout_p):
-    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
     try:
         from fused_attention import is_supported
     except ImportError:  # triton missing or the kernel module unavailable
