@@ -67,10 +67,10 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Weights only" in str(e):
+        if "Unsupported global" in str(e):  # the pickle names a callable: loading it could run code
             raise UserError(f"refusing to load {path}: it contains Python objects that could run code when "
                             f"unpickled (only tensors and plain containers are allowed)") from None
-        raise UserError(f"{path} is not a readable checkpoint ({one_line(e, 200) or type(e).__name__})") from None
+        raise UserError(f"{path} is not a readable checkpoint: not a torch file, or truncated or corrupt") from None
     except Exception as e:  # torch reports damaged archives as many different exception types
         raise UserError(f"{path} is not a readable checkpoint: truncated or corrupt ({one_line(e, 200) or type(e).__name__})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):

@@ -76,9 +76,10 @@ def test_truncated_and_foreign_files(tmp_path):
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated or corrupt"):
         load_checkpoint(tmp_path / "trunc.pt")
-    (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(UserError, match="not a readable checkpoint"):
-        load_checkpoint(tmp_path / "text.pt")
+    for i, text in enumerate(["hello", "# a markdown file\n\nwith text\n"]):
+        (tmp_path / f"text{i}.pt").write_text(text)
+        with pytest.raises(UserError, match="not a readable checkpoint"):
+            load_checkpoint(tmp_path / f"text{i}.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not an outlier-gpt checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
