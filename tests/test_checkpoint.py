@@ -102,11 +102,14 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     model = tiny()
     ckpt = {"model": model.state_dict(), "model_args": model_args_from(model.config), "iter_num": 0,
             "config": {"x": _Exploit(marker)}}
-    with open(tmp_path / "evil.pt", "wb") as f:
+    torch.save(ckpt, tmp_path / "evil.pt")  # torch's default pickle protocol
+    with open(tmp_path / "evil5.pt", "wb") as f:
         torch.save(ckpt, f, pickle_protocol=pickle.HIGHEST_PROTOCOL)
     assert not os.path.exists(marker)
     with pytest.raises(UserError, match="could run code"):
         load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(UserError):  # refused too, though torch's unpickler stops earlier on protocol 5
+        load_checkpoint(tmp_path / "evil5.pt")
     assert not os.path.exists(marker)
 
 
