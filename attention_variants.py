@@ -1,6 +1,7 @@
-"""The six attention formulations of the paper, chosen by name from a small registry.
+"""Attention formulations chosen by name from one registry; each entry owns everything about its variant.
 
-Per head, with Q, K, V of shape (T, d), s = 1/sqrt(d), causal mask everywhere:
+Per head, with Q, K, V of shape (T, d), s = 1/sqrt(d), causal mask everywhere (the paper's six, then
+two later designs):
 
     default         softmax(s QK^T) V
     fixed_bias      softmax(s QK^T) V + v'
@@ -8,13 +9,25 @@ Per head, with Q, K, V of shape (T, d), s = 1/sqrt(d), causal mask everywhere:
     attention_bias  softmax(s Q[k'; K]^T) [v'; V]
     scaling         S(x) * softmax(s QK^T) V,   S(x) = 2 sigmoid(W x + b), one factor per token and head
     sigmoid         sigmoid(s QK^T + b) V,      b = -ln(T) unless fixed
+    gated           softmax(s QK^T) V * sigmoid(x W_theta), elementwise (Qiu et al. 2025, position G1)
+    softmax1        sum_j exp(s_ij) v_j / (1 + sum_j exp(s_ij)): a sink with logit 0 and value 0 (Miller 2023)
 
-The k'/v' sink column is visible to every query, including the first.
+The k'/v' sink column is visible to every query, including the first; x is the attention block's
+input (after ln_1).
 
-Each variant has a `reference` implementation that writes its formula out (materialized scores,
-explicit mask). It is the ground truth for the other backends, so it is kept obvious, not fast.
+An `AttentionVariant` entry owns: the parameters the attention layer creates for it (names are part
+of the checkpoint format; shapes, initialisation, weight decay), how it computes its per-call inputs
+from x, its reference formula, its SDPA form (or none), how the fused kernel runs it, its formula text,
+what it records for the analysis, and its parameter count at GPT-2 124M. The model, the kernel tests,
+the benchmarks, the analysis and the README table all read it from here.
+
+A variant that is "default attention, then an elementwise step on its output" (fixed_bias, scaling,
+gated) is built by `output_step_variant`: its reference, SDPA and kernel paths are default attention
+followed by the step in torch, and autograd differentiates the step. Adding one needs no kernel edit.
+
 Backends:
-    reference  the formula as written; also the only path that can return attention weights
+    reference  the formula as written (materialized scores, explicit mask); the ground truth for the
+               other backends, and the only path that returns attention weights (the analysis uses it)
     sdpa       torch scaled_dot_product_attention wherever the variant has such a form
     triton     the fused kernel in fused_attention.py (CUDA, or TRITON_INTERPRET=1 on CPU)
     auto       triton on CUDA when the kernel supports the call, else sdpa, else reference
@@ -22,6 +35,7 @@ Backends:
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -30,6 +44,13 @@ import torch.nn.functional as F
 from common import UserError
 
 BACKENDS = ("auto", "reference", "sdpa", "triton")
+
+# What `reference` may record besides q, k, v; every entry lists the keys it returns in `records`.
+RECORDS = {
+    "probs": "(B, nh, T, T) attention weight of query i on key j (row sums are 1 minus the sink share)",
+    "sink_probs": "(B, nh, T) the weight each query gives to the sink column",
+    "gate": "(B, nh, T) the output gate per token and head; the entry's `gate` text says what it is",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,35 +81,35 @@ def _dropout(p, dropout_p):
     return F.dropout(p, p=dropout_p) if dropout_p > 0 else p
 
 
+def _softmax_with_sink(q, k, sink_logits):
+    """softmax over [sink; keys]: (sink column (B, nh, T, 1), key columns (B, nh, T, T))."""
+    with_sink = _softmax(torch.cat([sink_logits, _masked_scores(q, k)], dim=-1), q.dtype)
+    return with_sink[..., :1], with_sink[..., 1:]
+
+
 def default_reference(q, k, v, dropout_p=0.0, **_):
     probs = _softmax(_masked_scores(q, k), q.dtype)
     return _dropout(probs, dropout_p) @ v, {"probs": probs}
 
 
-def fixed_bias_reference(q, k, v, v_bias, dropout_p=0.0, **_):
-    out, weights = default_reference(q, k, v, dropout_p)
-    return out + v_bias[None, :, None, :].to(out.dtype), weights
-
-
 def context_bias_reference(q, k, v, k_bias, v_bias, dropout_p=0.0, **_):
     out, weights = default_reference(q, k, v, dropout_p)
-    # second softmax over [k'; K]: only the sink column carries a value (v'; the rest is 0)
-    with_sink = _softmax(torch.cat([_sink_logits(q, k_bias), _masked_scores(q, k)], dim=-1), q.dtype)
-    sink_probs = _dropout(with_sink, dropout_p)[..., 0]  # (B, nh, T)
-    out = out + sink_probs.unsqueeze(-1) * v_bias[None, :, None, :].to(out.dtype)
-    return out, {"probs": weights["probs"], "sink_probs": with_sink[..., 0]}
+    # a second softmax over [k'; K]: only the sink column carries a value (v'; the rest is 0)
+    sink, _ = _softmax_with_sink(q, k, _sink_logits(q, k_bias))
+    out = out + _dropout(sink, dropout_p) * v_bias[None, :, None, :].to(out.dtype)
+    return out, {"probs": weights["probs"], "sink_probs": sink[..., 0]}
 
 
 def attention_bias_reference(q, k, v, k_bias, v_bias, dropout_p=0.0, **_):
-    with_sink = _softmax(torch.cat([_sink_logits(q, k_bias), _masked_scores(q, k)], dim=-1), q.dtype)
-    dropped = _dropout(with_sink, dropout_p)
-    out = dropped[..., :1] * v_bias[None, :, None, :].to(q.dtype) + dropped[..., 1:] @ v
-    return out, {"probs": with_sink[..., 1:], "sink_probs": with_sink[..., 0]}
+    sink, probs = _softmax_with_sink(q, k, _sink_logits(q, k_bias))
+    out = _dropout(sink, dropout_p) * v_bias[None, :, None, :].to(q.dtype) + _dropout(probs, dropout_p) @ v
+    return out, {"probs": probs, "sink_probs": sink[..., 0]}
 
 
-def scaling_reference(q, k, v, gate, dropout_p=0.0, **_):
-    out, weights = default_reference(q, k, v, dropout_p)
-    return out * gate.unsqueeze(-1).to(out.dtype), {**weights, "gate": gate}
+def softmax1_reference(q, k, v, dropout_p=0.0, **_):
+    # the "+1" of the denominator is exp(0): a sink column with logit 0 whose value is 0
+    sink, probs = _softmax_with_sink(q, k, q.new_zeros(*q.shape[:-1], 1))
+    return _dropout(probs, dropout_p) @ v, {"probs": probs, "sink_probs": sink[..., 0]}
 
 
 def sigmoid_reference(q, k, v, sigmoid_bias=None, dropout_p=0.0, **_):
@@ -120,10 +141,6 @@ def default_sdpa(q, k, v, dropout_p=0.0, **_):
     return _sdpa(q, k, v, dropout_p)
 
 
-def fixed_bias_sdpa(q, k, v, v_bias, dropout_p=0.0, **_):
-    return _sdpa(q, k, v, dropout_p) + v_bias[None, :, None, :].to(q.dtype)
-
-
 def context_bias_sdpa(q, k, v, k_bias, v_bias, dropout_p=0.0, **_):
     k_sink, v_sink, mask = _with_sink_column(q, k, v, k_bias, v_bias)
     v_sink_only = torch.zeros_like(v_sink)
@@ -136,41 +153,157 @@ def attention_bias_sdpa(q, k, v, k_bias, v_bias, dropout_p=0.0, **_):
     return _sdpa(q, k_sink, v_sink, dropout_p, attn_mask=mask)
 
 
-def scaling_sdpa(q, k, v, gate, dropout_p=0.0, **_):
-    return _sdpa(q, k, v, dropout_p) * gate.unsqueeze(-1).to(q.dtype)
+def softmax1_sdpa(q, k, v, dropout_p=0.0, **_):
+    zero = q.new_zeros(q.size(1), q.size(-1))  # (nh, hs): q . 0 = logit 0, value 0
+    return attention_bias_sdpa(q, k, v, zero, zero, dropout_p)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel paths: fused_attention.py with the flags of a variant (imported lazily: triton is optional)
+
+def _kernel(**flags):
+    """The fused kernel with `flags` (see fused_attention.fused_attention)."""
+    def run(q, k, v, sigmoid_bias=None, **inputs):
+        from fused_attention import fused_attention
+        return fused_attention(q, k, v, sigmoid_bias=sigmoid_bias, **flags, **inputs)
+    return run
+
+
+def _describe_kernel(flags):
+    return "flag " + ", ".join(f"`{k}={v!r}`" for k, v in flags.items()) if flags else "default kernel"
 
 
 # ----------------------------------------------------------------------------------------------
 # the registry
 
 @dataclass(frozen=True)
+class VariantParam:
+    """A tensor or module that the attention layer owns for a variant."""
+    name: str        # attribute of the layer: checkpoint keys transformer.h.{i}.attn.{name}[.weight|.bias]
+    build: Callable  # (n_embd, n_head) -> nn.Parameter or nn.Module (GPT re-initialises every nn.Linear)
+    about: str       # symbol, shape and initialisation, for the README
+    weight_decay: bool = True  # its matrices join AdamW's decayed group (vectors never decay)
+
+
+@dataclass(frozen=True)
 class AttentionVariant:
     name: str
-    formula: str
-    head_params: tuple  # learnable (n_head, head_dim) tensors the layer owns, e.g. ('k_bias', 'v_bias')
-    has_gate: bool      # owns scale_proj: S(x) = 2 sigmoid(W x + b)
-    reference: callable
-    sdpa: callable      # None where no SDPA form exists (the reference is used instead)
+    formula: str                  # one line, per head (README, docs)
+    source: str                   # where the design comes from
+    reference: Callable           # (q, k, v, *, dropout_p, sigmoid_bias, **inputs) -> (out, records)
+    sdpa: Optional[Callable]      # (q, k, v, *, dropout_p, **inputs) -> out; None: no SDPA form
+    triton: Callable              # (q, k, v, *, sigmoid_bias, **inputs) -> out, through the fused kernel
+    kernel: str                   # how `triton` runs it, in words
+    params: tuple = ()            # VariantParam entries
+    make_inputs: Optional[Callable] = None  # (layer, x) -> dict of per-call tensors; None: the params as they are
+    records: tuple = ("probs",)   # keys of RECORDS that `reference` returns
+    gate: Optional[str] = None    # what the recorded "gate" is (analysis report)
+    n_params_124m: Optional[int] = None  # non-embedding parameters at GPT-2 124M (bias=False, vocab 50304)
 
 
-REGISTRY = {v.name: v for v in [
-    AttentionVariant("default", "softmax(QK^T/sqrt(d)) V", (), False, default_reference, default_sdpa),
-    AttentionVariant("fixed_bias", "softmax(QK^T/sqrt(d)) V + v'", ("v_bias",), False,
-                     fixed_bias_reference, fixed_bias_sdpa),
-    AttentionVariant("context_bias", "softmax(QK^T/sqrt(d)) V + softmax(Q[k'; K]^T/sqrt(d)) [v'; 0]",
-                     ("k_bias", "v_bias"), False, context_bias_reference, context_bias_sdpa),
-    AttentionVariant("attention_bias", "softmax(Q[k'; K]^T/sqrt(d)) [v'; V]", ("k_bias", "v_bias"), False,
-                     attention_bias_reference, attention_bias_sdpa),
-    AttentionVariant("scaling", "2 sigmoid(W x + b) * softmax(QK^T/sqrt(d)) V", (), True,
-                     scaling_reference, scaling_sdpa),
-    AttentionVariant("sigmoid", "sigmoid(QK^T/sqrt(d) + b) V", (), False, sigmoid_reference, None),
-]}
-VARIANTS = tuple(REGISTRY)
+def output_step_variant(name, formula, source, step, *, gate_record=None, **fields):
+    """A variant that is default attention followed by `step(y, **inputs)`, an elementwise function of
+    the attention output y (B, nh, T, hs). Every backend runs default attention and then the step in
+    torch; `gate_record(**inputs)` gives the (B, nh, T) gate recorded for the analysis."""
+
+    def reference(q, k, v, dropout_p=0.0, sigmoid_bias=None, **inputs):
+        out, records = default_reference(q, k, v, dropout_p)
+        if gate_record is not None:
+            records["gate"] = gate_record(**inputs)
+        return step(out, **inputs), records
+
+    def sdpa(q, k, v, dropout_p=0.0, **inputs):
+        return step(default_sdpa(q, k, v, dropout_p), **inputs)
+
+    default_kernel = _kernel()
+
+    def triton(q, k, v, sigmoid_bias=None, **inputs):
+        return step(default_kernel(q, k, v), **inputs)
+
+    records = ("probs", "gate") if gate_record is not None else ("probs",)
+    return AttentionVariant(name, formula, source, reference, sdpa, triton,
+                            kernel="default kernel, then the step in torch", records=records, **fields)
+
+
+def _head_vector(n_embd, n_head):
+    return nn.Parameter(torch.randn(n_head, n_embd // n_head) * 0.02)
+
+
+K_BIAS = VariantParam("k_bias", _head_vector, "k′: (n_head, d), N(0, 0.02²)")
+V_BIAS = VariantParam("v_bias", _head_vector, "v′: (n_head, d), N(0, 0.02²)")
+SCALE_PROJ = VariantParam("scale_proj", lambda n_embd, n_head: nn.Linear(n_embd, n_head, bias=True),
+                          "W: (n_head, n_embd), b: (n_head)")
+GATE_PROJ = VariantParam("gate_proj", lambda n_embd, n_head: nn.Linear(n_embd, n_embd, bias=False),
+                         "W_θ: (n_embd, n_embd)")
+
+
+def _heads(t, n_head):
+    """(B, T, C) -> (B, nh, T, hs)."""
+    B, T, C = t.shape
+    return t.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, nh, T, hs)
+
+
+PAPER = "An et al. 2025, Systematic Outliers in LLMs"
+
+BUILTIN = [
+    AttentionVariant(
+        "default", "softmax(QKᵀ/√d) V", PAPER, default_reference, default_sdpa, _kernel(),
+        _describe_kernel({}), n_params_124m=123_587_328),
+    output_step_variant(
+        "fixed_bias", "softmax(QKᵀ/√d) V + v′", PAPER,
+        step=lambda y, v_bias: y + v_bias[None, :, None, :].to(y.dtype),
+        params=(V_BIAS,), n_params_124m=123_596_544),
+    AttentionVariant(
+        "context_bias", "softmax(QKᵀ/√d) V + softmax(Q[k′; K]ᵀ/√d) [v′; 0]", PAPER,
+        context_bias_reference, context_bias_sdpa, _kernel(sink="context"),
+        _describe_kernel({"sink": "context"}), params=(K_BIAS, V_BIAS), records=("probs", "sink_probs"),
+        n_params_124m=123_605_760),
+    AttentionVariant(
+        "attention_bias", "softmax(Q[k′; K]ᵀ/√d) [v′; V]", PAPER,
+        attention_bias_reference, attention_bias_sdpa, _kernel(sink="learned"),
+        _describe_kernel({"sink": "learned"}), params=(K_BIAS, V_BIAS), records=("probs", "sink_probs"),
+        n_params_124m=123_605_760),
+    output_step_variant(
+        "scaling", "S(x) · softmax(QKᵀ/√d) V, S(x) = 2·sigmoid(Wx + b) per token and head", PAPER,
+        step=lambda y, gate: y * gate.unsqueeze(-1).to(y.dtype),
+        gate_record=lambda gate: gate,
+        params=(SCALE_PROJ,),
+        make_inputs=lambda layer, x: {"gate": 2.0 * torch.sigmoid(layer.scale_proj(x)).transpose(1, 2)},  # (B, nh, T)
+        gate="S(x) = 2·sigmoid(Wx + b), one factor per token and head, in (0, 2)",
+        n_params_124m=123_698_064),
+    AttentionVariant(
+        "sigmoid", "sigmoid(QKᵀ/√d + b) V, b = −ln T unless `sigmoid_bias` is set", PAPER,
+        sigmoid_reference, None, _kernel(sigmoid=True), _describe_kernel({"sigmoid": True}),
+        n_params_124m=123_587_328),
+    output_step_variant(
+        "gated", "softmax(QKᵀ/√d) V ⊙ sigmoid(x W_θ), elementwise on the concatenated heads",
+        "Qiu et al. 2025, Gated Attention for LLMs (G1, elementwise)",
+        step=lambda y, gate: y * gate.to(y.dtype),
+        gate_record=lambda gate: gate.mean(-1),
+        params=(GATE_PROJ,),
+        make_inputs=lambda layer, x: {"gate": _heads(torch.sigmoid(layer.gate_proj(x)), layer.n_head)},
+        gate="sigmoid(x W_θ), elementwise in (0, 1); recorded as its mean over each head's channels",
+        n_params_124m=130_665_216),
+    AttentionVariant(
+        "softmax1", "Σⱼ exp(sⱼ) vⱼ / (1 + Σⱼ exp(sⱼ)), s = QKᵀ/√d: a sink with logit 0 and value 0",
+        "Miller 2023, Attention Is Off By One", softmax1_reference, softmax1_sdpa, _kernel(sink="zero"),
+        _describe_kernel({"sink": "zero"}), records=("probs", "sink_probs"), n_params_124m=123_587_328),
+]
+REGISTRY = {v.name: v for v in BUILTIN}
+VARIANTS = tuple(REGISTRY)  # the built-in variants; `register` adds more at run time
+
+
+def register(variant):
+    """Add a variant (e.g. from a research script); its name becomes valid for GPTConfig(attention=...)."""
+    if variant.name in REGISTRY:
+        raise ValueError(f"attention variant {variant.name!r} is already registered")
+    REGISTRY[variant.name] = variant
+    return variant
 
 
 def get_variant(name):
     if name not in REGISTRY:
-        raise UserError(f"unknown attention variant {name!r}; choose one of: {', '.join(VARIANTS)}")
+        raise UserError(f"unknown attention variant {name!r}; choose one of: {', '.join(REGISTRY)}")
     return REGISTRY[name]
 
 
@@ -182,41 +315,71 @@ def check_backend(name):
 
 def add_variant_parameters(module, variant, n_embd, n_head):
     """Give an attention layer the variant's own parameters (names are part of the checkpoint format)."""
-    head_dim = n_embd // n_head
-    for name in variant.head_params:
-        setattr(module, name, nn.Parameter(torch.randn(n_head, head_dim) * 0.02))
-    if variant.has_gate:
-        module.scale_proj = nn.Linear(n_embd, n_head, bias=True)
+    for param in variant.params:
+        setattr(module, param.name, param.build(n_embd, n_head))
 
 
 def variant_inputs(module, variant, x):
-    """The per-call extra inputs of a variant: its head parameters and, for scaling, the gate S(x)."""
-    inputs = {name: getattr(module, name) for name in variant.head_params}
-    if variant.has_gate:
-        inputs["gate"] = 2.0 * torch.sigmoid(module.scale_proj(x)).transpose(1, 2)  # (B, nh, T)
-    return inputs
+    """The per-call inputs of a variant, from the layer and its input x (B, T, C)."""
+    if variant.make_inputs is not None:
+        return variant.make_inputs(module, x)
+    return {param.name: getattr(module, param.name) for param in variant.params}
+
+
+def variant_param_name(key):
+    """'transformer.h.3.attn.scale_proj.weight' -> 'scale_proj'; None for a key outside attention layers."""
+    _, sep, rest = key.partition(".attn.")
+    return rest.split(".")[0] if sep else None
+
+
+def owns_key(variant, key):
+    """True when the state-dict `key` is one of `variant`'s own parameters."""
+    return variant_param_name(key) in {param.name for param in variant.params}
+
+
+def no_decay_names(variant):
+    """Attribute names of the variant's parameters that stay out of weight decay."""
+    return {param.name for param in variant.params if not param.weight_decay}
+
+
+def module_params():
+    """Names of every registered variant's nn.Module parameters (e.g. scale_proj), for weight statistics."""
+    with torch.device("meta"):  # build to see the type; no memory
+        return tuple(dict.fromkeys(param.name for v in REGISTRY.values() for param in v.params
+                                   if isinstance(param.build(8, 2), nn.Module)))
+
+
+def readme_table():
+    """The README's variant table, from the registry (tests check the README holds exactly this)."""
+    lines = ["| `attention=` | formula | extra parameters per layer | non-embedding params (124M) | fused kernel | from |",
+             "|---|---|---|---|---|---|"]
+    for v in REGISTRY.values():
+        about = "; ".join(p.about for p in v.params) or "none"
+        count = f"{v.n_params_124m:,}" if v.n_params_124m is not None else "?"
+        lines.append(f"| `{v.name}` | {v.formula} | {about} | {count} | {v.kernel} | {v.source} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
 # dispatch
 
-def _triton_supported(q, variant_name, dropout_p):
+def _triton_supported(q, dropout_p):
     try:
         from fused_attention import is_supported
     except ImportError:  # triton missing or the kernel module unavailable
         return False
-    return is_supported(q, variant_name, dropout_p)
+    return is_supported(q, dropout_p)
 
 
 def resolve_backend(backend, variant, q, dropout_p):
     """The backend that will actually run this call."""
     if backend == "auto":
-        if q.is_cuda and _triton_supported(q, variant.name, dropout_p):
+        if q.is_cuda and _triton_supported(q, dropout_p):
             return "triton"
         return "sdpa" if variant.sdpa is not None else "reference"
     if backend == "sdpa" and variant.sdpa is None:
-        return "reference"  # sigmoid attention has no SDPA form
-    if backend == "triton" and not _triton_supported(q, variant.name, dropout_p):
+        return "reference"  # e.g. sigmoid attention has no SDPA form
+    if backend == "triton" and not _triton_supported(q, dropout_p):
         raise UserError(
             f"attn_backend='triton' cannot run this call ({variant.name}, device {q.device}, dtype {q.dtype}, "
             f"head dim {q.size(-1)}, dropout {dropout_p}); it needs CUDA (or TRITON_INTERPRET=1), head dim "
@@ -226,13 +389,12 @@ def resolve_backend(backend, variant, q, dropout_p):
 
 def attention(variant, q, k, v, inputs, *, backend="auto", sigmoid_bias=None, dropout_p=0.0,
               return_weights=False):
-    """Run one attention call. q, k, v: (B, nh, T, hs). Returns out (B, nh, T, hs) [, weights dict]."""
+    """Run one attention call. q, k, v: (B, nh, T, hs). Returns out (B, nh, T, hs) [, records dict]."""
     if return_weights:
         return variant.reference(q, k, v, sigmoid_bias=sigmoid_bias, dropout_p=dropout_p, **inputs)
     chosen = resolve_backend(backend, variant, q, dropout_p)
     if chosen == "triton":
-        from fused_attention import fused_attention
-        return fused_attention(q, k, v, variant=variant.name, sigmoid_bias=sigmoid_bias, **inputs)
+        return variant.triton(q, k, v, sigmoid_bias=sigmoid_bias, **inputs)
     if chosen == "sdpa":
         return variant.sdpa(q, k, v, dropout_p=dropout_p, **inputs)
     return variant.reference(q, k, v, sigmoid_bias=sigmoid_bias, dropout_p=dropout_p, **inputs)[0]

@@ -3,7 +3,7 @@
 References:
 1) OpenAI's GPT-2 TensorFlow implementation and 2) Hugging Face's transformers GPT-2, whose
 parameter names this file keeps so that weights move between this repo, nanoGPT and Hugging Face.
-The six attention variants live in attention_variants.py.
+The attention variants live in attention_variants.py, one registry entry each.
 """
 
 import inspect
@@ -236,18 +236,24 @@ class GPT(nn.Module):
                     raise UserError(f"{directory}: weight {key} has shape {tuple(value.shape)}, "
                                     f"expected {tuple(sd[key].shape)}")
                 sd[key].copy_(value)
-        variant_keys = {k for k in sd if k.split(".")[-1] in ("k_bias", "v_bias") or ".scale_proj." in k}
-        missing = set(sd) - set(hf_state) - variant_keys - {"lm_head.weight"}
+        variant = attention_variants.get_variant(attention)
+        missing = {k for k in set(sd) - set(hf_state) - {"lm_head.weight"} if not attention_variants.owns_key(variant, k)}
         if missing:
             raise UserError(f"{directory}: GPT-2 weights are missing {sorted(missing)[:5]}")
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
-        # every 2-D tensor (matmul weights, embeddings) decays; biases, LayerNorm gains and the
-        # (n_head, head_dim) sink vectors do not: they are per-head offsets, not weight matrices
-        decay_params = [p for n, p in param_dict.items() if p.dim() >= 2 and not n.endswith(("k_bias", "v_bias"))]
-        nodecay_params = [p for n, p in param_dict.items() if not (p.dim() >= 2 and not n.endswith(("k_bias", "v_bias")))]
+        # nanoGPT's rule, as in the paper authors' code: every tensor with >= 2 dims (matmul weights,
+        # embeddings, the (n_head, head_dim) sink vectors k'/v') decays; biases and LayerNorm gains do
+        # not. A variant's registry entry may keep one of its own parameters out of decay.
+        no_decay = attention_variants.no_decay_names(attention_variants.get_variant(self.config.attention))
+
+        def decays(name, p):
+            return p.dim() >= 2 and attention_variants.variant_param_name(name) not in no_decay
+
+        decay_params = [p for n, p in param_dict.items() if decays(n, p)]
+        nodecay_params = [p for n, p in param_dict.items() if not decays(n, p)]
         optim_groups = [
             {"params": decay_params, "weight_decay": weight_decay},
             {"params": nodecay_params, "weight_decay": 0.0},

@@ -12,14 +12,16 @@ the forward (graph kept) and for forward+backward.  SDPA only computes the defau
 the other variants the table's SDPA ratio is labelled "vs causal SDPA (default)".
 
 Implementations:
-    fused    fused_attention(..., variant=v)                                   every variant
+    fused    the variant's `triton` path in attention_variants.py (the fused kernel with
+             the variant's flags, plus its elementwise step in torch for fixed_bias /
+             scaling / gated)                                                  every variant
     sdpa     F.scaled_dot_product_attention(is_causal=True), its best backend  'default' only
-    unfused  the variant's PyTorch path in attention_variants.py: SDPA with an explicit mask
-             and an extra key column for the sink variants, SDPA plus separate bias / gate ops
-             for fixed_bias / scaling, materialised scores for sigmoid
+    unfused  the variant's PyTorch path in attention_variants.py: its `sdpa` form (an explicit
+             mask and an extra key column for the sink variants, SDPA plus the elementwise
+             step for fixed_bias / scaling / gated), else its `reference` (sigmoid)
 
-Inputs mimic the model: q, k, v are views of one (B, T, 3*H*D) projection, the gate is a
-(B, H, T) view of a (B, T, H) tensor.  An implementation that runs out of memory is recorded
+Inputs mimic the model: q, k, v are views of one (B, T, 3*H*D) projection; a variant's own
+inputs (sink vectors, gates) come from its registry entry, computed from a block input x.  An implementation that runs out of memory is recorded
 as "OOM".
 
 Writes benchmarks/results/attention_<gpu>_<date>.json (common.run_metadata(): command line,
@@ -27,7 +29,7 @@ date, git commit, versions, GPU; plus compute capability, driver version, the ti
 fused kernels ran with, every measurement) and a markdown summary (printed and saved next to it).
 
     python benchmarks/attention.py                       # the full sweep (needs CUDA)
-    python benchmarks/attention.py --seq-lens 1024 --variants default scaling
+    python benchmarks/attention.py --seq-lens 1024 --variants default scaling gated
     python benchmarks/attention.py --interpret-smoke     # tiny CPU run through the Triton
                                                          # interpreter: exercises the code only
 """
@@ -41,7 +43,8 @@ import traceback
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
-ALL_VARIANTS = ("default", "fixed_bias", "attention_bias", "context_bias", "scaling", "sigmoid")
+sys.path.insert(0, REPO_ROOT)
+from attention_variants import VARIANTS as ALL_VARIANTS  # noqa: E402  (imports no triton)
 MODES = ("fwd", "bwd", "fwdbwd")
 
 
@@ -90,7 +93,7 @@ def main(argv=None):
 
     import attention_variants as av
     import bench_utils
-    from fused_attention import fused_attention
+    import fused_attention  # noqa: F401  (imported under the interpreter flag set above; its launch cache is recorded)
 
     device = "cpu" if args.interpret_smoke else "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -133,38 +136,48 @@ def main(argv=None):
             t.grad = None
         return peak / 2**20
 
-    def make_inputs(B, T):
+    class Layer(torch.nn.Module):
+        """What a variant's parameters and per-call inputs need from an attention layer."""
+
+        def __init__(self, spec):
+            super().__init__()
+            self.n_head = H
+            av.add_variant_parameters(self, spec, H * D, H)
+
+    def make_inputs(B, T, variant):
+        """(leaves, fn inputs, dout): the qkv projection, a block input x and the variant's own
+        parameters (sink vectors N(0, 0.5^2), gate weights N(0, 0.02^2)) are the leaves."""
         g = torch.Generator(device="cpu").manual_seed(0)
+        spec = av.get_variant(variant)
         qkv = torch.randn(B, T, 3 * H * D, generator=g).to(device=device, dtype=dtype).requires_grad_()
-        k_bias = (0.5 * torch.randn(H, D, generator=g)).to(device=device, dtype=dtype).requires_grad_()
-        v_bias = (0.5 * torch.randn(H, D, generator=g)).to(device=device, dtype=dtype).requires_grad_()
-        gate = (2 * torch.rand(B, T, H, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+        x = torch.randn(B, T, H * D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        layer = Layer(spec)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.shape == (H, D) else 0.02))
+        layer = layer.to(device=device, dtype=dtype)
         dout = torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype)
-        return qkv, k_bias, v_bias, gate, dout
+        return [qkv, x, *layer.parameters()], (spec, qkv, x, layer), dout
 
     def split(qkv, B, T):
-        return [t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2)]
+        return [t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2)]  # (B, H, T, D) views
 
-    def make_fn(impl, variant, inputs, B, T):
-        qkv, k_bias, v_bias, gate, _ = inputs
-        spec = av.get_variant(variant)
-        extra = {"k_bias": k_bias, "v_bias": v_bias, "gate": gate.transpose(1, 2)}
-        extra = {n: t for n, t in extra.items()
-                 if n in spec.head_params or (n == "gate" and spec.has_gate)}
-        if impl == "fused":
-            return lambda: fused_attention(*split(qkv, B, T), variant=variant, **extra)
+    def make_fn(impl, fn_inputs, B, T):
+        spec, qkv, x, layer = fn_inputs
         if impl == "sdpa":
             return lambda: F.scaled_dot_product_attention(*split(qkv, B, T), is_causal=True)
-        # unfused: the project's own PyTorch path for the variant (SDPA form, else reference)
-        if spec.sdpa is not None:
-            return lambda: spec.sdpa(*split(qkv, B, T), **extra)
-        return lambda: spec.reference(*split(qkv, B, T), **extra)[0]
+        # fused: the kernel path; unfused: the project's own PyTorch path (SDPA form, else reference)
+        if impl == "fused":
+            path = spec.triton
+        elif spec.sdpa is not None:
+            path = spec.sdpa
+        else:
+            path = lambda *a, **kw: spec.reference(*a, **kw)[0]  # noqa: E731
+        return lambda: path(*split(qkv, B, T), **av.variant_inputs(layer, spec, x))
 
     def run_case(impl, variant, B, T):
-        inputs = make_inputs(B, T)
-        leaves = [t for t in inputs[:4]]
-        dout = inputs[4]
-        fn = make_fn(impl, variant, inputs, B, T)
+        leaves, fn_inputs, dout = make_inputs(B, T, variant)
+        fn = make_fn(impl, fn_inputs, B, T)
         res = {}
         fl = flops_fwd(B, H, T, D)
         try:
@@ -188,7 +201,7 @@ def main(argv=None):
         else:
             res["status"] = "ok"
         finally:
-            del inputs, leaves, fn
+            del fn_inputs, leaves, fn
             if device == "cuda":
                 torch.cuda.empty_cache()
         return res
@@ -196,10 +209,10 @@ def main(argv=None):
     def max_diff_vs_unfused(variant, B, T):
         """Sanity check recorded with the fused results: max |fused - unfused| of the output."""
         try:
-            inputs = make_inputs(B, T)
+            _, fn_inputs, _ = make_inputs(B, T, variant)
             with torch.no_grad():
-                a = make_fn("fused", variant, inputs, B, T)()
-                b = make_fn("unfused", variant, inputs, B, T)()
+                a = make_fn("fused", fn_inputs, B, T)()
+                b = make_fn("unfused", fn_inputs, B, T)()
                 return (a.float() - b.float()).abs().max().item()
         except torch.cuda.OutOfMemoryError:
             return "OOM"

@@ -83,8 +83,6 @@ def chosen_tile_configs():
     for key, (bm, bn, warps, stages) in list(fa._CHOSEN.items()):
         key = [str(x).replace("torch.", "") if not isinstance(x, (int, type(None))) else x for x in key]
         row = dict(zip(fields, key)) if fields and len(fields) == len(key) else {"key": key}
-        if "variant" in row and isinstance(row["variant"], int) and hasattr(fa, "VARIANTS"):
-            row["variant"] = fa.VARIANTS[row["variant"]]
         row.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
         rows.append(row)
     return rows

@@ -30,7 +30,8 @@ import traceback
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
-ALL_VARIANTS = ("default", "fixed_bias", "attention_bias", "context_bias", "scaling", "sigmoid")
+sys.path.insert(0, REPO_ROOT)
+from attention_variants import VARIANTS as ALL_VARIANTS  # noqa: E402  (imports no triton)
 
 
 def parse_args(argv=None):

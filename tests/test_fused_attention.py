@@ -1,16 +1,20 @@
-"""Correctness tests for the fused Triton attention kernels (fused_attention.py).
+"""Correctness tests for the fused Triton attention kernels (fused_attention.py), run through every
+attention variant's registry entry (attention_variants.py): its `triton` path against its `reference`.
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1,
 set in tests/conftest.py before anything imports triton); the GPU tests at real
-sizes skip cleanly.
+sizes skip cleanly.  The registry references themselves are checked against
+independent float64 formulas in tests/test_attention_variants.py.
 
-Tolerance rule (FlashAttention's): ground truth is ``fused_attention_ref`` on
-float64 copies of the inputs; the PyTorch reference path run in the test dtype
-gives the error budget.  The kernel must satisfy
+Tolerance rule (FlashAttention's): ground truth is the variant's reference on
+float64 copies of the inputs; the reference run in the test dtype gives the
+error budget.  The kernel path must satisfy
 
     max|kernel - truth| <= 2 * max|ref_dtype - truth| + atol[dtype]   (output)
     max|kernel - truth| <= 3 * max|ref_dtype - truth| + atol[dtype]   (gradients)
 
+Gradients are those of q, k, v, the block input x (through the variant's per-call
+inputs, e.g. a gate) and every parameter the variant owns (k', v', gate weights).
 The atol term matters when the reference path is itself almost exact (fp32,
 where both errors are ~1e-7..1e-6 and only the summation order differs): 1e-5
 is ~100 fp32 ulps at magnitude 1.  For fp16 (ulp 1e-3 at 1) and bf16 (ulp 8e-3
@@ -18,6 +22,7 @@ at 1) the atol is about one ulp at unit magnitude, i.e. it only forgives a
 single extra rounding of an O(1) value; the 2x / 3x factor does the real work.
 """
 
+import copy
 import math
 import os
 import sys
@@ -30,66 +35,67 @@ if not torch.cuda.is_available():  # conftest does this too; harmless if repeate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import attention_variants as av  # noqa: E402
 import fused_attention as fa  # noqa: E402
-from fused_attention import (  # noqa: E402
-    VARIANTS,
-    fused_attention,
-    fused_attention_ref,
-    interpreting,
-    is_supported,
-)
+from fused_attention import fused_attention, interpreting, is_supported  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-NEEDS = {
-    "default": (),
-    "fixed_bias": ("v_bias",),
-    "attention_bias": ("k_bias", "v_bias"),
-    "context_bias": ("k_bias", "v_bias"),
-    "scaling": ("gate",),
-    "sigmoid": (),
-}
+VARIANTS = av.VARIANTS
 
 
-def _master(B, H, T, D, seed=0, device=DEVICE):
-    """float32 master values; every run casts copies of these."""
+class _Layer(torch.nn.Module):
+    """What a variant's parameters and inputs need from an attention layer."""
+
+    def __init__(self, variant, H, D):
+        super().__init__()
+        self.n_head = H
+        av.add_variant_parameters(self, variant, H * D, H)
+
+
+def _master(variant, B, H, T, D, seed=0, device=DEVICE):
+    """float32 master values for one variant; every run casts copies of these."""
     g = torch.Generator(device="cpu").manual_seed(seed)
+    layer = _Layer(av.get_variant(variant), H, D)
+    with torch.no_grad():  # large enough to matter: sinks of N(0, 1), gates that vary
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (1.0 if p.dim() == 2 and p.shape == (H, D) else 0.3))
     m = {
         "qkv": torch.randn(B, T, 3 * H * D, generator=g),
-        "k_bias": torch.randn(H, D, generator=g),
-        "v_bias": torch.randn(H, D, generator=g),
-        # gate as a model would produce it: (B, T, H) in (0, 1), seen as (B, H, T)
-        "gate": torch.rand(B, T, H, generator=g),
+        "x": torch.randn(B, T, H * D, generator=g),
         "dout": torch.randn(B, H, T, D, generator=g),
     }
-    return {k: v.to(device) for k, v in m.items()}
+    return {"layer": layer.to(device), "variant": variant, **{k: v.to(device) for k, v in m.items()}}
 
 
-def _run(fn, m, variant, dtype, sigmoid_bias=None, sm_scale=None, layout="qkv",
-         param_dtype=None):
-    """Run fn forward+backward on dtype copies of m; returns out and a grad dict."""
-    B, T, C3 = m["qkv"].shape
-    H, D = m["k_bias"].shape
-    pdt = dtype if param_dtype is None else param_dtype
+def _split(qkv, H, layout):
+    B, T, C3 = qkv.shape
+    D = C3 // (3 * H)
+    qkv_heads = [t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2)]  # (B, H, T, D) views
+    return qkv_heads if layout == "qkv" else [t.contiguous() for t in qkv_heads]
+
+
+def _run(path, m, dtype, sigmoid_bias=None, layout="qkv", param_dtype=None):
+    """Forward + backward of the variant's `path` ("triton" or "reference") on dtype copies of m;
+    returns out and a dict of gradients."""
+    variant = av.get_variant(m["variant"])
+    layer = copy.deepcopy(m["layer"]).to(dtype if param_dtype is None else param_dtype)
     qkv = m["qkv"].to(dtype).clone().requires_grad_()
-    kb = m["k_bias"].to(pdt).clone().requires_grad_()
-    vb = m["v_bias"].to(pdt).clone().requires_grad_()
-    gate = m["gate"].to(pdt).clone().requires_grad_()
-    if layout == "qkv":  # the model's layout: views of one fused projection
-        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
-    else:  # plain contiguous (B, H, T, D) tensors
-        q, k, v = (t.view(B, T, H, D).transpose(1, 2).contiguous() for t in qkv.split(H * D, dim=2))
-    kwargs = {"variant": variant, "sigmoid_bias": sigmoid_bias, "sm_scale": sm_scale}
-    for name, t in (("k_bias", kb), ("v_bias", vb), ("gate", gate.transpose(1, 2))):
-        if name in NEEDS[variant]:
-            kwargs[name] = t
-    out = fn(q, k, v, **kwargs)
+    x = m["x"].to(dtype).clone().requires_grad_()
+    H = layer.n_head
+    q, k, v = _split(qkv, H, layout)
+    inputs = av.variant_inputs(layer, variant, x)
+    if path == "triton":
+        out = variant.triton(q, k, v, sigmoid_bias=sigmoid_bias, **inputs)
+    else:
+        out = variant.reference(q, k, v, sigmoid_bias=sigmoid_bias, **inputs)[0]
     out.backward(m["dout"].to(dtype))
-    dq, dk, dv = (t.view(B, T, H, D) for t in qkv.grad.split(H * D, dim=2))
+    B, T, _ = qkv.shape
+    dq, dk, dv = (t.view(B, T, H, -1) for t in qkv.grad.split(qkv.shape[-1] // 3, dim=2))
     grads = {"q": dq, "k": dk, "v": dv}
-    for name, t in (("k_bias", kb), ("v_bias", vb), ("gate", gate)):
-        if name in NEEDS[variant]:
-            grads[name] = t.grad
+    if x.grad is not None:
+        grads["x"] = x.grad
+    grads.update({n: p.grad for n, p in layer.named_parameters()})
     return out, grads
 
 
@@ -97,11 +103,12 @@ def _err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-def _check_against_truth(m, variant, dtype, **kw):
-    out_k, g_k = _run(fused_attention, m, variant, dtype, **kw)
-    out_r, g_r = _run(fused_attention_ref, m, variant, dtype, **kw)
-    out_t, g_t = _run(fused_attention_ref, m, variant, torch.float64, **kw)
+def _check_against_truth(m, dtype, **kw):
+    out_k, g_k = _run("triton", m, dtype, **kw)
+    out_r, g_r = _run("reference", m, dtype, **kw)
+    out_t, g_t = _run("reference", m, torch.float64, **{k: v for k, v in kw.items() if k != "param_dtype"})
     atol = ATOL[dtype]
+    variant = m["variant"]
     assert out_k.dtype == dtype and out_k.shape == out_t.shape
     ek, er = _err(out_k, out_t), _err(out_r, out_t)
     assert ek <= 2 * er + atol, f"{variant} {dtype} out: kernel {ek:.3e} vs ref {er:.3e}"
@@ -111,6 +118,14 @@ def _check_against_truth(m, variant, dtype, **kw):
         assert g_k[name].shape == g_t[name].shape
         ek, er = _err(g_k[name], g_t[name]), _err(g_r[name], g_t[name])
         assert ek <= 3 * er + atol, f"{variant} {dtype} d{name}: kernel {ek:.3e} vs ref {er:.3e}"
+
+
+def test_every_variant_parameter_gets_a_gradient():
+    for variant in VARIANTS:
+        m = _master(variant, 1, 2, 9, 16, seed=1)
+        _, grads = _run("triton", m, torch.float32)
+        for name, _ in m["layer"].named_parameters():
+            assert grads[name] is not None and grads[name].abs().sum() > 0, (variant, name)
 
 
 # A covering subset instead of the full cross product (the interpreter is slow):
@@ -129,122 +144,114 @@ CASES = [
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_matches_reference(variant, case):
     dtype, B, H, T, D = case
-    _check_against_truth(_master(B, H, T, D, seed=T + D), variant, dtype)
+    _check_against_truth(_master(variant, B, H, T, D, seed=T + D), dtype)
 
 
-# extra coverage: off-diagonal key blocks at D=64 in half precision, and D=128
+# extra coverage of the kernel flags: off-diagonal key blocks at D=64 in half precision, and D=128
 EXTRA = [
     ("attention_bias", torch.bfloat16, 130, 64),
     ("context_bias", torch.bfloat16, 130, 64),
-    ("scaling", torch.bfloat16, 130, 64),
-    ("fixed_bias", torch.float16, 70, 64),
+    ("softmax1", torch.bfloat16, 130, 64),
     ("context_bias", torch.float16, 70, 64),
     ("sigmoid", torch.float16, 70, 64),
     ("default", torch.float16, 20, 128),
     ("attention_bias", torch.bfloat16, 20, 128),
+    ("softmax1", torch.float16, 20, 128),
     ("sigmoid", torch.float32, 20, 128),
 ]
 
 
 @pytest.mark.parametrize("variant,dtype,T,D", EXTRA, ids=lambda x: str(x).replace("torch.", ""))
 def test_matches_reference_extra(variant, dtype, T, D):
-    _check_against_truth(_master(1, 2, T, D, seed=3 + T), variant, dtype)
+    _check_against_truth(_master(variant, 1, 2, T, D, seed=3 + T), dtype)
 
 
-@pytest.mark.parametrize("variant", ["attention_bias", "scaling"])
-def test_contiguous_layout_and_sm_scale(variant):
-    m = _master(1, 3, 45, 16, seed=5)
-    _check_against_truth(m, variant, torch.float32, layout="bhtd", sm_scale=0.3)
+@pytest.mark.parametrize("variant", ["attention_bias", "softmax1", "scaling"])
+def test_contiguous_layout(variant):
+    _check_against_truth(_master(variant, 1, 3, 45, 16, seed=5), torch.float32, layout="bhtd")
+
+
+@pytest.mark.parametrize("sink", [None, "learned", "zero"])
+def test_sm_scale(sink):
+    """sm_scale s' equals the default scale applied to q * s' sqrt(D)."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 45, 16, generator=g, device="cpu").to(DEVICE) for _ in range(3))
+    bias = {"k_bias": torch.randn(2, 16, device=DEVICE), "v_bias": torch.randn(2, 16, device=DEVICE)} \
+        if sink == "learned" else {}
+    got = fused_attention(q, k, v, sink=sink, sm_scale=0.3, **bias)
+    expected = fused_attention(q * (0.3 * math.sqrt(16)), k, v, sink=sink, **bias)
+    assert _err(got, expected) < 1e-5
+    assert _err(got, fused_attention(q, k, v, sink=sink, **bias)) > 1e-3  # the scale matters
 
 
 def test_sigmoid_explicit_bias():
-    _check_against_truth(_master(2, 1, 50, 16, seed=7), "sigmoid", torch.float32, sigmoid_bias=1.5)
+    _check_against_truth(_master("sigmoid", 2, 1, 50, 16, seed=7), torch.float32, sigmoid_bias=1.5)
 
 
 def test_fp32_params_with_bf16_activations():
-    """Biases/gate kept in fp32 (e.g. fp32 parameters) while q/k/v are bf16."""
-    m = _master(1, 2, 20, 16, seed=11)
-    for variant in ("context_bias", "scaling"):
-        out_k, g_k = _run(fused_attention, m, variant, torch.bfloat16, param_dtype=torch.float32)
-        out_r, g_r = _run(fused_attention_ref, m, variant, torch.bfloat16, param_dtype=torch.float32)
-        out_t, g_t = _run(fused_attention_ref, m, variant, torch.float64)
-        assert _err(out_k, out_t) <= 2 * _err(out_r, out_t) + ATOL[torch.bfloat16]
-        for name in g_t:
-            if name in ("k_bias", "v_bias", "gate"):
-                assert g_k[name].dtype == torch.float32
-            assert _err(g_k[name], g_t[name]) <= 3 * _err(g_r[name], g_t[name]) + ATOL[torch.bfloat16]
+    """Sink vectors and gate weights kept in fp32 (fp32 parameters) while q/k/v and x are bf16."""
+    for variant in ("context_bias", "attention_bias"):
+        m = _master(variant, 1, 2, 20, 16, seed=11)
+        _check_against_truth(m, torch.bfloat16, param_dtype=torch.float32)
+        _, g_k = _run("triton", m, torch.bfloat16, param_dtype=torch.float32)
+        assert g_k["k_bias"].dtype == torch.float32 and g_k["v_bias"].dtype == torch.float32
 
 
 def test_expanded_grad_output():
     """out.sum().backward() hands the kernel a dO with zero strides."""
-    m = _master(1, 2, 33, 16, seed=13)
-    for variant in ("default", "scaling"):
-        res = {}
-        for name, fn, dt in (("k", fused_attention, torch.float32),
-                             ("t", fused_attention_ref, torch.float64)):
-            qkv = m["qkv"].to(dt).clone().requires_grad_()
-            gate = m["gate"].to(dt).clone().requires_grad_()
-            q, k, v = (t.view(1, 33, 2, 16).transpose(1, 2) for t in qkv.split(32, dim=2))
-            kw = {"gate": gate.transpose(1, 2)} if variant == "scaling" else {}
-            fn(q, k, v, variant=variant, **kw).sum().backward()
-            res[name] = (qkv.grad, gate.grad)
-        assert _err(res["k"][0], res["t"][0]) < 1e-4
-        if variant == "scaling":
-            assert _err(res["k"][1], res["t"][1]) < 1e-4
+    for variant in ("default", "attention_bias"):
+        m = _master(variant, 1, 2, 33, 16, seed=13)
+        m["dout"] = torch.ones(1, 1, 1, 1, device=DEVICE).expand(1, 2, 33, 16)
+        _, g_k = _run("triton", m, torch.float32)
+        _, g_t = _run("reference", m, torch.float64)
+        for name in g_t:
+            assert _err(g_k[name], g_t[name]) < 1e-4, (variant, name)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_backward_is_deterministic(variant):
-    m = _master(1, 3, 37, 16, seed=17)
-    _, g1 = _run(fused_attention, m, variant, torch.bfloat16)
-    _, g2 = _run(fused_attention, m, variant, torch.bfloat16)
+    m = _master(variant, 1, 3, 37, 16, seed=17)
+    _, g1 = _run("triton", m, torch.bfloat16)
+    _, g2 = _run("triton", m, torch.bfloat16)
     for name in g1:
         assert torch.equal(g1[name], g2[name]), f"{variant}: d{name} differs between runs"
 
 
 def test_sigmoid_bias_none_is_minus_log_t():
     T = 29
-    m = _master(1, 2, T, 16, seed=19)
-    out_none, g_none = _run(fused_attention, m, "sigmoid", torch.float32, sigmoid_bias=None)
-    out_expl, g_expl = _run(fused_attention, m, "sigmoid", torch.float32, sigmoid_bias=-math.log(T))
+    m = _master("sigmoid", 1, 2, T, 16, seed=19)
+    out_none, g_none = _run("triton", m, torch.float32, sigmoid_bias=None)
+    out_expl, g_expl = _run("triton", m, torch.float32, sigmoid_bias=-math.log(T))
     assert torch.equal(out_none, out_expl)
     for name in g_none:
         assert torch.equal(g_none[name], g_expl[name])
-    out_t, _ = _run(fused_attention_ref, m, "sigmoid", torch.float64, sigmoid_bias=-math.log(T))
-    out_t2, _ = _run(fused_attention_ref, m, "sigmoid", torch.float64, sigmoid_bias=None)
-    assert torch.equal(out_t, out_t2)
+    out_t, _ = _run("reference", m, torch.float64, sigmoid_bias=-math.log(T))
     assert _err(out_none, out_t) < 1e-5
+    out_other, _ = _run("reference", m, torch.float64, sigmoid_bias=0.0)
+    assert _err(out_other, out_t) > 1e-2  # the bias matters, so the check above can fail
 
 
-@pytest.mark.parametrize("variant", ["attention_bias", "context_bias"])
-def test_sink_visible_to_first_query(variant):
+@pytest.mark.parametrize("sink", ["learned", "context", "zero"])
+def test_sink_visible_to_first_query(sink):
     """T = 1: an explicit formula, independent of the reference implementation."""
     B, H, D = 2, 3, 16
-    m = _master(B, H, 1, D, seed=23)
-    out, _ = _run(fused_attention, m, variant, torch.float32)
-    qkv = m["qkv"].double().view(B, 1, 3, H, D)
-    q, k, v = qkv[:, 0, 0], qkv[:, 0, 1], qkv[:, 0, 2]  # (B, H, D)
-    kb, vb = m["k_bias"].double(), m["v_bias"].double()
+    g = torch.Generator().manual_seed(23)
+    q, k, v = (torch.randn(B, H, 1, D, generator=g) for _ in range(3))
+    kb, vb = torch.randn(H, D, generator=g), torch.randn(H, D, generator=g)
+    bias = {"k_bias": kb.to(DEVICE), "v_bias": vb.to(DEVICE)} if sink != "zero" else {}
+    out = fused_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), sink=sink, **bias)[:, :, 0].cpu()
+    q, k, v = (t[:, :, 0].double() for t in (q, k, v))  # (B, H, D)
     s = 1 / math.sqrt(D)
-    s_sink = (q * kb).sum(-1) * s
-    s_self = (q * k).sum(-1) * s
-    p_sink = torch.sigmoid(s_sink - s_self)[..., None]  # softmax over [sink, key 0]
-    if variant == "attention_bias":
-        expected = p_sink * vb + (1 - p_sink) * v
-    else:  # context_bias: plain softmax over one key is 1
-        expected = v + p_sink * vb
-    assert _err(out[:, :, 0], expected) < 1e-5
-    # the sink must actually change the answer for query 0
-    assert _err(out[:, :, 0], v) > 1e-2
-
-
-def test_reference_default_matches_sdpa():
-    m = _master(2, 3, 40, 16, seed=29)
-    qkv = m["qkv"].double()
-    q, k, v = (t.view(2, 40, 3, 16).transpose(1, 2) for t in qkv.split(48, dim=2))
-    ref = fused_attention_ref(q, k, v, variant="default")
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert _err(ref, sdpa) < 1e-12
+    s_sink = (q * kb.double()).sum(-1) * s if sink != "zero" else torch.zeros(B, H, dtype=torch.float64)
+    p_sink = torch.sigmoid(s_sink - (q * k).sum(-1) * s)[..., None]  # softmax over [sink, key 0]
+    if sink == "learned":
+        expected = p_sink * vb.double() + (1 - p_sink) * v
+    elif sink == "context":  # plain softmax over one key is 1
+        expected = v + p_sink * vb.double()
+    else:  # value 0 for the sink
+        expected = (1 - p_sink) * v
+    assert _err(out, expected) < 1e-5
+    assert _err(out, v) > 1e-2  # the sink must actually change the answer for query 0
 
 
 def _qkv(B=1, H=2, T=8, D=16, dtype=torch.float32):
@@ -253,10 +260,10 @@ def _qkv(B=1, H=2, T=8, D=16, dtype=torch.float32):
 
 def test_bad_inputs_raise_value_error():
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match="unknown variant"):
-        fused_attention(q, k, v, variant="nope")
-    with pytest.raises(ValueError, match="unknown variant"):
-        fused_attention_ref(q, k, v, variant="nope")
+    with pytest.raises(ValueError, match="unknown sink"):
+        fused_attention(q, k, v, sink="nope")
+    with pytest.raises(ValueError, match="sigmoid"):
+        fused_attention(q, k, v, sink="zero", sigmoid=True)
     q24, k24, v24 = _qkv(D=24)
     with pytest.raises(ValueError, match="head dim"):
         fused_attention(q24, k24, v24)
@@ -268,19 +275,16 @@ def test_bad_inputs_raise_value_error():
         fused_attention(q, k.double(), v)
     with pytest.raises(ValueError, match="not supported"):
         fused_attention(*(t.double() for t in (q, k, v)))
-    for variant in ("attention_bias", "context_bias"):
+    zeros = torch.zeros(2, 16, device=DEVICE)
+    for sink in ("learned", "context"):
         with pytest.raises(ValueError, match="k_bias"):
-            fused_attention(q, k, v, variant=variant, v_bias=torch.zeros(2, 16, device=DEVICE))
+            fused_attention(q, k, v, sink=sink, v_bias=zeros)
         with pytest.raises(ValueError, match="v_bias"):
-            fused_attention(q, k, v, variant=variant, k_bias=torch.zeros(2, 16, device=DEVICE))
-    with pytest.raises(ValueError, match="v_bias"):
-        fused_attention(q, k, v, variant="fixed_bias")
-    with pytest.raises(ValueError, match=r"\(H, D\)"):
-        fused_attention(q, k, v, variant="fixed_bias", v_bias=torch.zeros(3, 16, device=DEVICE))
-    with pytest.raises(ValueError, match="gate"):
-        fused_attention(q, k, v, variant="scaling")
-    with pytest.raises(ValueError, match=r"\(B, H, T\)"):
-        fused_attention(q, k, v, variant="scaling", gate=torch.ones(1, 2, 7, device=DEVICE))
+            fused_attention(q, k, v, sink=sink, k_bias=zeros)
+        with pytest.raises(ValueError, match=r"\(H, D\)"):
+            fused_attention(q, k, v, sink=sink, k_bias=zeros, v_bias=torch.zeros(3, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="only read"):
+        fused_attention(q, k, v, v_bias=zeros)  # a sink vector that would be silently ignored
 
 
 # The GPU tile tables, run under the interpreter through the test-only _FORCE_ARCH hook:
@@ -289,10 +293,10 @@ def test_bad_inputs_raise_value_error():
 GPU_TILE_CASES = [
     # (arch, variant, dtype, T, D)
     (90, "context_bias", torch.bfloat16, 300, 64),
-    (90, "scaling", torch.bfloat16, 300, 64),
+    (90, "softmax1", torch.bfloat16, 300, 64),
     (80, "attention_bias", torch.bfloat16, 300, 64),
     (90, "sigmoid", torch.float16, 129, 32),
-    (80, "fixed_bias", torch.float16, 129, 32),
+    (80, "default", torch.float16, 129, 32),
     (90, "attention_bias", torch.float16, 200, 128),
     (80, "sigmoid", torch.bfloat16, 200, 128),
 ]
@@ -302,9 +306,9 @@ GPU_TILE_CASES = [
 @pytest.mark.parametrize("arch,variant,dtype,T,D", GPU_TILE_CASES, ids=lambda x: str(x).replace("torch.", ""))
 def test_gpu_tile_table_under_interpreter(monkeypatch, arch, variant, dtype, T, D):
     monkeypatch.setattr(fa, "_FORCE_ARCH", arch)
-    _check_against_truth(_master(1, 2, T, D, seed=T + D + arch), variant, dtype)
-    used = {k[0]: cfg for k, cfg in fa._CHOSEN.items()
-            if k[1] == D and k[2] == dtype and k[3] == fa._VID[variant] and k[-1] == arch}
+    monkeypatch.setattr(fa, "_CHOSEN", {})
+    _check_against_truth(_master(variant, 1, 2, T, D, seed=T + D + arch), dtype)
+    used = {k[0]: cfg for k, cfg in fa._CHOSEN.items() if k[1] == D and k[2] == dtype and k[-1] == arch}
     for kind in ("fwd", "dkdv", "dq"):
         first = fa._candidates(kind, D, dtype, arch)[0]
         assert used[kind] == first, (kind, used.get(kind), first)
@@ -356,7 +360,7 @@ def test_32bit_offset_limit_raises():
     with pytest.raises(ValueError, match=r"2\*\*31"):
         fused_attention(*wide)
     ok = [torch.empty_strided((1, 1, 1024, D), (2**30, 2**30, 2**20, 1), device="meta") for _ in range(3)]
-    fa._check(*ok, "default", None, None, None)  # 1023 * 2**20 + 15 < 2**31: accepted
+    fa._check(*ok, None, False, None, None)  # 1023 * 2**20 + 15 < 2**31: accepted
     # query / key blocks on grid axis 1: at most 65535 blocks of 16
     long = [torch.empty(1, 1, 65535 * 16 + 1, 16, device="meta") for _ in range(3)]
     with pytest.raises(ValueError, match="above the supported"):
@@ -365,13 +369,11 @@ def test_32bit_offset_limit_raises():
 
 def test_is_supported():
     q = _qkv()[0]
-    assert is_supported(q, "default", 0.0)
-    assert all(is_supported(q, v, 0.0) for v in VARIANTS)
-    assert not is_supported(q, "default", 0.1)
-    assert not is_supported(q, "unknown", 0.0)
-    assert not is_supported(_qkv(D=24)[0], "default", 0.0)
-    assert not is_supported(q.double(), "default", 0.0)
-    assert is_supported(q.half(), "scaling", 0.0) and is_supported(q.bfloat16(), "sigmoid", 0.0)
+    assert is_supported(q, 0.0)
+    assert not is_supported(q, 0.1)
+    assert not is_supported(_qkv(D=24)[0], 0.0)
+    assert not is_supported(q.double(), 0.0)
+    assert is_supported(q.half(), 0.0) and is_supported(q.bfloat16(), 0.0)
 
 
 # ----------------------------------------------------------------------------
@@ -386,22 +388,22 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gpu_real_sizes_bf16(variant, D, T):
-    _check_against_truth(_master(2, 4, T, D, seed=T + D, device="cuda"), variant, torch.bfloat16)
+    _check_against_truth(_master(variant, 2, 4, T, D, seed=T + D, device="cuda"), torch.bfloat16)
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("variant", ["attention_bias", "context_bias", "scaling", "sigmoid"])
+@pytest.mark.parametrize("variant", ["attention_bias", "context_bias", "softmax1", "sigmoid"])
 def test_gpu_other_dtypes(variant, dtype):
-    _check_against_truth(_master(2, 3, 517, 64, seed=1, device="cuda"), variant, dtype)
+    _check_against_truth(_master(variant, 2, 3, 517, 64, seed=1, device="cuda"), dtype)
 
 
 @needs_cuda
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gpu_backward_is_deterministic(variant):
-    m = _master(4, 6, 1024, 64, seed=2, device="cuda")
-    _, g1 = _run(fused_attention, m, variant, torch.bfloat16)
-    _, g2 = _run(fused_attention, m, variant, torch.bfloat16)
+    m = _master(variant, 4, 6, 1024, 64, seed=2, device="cuda")
+    _, g1 = _run("triton", m, torch.bfloat16)
+    _, g2 = _run("triton", m, torch.bfloat16)
     for name in g1:
         assert torch.equal(g1[name], g2[name]), f"{variant}: d{name} differs between runs"
 
@@ -422,9 +424,9 @@ def test_gpu_many_heads_grid():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_gpu_second_device():
     """Launches go to the tensors' device, not the current one."""
-    m = _master(1, 2, 300, 64, seed=4, device="cuda:1")
+    m = _master("context_bias", 1, 2, 300, 64, seed=4, device="cuda:1")
     with torch.cuda.device(0):
-        _check_against_truth(m, "context_bias", torch.bfloat16)
+        _check_against_truth(m, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------
