@@ -84,8 +84,15 @@ Supported / limits
 * ``sink="context"`` also writes the plain attention output softmax(S) V as an
   extra (B, H, T, D) buffer saved for the backward (its Delta is computed from
   it, with no cancellation of the sink term).
-* Under ``torch.compile`` the kernel call is a graph break (``torch.compiler.disable``):
-  it runs eagerly between compiled regions.
+* The forward and backward are ``torch.library`` custom ops
+  (``outlier_gpt::attention_fwd`` / ``attention_bwd``) with fake implementations
+  that allocate like the real ones, so ``torch.compile(model, fullgraph=True)``
+  traces the model with no graph break; the kernels run as opaque calls inside the
+  compiled graph.
+* ``sigmoid=True`` with fp16/bf16 inputs on an NVIDIA GPU computes sigmoid as
+  0.5 tanh.approx(z / 2) + 0.5 (inline PTX, max relative error about 2^-11, below
+  the rounding of P to 16 bits); fp32 inputs and the interpreter use the exact
+  formula.
 * Probabilities and dS are cast to the input dtype before the second matmul, as
   in FlashAttention; accumulation is float32.
 """
@@ -94,7 +101,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple
+import os
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -143,8 +151,10 @@ def _flags(sink, sigmoid):
 
 
 # ----------------------------------------------------------------------------
-# Triton kernels.  Scores are kept in base 2: qk2 = q.k * sm_scale * log2(e),
-# LSE is stored as log2(sum exp2(qk2)).
+# Triton kernels.  Softmax scores are kept in base 2: qk2 = q.k * qk_scale with
+# qk_scale = sm_scale * log2(e), LSE is stored as log2(sum exp2(qk2)).  Sigmoid
+# scores are half logits, zh = q.k * qk_scale + score_bias with qk_scale =
+# sm_scale / 2 and score_bias = b / 2 (sigmoid(z) = 0.5 tanh(z / 2) + 0.5).
 # ----------------------------------------------------------------------------
 
 
@@ -172,11 +182,25 @@ def _rne(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _sigmoid_of_half(zh, FAST: tl.constexpr):
+    # sigmoid(z) from zh = z / 2.  FAST (16-bit inputs on NVIDIA GPUs): one SFU op,
+    # 0.5 tanh.approx(zh) + 0.5 (max relative error ~2^-11, below bf16's rounding of
+    # P before the PV product); otherwise the exact 1 / (1 + exp(-z)).
+    if FAST:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [zh],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+        p = 0.5 * t + 0.5
+    else:
+        p = 1.0 / (1.0 + tl.exp2(zh * -2.8853900817779268))  # exp(-2 zh) = exp2(-2 log2(e) zh)
+    return p
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base,
     stride_kt, stride_kd, stride_vt, stride_vd,
-    offs_m, offs_d, lo, hi, T, qk_scale, sig_bias2,
-    SIGMOID: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    offs_m, offs_d, lo, hi, T, qk_scale, score_bias,
+    SIGMOID: tl.constexpr, FAST_SIGMOID: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
@@ -189,9 +213,9 @@ def _fwd_inner(
         else:
             kt = tl.load(kt_ptrs)
             v = tl.load(v_ptrs)
-        qk = _dot(q, kt, None, PREC, UPCAST) * qk_scale
+        qk = _dot(q, kt, None, PREC, UPCAST)  # unscaled: the scale is folded into one FMA below
         if SIGMOID:
-            p = 1.0 / (1.0 + tl.exp2(-(qk + sig_bias2)))
+            p = _sigmoid_of_half(qk * qk_scale + score_bias, FAST_SIGMOID)
             if MASKED:
                 valid = (offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < T)
                 p = tl.where(valid, p, 0.0)
@@ -200,9 +224,10 @@ def _fwd_inner(
             if MASKED:
                 valid = (offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < T)
                 qk = tl.where(valid, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # qk_scale > 0, so max(qk) * qk_scale is the max of the scaled scores
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             acc = _dot(_rne(p, UPCAST).to(v.dtype), v, acc, PREC, UPCAST)
@@ -218,12 +243,13 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_kbh, stride_kbd, stride_vbh, stride_vbd,
-    H, T, qk_scale, sig_bias2,
-    SIGMOID: tl.constexpr, LEARNED_SINK: tl.constexpr, CONTEXT_SINK: tl.constexpr,
-    ZERO_SINK: tl.constexpr, HEAD_D: tl.constexpr,
+    H, T, qk_scale, score_bias, T_BUCKET,
+    SIGMOID: tl.constexpr, FAST_SIGMOID: tl.constexpr, LEARNED_SINK: tl.constexpr,
+    CONTEXT_SINK: tl.constexpr, ZERO_SINK: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # T_BUCKET is unused here: it is the autotuner's key for the sequence length.
     # B*H on grid axis 0 (up to 2**31 - 1 programs; axes 1/2 stop at 65535),
     # query blocks on axis 1, heaviest (last, most key blocks) first so that the
     # light blocks fill the end of the launch
@@ -262,14 +288,14 @@ def _fwd_kernel(
     # key blocks strictly below the diagonal block: no mask, no bound checks
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, 0, start_m * BLOCK_M, T, qk_scale, sig_bias2,
-        SIGMOID, BLOCK_N, False, PREC, UPCAST)
+        offs_m, offs_d, 0, start_m * BLOCK_M, T, qk_scale, score_bias,
+        SIGMOID, FAST_SIGMOID, BLOCK_N, False, PREC, UPCAST)
     # diagonal block: causal mask and key tail mask
     hi = tl.minimum((start_m + 1) * BLOCK_M, T)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, start_m * BLOCK_M, hi, T, qk_scale, sig_bias2,
-        SIGMOID, BLOCK_N, True, PREC, UPCAST)
+        offs_m, offs_d, start_m * BLOCK_M, hi, T, qk_scale, score_bias,
+        SIGMOID, FAST_SIGMOID, BLOCK_N, True, PREC, UPCAST)
 
     if LEARNED_SINK:
         vb = tl.load(VB + off_h * stride_vbh + offs_d * stride_vbd).to(tl.float32)
@@ -373,8 +399,8 @@ def _bwd_preprocess(
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, LSE_row, DELTA_row,
     stride_qt, stride_qd, stride_dot, stride_dod,
-    offs_n, offs_d, lo, hi, T, qk_scale, sig_bias2,
-    SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+    offs_n, offs_d, lo, hi, T, qk_scale, score_bias,
+    SIGMOID: tl.constexpr, FAST_SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
@@ -385,12 +411,12 @@ def _bwd_dkdv_inner(
                      mask=row_ok[None, :], other=0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
                      mask=row_ok[:, None], other=0.0)
-        qkt = _dot(k, qt, None, PREC, UPCAST) * qk_scale
+        qkt = _dot(k, qt, None, PREC, UPCAST)
         if SIGMOID:
-            pt = 1.0 / (1.0 + tl.exp2(-(qkt + sig_bias2)))
+            pt = _sigmoid_of_half(qkt * qk_scale + score_bias, FAST_SIGMOID)
         else:
             lse = tl.load(LSE_row + offs_m, mask=row_ok, other=0.0)
-            pt = tl.exp2(qkt - lse[None, :])
+            pt = tl.exp2(qkt * qk_scale - lse[None, :])
         if MASKED:
             pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
         dv = _dot(_rne(pt, UPCAST).to(do.dtype), do, dv, PREC, UPCAST)
@@ -413,8 +439,8 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-    H, T, qk_scale, sm_scale, sig_bias2,
-    SIGMOID: tl.constexpr, HEAD_D: tl.constexpr,
+    H, T, qk_scale, sm_scale, score_bias, T_BUCKET,
+    SIGMOID: tl.constexpr, FAST_SIGMOID: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -444,14 +470,14 @@ def _bwd_dkdv_kernel(
     dk, dv = _bwd_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_row, delta_row,
         stride_qt, stride_qd, stride_dot, stride_dod,
-        offs_n, offs_d, start_n, hi, T, qk_scale, sig_bias2,
-        SIGMOID, BLOCK_M, True, PREC, UPCAST)
+        offs_n, offs_d, start_n, hi, T, qk_scale, score_bias,
+        SIGMOID, FAST_SIGMOID, BLOCK_M, True, PREC, UPCAST)
     # ... then every later query block (no causal mask)
     dk, dv = _bwd_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_row, delta_row,
         stride_qt, stride_qd, stride_dot, stride_dod,
-        offs_n, offs_d, start_n + BLOCK_N, T, T, qk_scale, sig_bias2,
-        SIGMOID, BLOCK_M, False, PREC, UPCAST)
+        offs_n, offs_d, start_n + BLOCK_N, T, T, qk_scale, score_bias,
+        SIGMOID, FAST_SIGMOID, BLOCK_M, False, PREC, UPCAST)
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh
              + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
@@ -465,8 +491,8 @@ def _bwd_dkdv_kernel(
 def _bwd_dq_inner(
     dq, q, do, lse, delta, k_base, v_base,
     stride_kt, stride_kd, stride_vt, stride_vd,
-    offs_m, offs_d, lo, hi, T, qk_scale, sig_bias2,
-    SIGMOID: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    offs_m, offs_d, lo, hi, T, qk_scale, score_bias,
+    SIGMOID: tl.constexpr, FAST_SIGMOID: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
@@ -479,11 +505,11 @@ def _bwd_dq_inner(
         else:
             kt = tl.load(kt_ptrs)
             vt = tl.load(vt_ptrs)
-        qk = _dot(q, kt, None, PREC, UPCAST) * qk_scale
+        qk = _dot(q, kt, None, PREC, UPCAST)
         if SIGMOID:
-            p = 1.0 / (1.0 + tl.exp2(-(qk + sig_bias2)))
+            p = _sigmoid_of_half(qk * qk_scale + score_bias, FAST_SIGMOID)
         else:
-            p = tl.exp2(qk - lse[:, None])
+            p = tl.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
             valid = (offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < T)
             p = tl.where(valid, p, 0.0)
@@ -505,8 +531,8 @@ def _bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     stride_kbh, stride_kbd,
-    H, T, qk_scale, sm_scale, sig_bias2,
-    SIGMOID: tl.constexpr, SINK_PARAMS: tl.constexpr, HEAD_D: tl.constexpr,
+    H, T, qk_scale, sm_scale, score_bias, T_BUCKET,
+    SIGMOID: tl.constexpr, FAST_SIGMOID: tl.constexpr, SINK_PARAMS: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -536,13 +562,13 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     dq = _bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, 0, start_m * BLOCK_M, T, qk_scale, sig_bias2,
-        SIGMOID, BLOCK_N, False, PREC, UPCAST)
+        offs_m, offs_d, 0, start_m * BLOCK_M, T, qk_scale, score_bias,
+        SIGMOID, FAST_SIGMOID, BLOCK_N, False, PREC, UPCAST)
     hi = tl.minimum((start_m + 1) * BLOCK_M, T)
     dq = _bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, start_m * BLOCK_M, hi, T, qk_scale, sig_bias2,
-        SIGMOID, BLOCK_N, True, PREC, UPCAST)
+        offs_m, offs_d, start_m * BLOCK_M, hi, T, qk_scale, score_bias,
+        SIGMOID, FAST_SIGMOID, BLOCK_N, True, PREC, UPCAST)
     dq = dq * sm_scale
     if SINK_PARAMS:
         ds0 = tl.load(DS0 + row_idx, mask=row_ok, other=0.0)
@@ -566,15 +592,17 @@ _LAUNCH_OPTS = {"enable_fp_fusion": True}
 # ----------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------
-# Each entry: (BLOCK_M, BLOCK_N, num_warps, num_stages).  Constraints used by the
-# causal loops: fwd and dq need BLOCK_M % BLOCK_N == 0, dkdv needs
-# BLOCK_N % BLOCK_M == 0.  The table is chosen by compute capability (Hopper and
-# newer: larger tiles, wgmma; sm_8x: smaller tiles that fit its register file
-# with mma.sync).  Candidates are tried in order; one that does not fit the GPU
-# (OutOfResources, or a ptxas failure) is skipped and the choice is cached per
-# (kernel, D, dtype, flags, precision, device, compute capability).
-# The first candidates were checked ahead of time (triton 3.6 and 3.9, bf16,
-# D = 64 / 128, every variant) to compile without register spills on their arch.
+# Each candidate: (BLOCK_M, BLOCK_N, num_warps, num_stages).  Constraints used by
+# the causal loops: fwd and dq need BLOCK_M % BLOCK_N == 0, dkdv needs
+# BLOCK_N % BLOCK_M == 0.  The candidates depend on the compute capability
+# (Hopper and newer: larger tiles, wgmma; sm_8x: smaller tiles that fit its
+# register file with mma.sync) and were compiled ahead of time for their arch
+# (benchmarks/kernel_registers.py; bf16, D = 64 and 128, every flag combination)
+# without register spills.  On a GPU, triton.autotune times the candidates once
+# per (kernel, head dim, dtype, flags, dot precision, bucket of T) and keeps the
+# fastest; configs that do not fit the GPU are skipped by the autotuner.  With
+# OUTLIER_GPT_AUTOTUNE=0 the first candidate that fits is used instead, so that
+# launches (and bits) are the same in every process.
 
 _INTERP_TABLE = {
     # moderate tiles keep the numpy interpreter fast (fewer, larger steps) while
@@ -585,6 +613,43 @@ _INTERP_TABLE = {
     "dq": [(64, 32, 4, 1)],
 }
 
+# Hopper and newer, 16-bit inputs, by head dim (D = 16 / 32 use the D = 32 row)
+_SM90_TABLE = {
+    "fwd": {32: [(128, 64, 4, 3), (64, 64, 4, 3)],
+            64: [(128, 128, 8, 3), (128, 64, 8, 3)],
+            128: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)]},
+    "dkdv": {32: [(64, 128, 8, 2), (32, 128, 4, 3)],
+             64: [(64, 128, 8, 2), (32, 128, 8, 3)],
+             128: [(32, 128, 8, 2), (32, 64, 8, 2)]},
+    "dq": {32: [(128, 64, 8, 2), (128, 32, 4, 3)],
+           64: [(128, 64, 8, 2), (128, 32, 4, 3)],
+           128: [(128, 64, 8, 2), (128, 32, 8, 2)]},
+}
+
+# sm_8x, 16-bit inputs: mma.sync keeps the accumulators in registers, so smaller tiles; at most
+# 88 KB of shared memory, so they also fit sm_86/sm_89 (99 KB)
+_SM8X_TABLE = {
+    "fwd": {16: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+            32: [(128, 64, 4, 3), (64, 32, 4, 2)],
+            64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+            128: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)]},
+    "dkdv": {16: [(32, 128, 4, 3), (32, 64, 4, 2)],
+             32: [(32, 128, 4, 3), (32, 64, 4, 2)],
+             64: [(32, 128, 8, 3), (32, 64, 4, 3)],
+             128: [(32, 64, 8, 2), (32, 32, 4, 2)]},
+    "dq": {16: [(128, 32, 4, 3), (64, 32, 4, 2)],
+           32: [(128, 32, 4, 3), (64, 32, 4, 2)],
+           64: [(128, 32, 8, 3), (64, 32, 4, 3)],
+           128: [(64, 32, 4, 3), (64, 32, 4, 2)]},
+}
+
+# fp32 inputs (any arch): 2x the registers / shared memory per element; meant for checks
+_FP32_TABLE = {
+    "fwd": [(64, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+    "dkdv": [(32, 64, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1)],
+    "dq": [(64, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)],
+}
+
 
 def _candidates(kind: str, D: int, dtype: torch.dtype, arch=None):
     """Tile candidates for ``kind`` in {"fwd", "dkdv", "dq"}.  ``arch`` is the
@@ -592,63 +657,60 @@ def _candidates(kind: str, D: int, dtype: torch.dtype, arch=None):
     ``None`` means the CPU interpreter."""
     if arch is None:
         return list(_INTERP_TABLE[kind])
-    wide = dtype == torch.float32
-    big = D >= 64
-    if wide:  # fp32 operands: 2x the registers / shared memory per element
-        c = {
-            "fwd": [(64, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
-            "dkdv": [(32, 64, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1)],
-            "dq": [(64, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)],
-        }[kind]
-    elif arch >= 90:  # Hopper and newer
-        if kind == "fwd":
-            if big:
-                c = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2), (32, 16, 4, 1)]
-            else:
-                c = [(128, 64, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)]
-        elif kind == "dkdv":  # BLOCK_M = query tile, BLOCK_N = key tile
-            if big:  # 8 warps: with 4, D=64 spills (255 registers) on sm_90
-                c = [(32, 128, 8, 3), (32, 64, 4, 2), (16, 32, 4, 1)]
-            else:
-                c = [(32, 128, 4, 3), (32, 64, 4, 2), (16, 32, 4, 1)]
-        else:  # dq: BLOCK_M = query tile, BLOCK_N = key tile
-            if D >= 128:
-                c = [(128, 32, 8, 3), (64, 32, 4, 2), (32, 16, 4, 1)]
-            else:
-                c = [(128, 32, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)]
-    else:  # sm_8x (and older): mma.sync, 255 registers per thread, less shared memory
-        c = _SM8X_TABLE[kind][min(D, 128)]
-    return list(c)
+    if dtype == torch.float32:
+        return list(_FP32_TABLE[kind])
+    if arch >= 90:
+        return list(_SM90_TABLE[kind][max(D, 32)])
+    return list(_SM8X_TABLE[kind][min(D, 128)])
 
 
-# sm_8x, 16-bit dtypes.  Hopper's first configs spill registers here for D=128
-# (mma.sync keeps the accumulators in registers; e.g. dkdv (32, 128, 8, 3)
-# spilled ~1-18 KB) and dq (128, 32, 4, 3) spills at D=64; the first configs
-# below do not (ptxas for sm_80, triton 3.6 and 3.9, every variant, D=16..128)
-# and use <= 88 KB of shared memory, so they also fit sm_86/sm_89 (99 KB).
-_SM8X_TABLE = {
-    "fwd": {16: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)],
-            32: [(128, 64, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)],
-            64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)],
-            128: [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 16, 4, 1)]},
-    "dkdv": {16: [(32, 128, 4, 3), (32, 64, 4, 2), (16, 32, 4, 1)],
-             32: [(32, 128, 4, 3), (32, 64, 4, 2), (16, 32, 4, 1)],
-             64: [(32, 128, 8, 3), (32, 64, 4, 3), (16, 32, 4, 1)],
-             128: [(32, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 1)]},
-    "dq": {16: [(128, 32, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)],
-           32: [(128, 32, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)],
-           64: [(128, 32, 8, 3), (64, 32, 4, 3), (32, 16, 4, 1)],
-           128: [(64, 32, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1)]},
-}
-
-# (kernel, D, dtype, flags, dot precision, device, compute capability) -> config
+# (kernel, D, dtype, flags, dot precision, device, compute capability, T bucket) -> config
 _CHOSEN: dict = {}
-_CHOSEN_KEY_FIELDS = ("kernel", "head_dim", "dtype", "flags", "precision", "device", "arch")
+_CHOSEN_KEY_FIELDS = ("kernel", "head_dim", "dtype", "flags", "precision", "device", "arch", "t_bucket")
 
-# Test-only hook: set to a compute capability (e.g. 90 or 80) to use that GPU
-# tile table instead of the interpreter's (the tests run the real GPU tiles,
-# ragged tails included, under the interpreter).  None: decided by the device.
+# Test-only hooks: _FORCE_ARCH set to a compute capability (e.g. 90 or 80) uses that GPU
+# table under the interpreter, and _FORCE_CANDIDATE picks its i-th candidate (the tests run
+# every GPU tile candidate, ragged tails included, under the interpreter).
 _FORCE_ARCH = None
+_FORCE_CANDIDATE = None
+
+# the constexprs that select a kernel specialisation: part of the autotuning key
+_TUNE_KEY = ("HEAD_D", "PREC", "SIGMOID", "FAST_SIGMOID", "LEARNED_SINK", "CONTEXT_SINK", "ZERO_SINK",
+             "SINK_PARAMS", "T_BUCKET")
+_TUNERS: dict = {}
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("OUTLIER_GPT_AUTOTUNE", "1") != "0"
+
+
+def _t_bucket(T: int) -> int:
+    """Sequence lengths that share a tuning result: powers of two from 16 to 65536."""
+    return min(triton.next_power_of_2(max(T, 16)), 1 << 16)
+
+
+def _tuner(kind, kernel):
+    """triton.autotune over every candidate of every table, pruned per call to the candidates of
+    the call's (arch, head dim, dtype)."""
+    if kind not in _TUNERS:
+        tables = [_SM90_TABLE[kind], _SM8X_TABLE[kind], {0: _FP32_TABLE[kind]}]
+        every = list(dict.fromkeys(cfg for table in tables for cands in table.values() for cfg in cands))
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                   for bm, bn, w, s in every]
+
+        def prune(configs, named_args, **kwargs):
+            q = named_args["Q"]
+            wanted = _candidates(kind, kwargs["HEAD_D"], q.dtype, _device_arch(q.device))
+            return [c for c in configs if _config_tuple(c) in wanted]
+
+        names = kernel.arg_names
+        _TUNERS[kind] = triton.autotune(configs=configs, key=[k for k in _TUNE_KEY if k in names],
+                                        prune_configs_by={"early_config_prune": prune})(kernel)
+    return _TUNERS[kind]
+
+
+def _config_tuple(config):
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
 
 
 def interpreting() -> bool:
@@ -677,19 +739,35 @@ def _on_device(device: torch.device):
 
 
 def _launch(kind, kernel, q, T, BH, D, args, constexprs):
-    """Launch ``kernel`` with the first candidate config that fits; cache it.
-    Must run under ``_on_device(q.device)``."""
+    """Launch ``kernel`` (its runtime ``args`` and ``constexprs``; T_BUCKET is appended here)
+    with the autotuned tile config, or the first candidate that fits when not tuning; records
+    the choice.  Must run under ``_on_device(q.device)``."""
     arch = _device_arch(q.device)
+    bucket = _t_bucket(T)
     flags = ",".join(name for name, value in constexprs.items() if value is True) or "softmax"
-    key = (kind, D, q.dtype, flags, constexprs.get("PREC"), str(q.device), arch)
-    cands = [_CHOSEN[key]] if key in _CHOSEN else _candidates(kind, D, q.dtype, arch)
+    key = (kind, D, q.dtype, flags, constexprs.get("PREC"), str(q.device), arch, bucket)
+    tile = "BLOCK_M" if kind in ("fwd", "dq") else "BLOCK_N"
+    cands = _candidates(kind, D, q.dtype, arch)
+    if _FORCE_CANDIDATE is not None:
+        cands = [cands[min(_FORCE_CANDIDATE, len(cands) - 1)]]
+    if not _INTERPRET and _autotune_enabled() and len(cands) > 1:
+        tuner = _tuner(kind, kernel)
+        tuner[lambda meta: (BH, triton.cdiv(T, meta[tile]))](*args, bucket, **_LAUNCH_OPTS, **constexprs)
+        cfg = _config_tuple(tuner.best_config)
+        if _CHOSEN.get(key) != cfg:
+            print(f"fused_attention: autotuned {kind} (D={D}, {str(q.dtype)[6:]}, {flags}, T<={bucket}, "
+                  f"sm_{arch}): BLOCK_M={cfg[0]} BLOCK_N={cfg[1]} num_warps={cfg[2]} num_stages={cfg[3]}",
+                  flush=True)
+        _CHOSEN[key] = cfg
+        return
+    if key in _CHOSEN and _FORCE_CANDIDATE is None:
+        cands = [_CHOSEN[key]]
     last_err = None
     for cfg in cands:
         bm, bn, warps, stages = cfg
-        tile = bm if kind in ("fwd", "dq") else bn
-        grid = (BH, triton.cdiv(T, tile))
+        grid = (BH, triton.cdiv(T, bm if tile == "BLOCK_M" else bn))
         try:
-            kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+            kernel[grid](*args, bucket, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                          num_stages=stages, **_LAUNCH_OPTS, **constexprs)
         except _FIT_ERRORS as err:  # pragma: no cover - GPU only
             last_err = err
@@ -748,88 +826,142 @@ def _s4(t):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-class _FusedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, k_bias, v_bias, flags, sm_scale, sig_bias):
-        B, H, T, D = q.shape
-        dummy = q  # pointer placeholder for unused operands (never dereferenced)
-        o = _alloc_like(q)
-        ou = _alloc_like(q) if flags.CONTEXT_SINK else o
-        lse_shape = (1,) if flags.SIGMOID else (B * H, T)
-        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-        kb_ = k_bias if k_bias is not None else dummy
-        vb_ = v_bias if v_bias is not None else dummy
-        args = (q, k, v, o, ou, lse, kb_, vb_,
-                *_s4(q), *_s4(k), *_s4(v), *_s4(o), *_s2(k_bias), *_s2(v_bias),
-                H, T, sm_scale * _LOG2E, sig_bias * _LOG2E)
-        with _on_device(q.device):
-            _launch("fwd", _fwd_kernel, q, T, B * H, D, args,
-                    dict(**flags._asdict(), HEAD_D=D, **_precision(q)))
-        # the context sink's backward needs softmax(S) V (ou); everything else the output
-        ctx.save_for_backward(q, k, v, ou, lse, k_bias, v_bias)
-        ctx.flags = flags
-        ctx.sm_scale = sm_scale
-        ctx.sig_bias = sig_bias
-        return o
+# ----------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile (no graph break), with fake
+# implementations that allocate exactly like the real ones (same strides)
+# ----------------------------------------------------------------------------
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, o, lse, kb, vb = ctx.saved_tensors
-        flags = ctx.flags
-        sm_scale = ctx.sm_scale
-        B, H, T, D = q.shape
-        dev = q.device
-        if do.dtype != q.dtype:
-            do = do.to(q.dtype)
-        if not _offsets_fit(do):  # e.g. an odd incoming gradient layout
-            do = do.contiguous()
-        qk_scale = sm_scale * _LOG2E
-        sig2 = ctx.sig_bias * _LOG2E
-        prec = _precision(q)
-        dummy = q
-        kb_ = kb if kb is not None else dummy
-        f32 = torch.float32
-        sink = flags.has_sink_params
+_NO_SINK = "none"  # custom-op schemas take str, not Optional[str]
 
-        with _on_device(dev):
-            delta = ds0 = lse  # placeholders for sigmoid (never read)
-            dkb_part = dvb_part = None
-            if not flags.SIGMOID:
-                pre_bm = 32 if _device_arch(dev) is None else 64
-                nblk = triton.cdiv(T, pre_bm)
-                delta = torch.empty((B * H, T), dtype=f32, device=dev)
-                ds0 = torch.empty((B * H, T), dtype=f32, device=dev) if sink else delta
-                if sink:
-                    dkb_part = torch.empty((B, H, nblk, D), dtype=f32, device=dev)
-                    dvb_part = torch.empty((B, H, nblk, D), dtype=f32, device=dev)
-                _bwd_preprocess[(B * H, nblk)](
-                    o, do, q, kb_, vb if vb is not None else dummy, lse, delta, ds0,
-                    dkb_part if sink else delta, dvb_part if sink else delta,
-                    *_s4(o), *_s4(do), *_s4(q), *_s2(kb), *_s2(vb),
-                    H, T, nblk, sm_scale, qk_scale,
-                    LEARNED_SINK=flags.LEARNED_SINK, CONTEXT_SINK=flags.CONTEXT_SINK,
-                    HEAD_D=D, BLOCK_M=pre_bm, num_warps=4, **_LAUNCH_OPTS)
 
-            dq = _alloc_like(q)
-            dk = _alloc_like(k)
-            dv = _alloc_like(v)
-            args = (q, k, v, do, lse, delta, dk, dv,
-                    *_s4(q), *_s4(k), *_s4(v), *_s4(do), *_s4(dk), *_s4(dv),
-                    H, T, qk_scale, sm_scale, sig2)
-            _launch("dkdv", _bwd_dkdv_kernel, q, T, B * H, D, args,
-                    dict(SIGMOID=flags.SIGMOID, HEAD_D=D, **prec))
-            args = (q, k, v, do, lse, delta, ds0, kb_, dq,
-                    *_s4(q), *_s4(k), *_s4(v), *_s4(do), *_s4(dq), *_s2(kb),
-                    H, T, qk_scale, sm_scale, sig2)
-            _launch("dq", _bwd_dq_kernel, q, T, B * H, D, args,
-                    dict(SIGMOID=flags.SIGMOID, SINK_PARAMS=sink, HEAD_D=D, **prec))
+def _fwd_outputs(q, sink, sigmoid):
+    """(o, ou, lse) buffers of the forward, shared by the real and the fake op."""
+    B, H, T, D = q.shape
+    o = _alloc_like(q)
+    # the context sink's backward needs softmax(S) V; other cores return an empty placeholder
+    ou = _alloc_like(q) if sink == "context" else q.new_empty(0)
+    if sigmoid:  # no log-sum-exp: a defined placeholder, so the op's outputs are deterministic
+        return o, ou, torch.zeros((1,), dtype=torch.float32, device=q.device)
+    return o, ou, torch.empty((B * H, T), dtype=torch.float32, device=q.device)
 
-        dkb = dvb = None
-        if sink:
-            dkb = dkb_part.sum(dim=(0, 2)).to(kb.dtype)
-            dvb = dvb_part.sum(dim=(0, 2)).to(vb.dtype)
-        return dq, dk, dv, dkb, dvb, None, None, None
+
+def _bwd_outputs(q, k, v, k_bias, v_bias):
+    """(dq, dk, dv, dk_bias, dv_bias) buffers; sink gradients are empty without sink vectors."""
+    dkb = torch.empty_like(k_bias) if k_bias is not None else q.new_empty(0)
+    dvb = torch.empty_like(v_bias) if v_bias is not None else q.new_empty(0)
+    return _alloc_like(q), _alloc_like(k), _alloc_like(v), dkb, dvb
+
+
+def _score_scale_bias(flags, sm_scale, sig_bias):
+    """Softmax cores work on base-2 logits (scale s log2 e); sigmoid on half logits, for
+    sigmoid(z) = 0.5 tanh(z / 2) + 0.5 (scale s / 2, bias b / 2)."""
+    if flags.SIGMOID:
+        return 0.5 * sm_scale, 0.5 * sig_bias
+    return sm_scale * _LOG2E, 0.0
+
+
+@torch.library.custom_op("outlier_gpt::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_bias: Optional[torch.Tensor],
+                   v_bias: Optional[torch.Tensor], sink: str, sigmoid: bool, sm_scale: float,
+                   sig_bias: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, T, D = q.shape
+    flags = _flags(sink, sigmoid)
+    o, ou, lse = _fwd_outputs(q, sink, sigmoid)
+    dummy = q  # pointer placeholder for unused operands (never dereferenced)
+    score_scale, score_bias = _score_scale_bias(flags, sm_scale, sig_bias)
+    args = (q, k, v, o, ou if flags.CONTEXT_SINK else o, lse,
+            k_bias if k_bias is not None else dummy, v_bias if v_bias is not None else dummy,
+            *_s4(q), *_s4(k), *_s4(v), *_s4(o), *_s2(k_bias), *_s2(v_bias),
+            H, T, score_scale, score_bias)
+    with _on_device(q.device):
+        _launch("fwd", _fwd_kernel, q, T, B * H, D, args,
+                dict(**flags._asdict(), HEAD_D=D, **_precision(q)))
+    return o, ou, lse
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, k_bias, v_bias, sink, sigmoid, sm_scale, sig_bias):
+    return _fwd_outputs(q, sink, sigmoid)
+
+
+@torch.library.custom_op("outlier_gpt::attention_bwd", mutates_args=())
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, k_bias: Optional[torch.Tensor], v_bias: Optional[torch.Tensor],
+                   sink: str, sigmoid: bool, sm_scale: float, sig_bias: float
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    flags = _flags(sink, sigmoid)
+    B, H, T, D = q.shape
+    dev = q.device
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
+    if not _offsets_fit(do):  # e.g. an odd incoming gradient layout
+        do = do.contiguous()
+    score_scale, score_bias = _score_scale_bias(flags, sm_scale, sig_bias)
+    prec = _precision(q)
+    dummy = q
+    kb, vb = k_bias, v_bias
+    kb_ = kb if kb is not None else dummy
+    f32 = torch.float32
+    sink_params = flags.has_sink_params
+    dq, dk, dv, dkb, dvb = _bwd_outputs(q, k, v, kb, vb)
+
+    with _on_device(dev):
+        delta = ds0 = lse  # placeholders for sigmoid (never read)
+        dkb_part = dvb_part = None
+        if not flags.SIGMOID:
+            pre_bm = 32 if _device_arch(dev) is None else 64
+            nblk = triton.cdiv(T, pre_bm)
+            delta = torch.empty((B * H, T), dtype=f32, device=dev)
+            ds0 = torch.empty((B * H, T), dtype=f32, device=dev) if sink_params else delta
+            if sink_params:
+                dkb_part = torch.empty((B, H, nblk, D), dtype=f32, device=dev)
+                dvb_part = torch.empty((B, H, nblk, D), dtype=f32, device=dev)
+            _bwd_preprocess[(B * H, nblk)](
+                o, do, q, kb_, vb if vb is not None else dummy, lse, delta, ds0,
+                dkb_part if sink_params else delta, dvb_part if sink_params else delta,
+                *_s4(o), *_s4(do), *_s4(q), *_s2(kb), *_s2(vb),
+                H, T, nblk, sm_scale, score_scale,
+                LEARNED_SINK=flags.LEARNED_SINK, CONTEXT_SINK=flags.CONTEXT_SINK,
+                HEAD_D=D, BLOCK_M=pre_bm, num_warps=4, **_LAUNCH_OPTS)
+
+        args = (q, k, v, do, lse, delta, dk, dv,
+                *_s4(q), *_s4(k), *_s4(v), *_s4(do), *_s4(dk), *_s4(dv),
+                H, T, score_scale, sm_scale, score_bias)
+        _launch("dkdv", _bwd_dkdv_kernel, q, T, B * H, D, args,
+                dict(SIGMOID=flags.SIGMOID, HEAD_D=D, **prec))
+        args = (q, k, v, do, lse, delta, ds0, kb_, dq,
+                *_s4(q), *_s4(k), *_s4(v), *_s4(do), *_s4(dq), *_s2(kb),
+                H, T, score_scale, sm_scale, score_bias)
+        _launch("dq", _bwd_dq_kernel, q, T, B * H, D, args,
+                dict(SIGMOID=flags.SIGMOID, SINK_PARAMS=sink_params, HEAD_D=D, **prec))
+
+    if sink_params:  # a fixed-order reduction of the per-block partials: deterministic
+        dkb.copy_(dkb_part.sum(dim=(0, 2)))
+        dvb.copy_(dvb_part.sum(dim=(0, 2)))
+    return dq, dk, dv, dkb, dvb
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(do, q, k, v, o, lse, k_bias, v_bias, sink, sigmoid, sm_scale, sig_bias):
+    return _bwd_outputs(q, k, v, k_bias, v_bias)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, k_bias, v_bias, sink, sigmoid, sm_scale, sig_bias = inputs
+    o, ou, lse = output
+    # the context sink's Delta comes from softmax(S) V (no cancellation of the sink term)
+    ctx.save_for_backward(q, k, v, ou if sink == "context" else o, lse, k_bias, v_bias)
+    ctx.options = (sink, sigmoid, sm_scale, sig_bias)
+
+
+def _backward(ctx, do, _d_ou, _d_lse):
+    q, k, v, o, lse, k_bias, v_bias = ctx.saved_tensors
+    dq, dk, dv, dkb, dvb = _attention_bwd(do, q, k, v, o, lse, k_bias, v_bias, *ctx.options)
+    sink_params = k_bias is not None
+    return (dq, dk, dv, dkb if sink_params else None, dvb if sink_params else None, None, None, None, None)
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _s2(t):
@@ -837,21 +969,11 @@ def _s2(t):
 
 
 def _precision(q):
-    """The PREC / UPCAST constexprs for q's dtype."""
-    return dict(PREC=_dot_precision(q.dtype), UPCAST=_INTERPRET and q.dtype == torch.bfloat16)
-
-
-def _compiler_disable(fn):
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
-
-
-@_compiler_disable
-def _apply(*args):
-    # torch.compile must not trace into the launch code (it would try to turn the
-    # Triton launches into graph nodes); the call is a graph break and runs eagerly,
-    # the rest of a compiled model stays compiled.
-    return _FusedAttention.apply(*args)
+    """The dtype-dependent constexprs: dot precision, the interpreter's bf16 emulation, and the
+    tanh.approx sigmoid (NVIDIA GPUs, 16-bit inputs; inline PTX cannot run under the interpreter)."""
+    on_nvidia = q.is_cuda and not _INTERPRET and torch.version.hip is None
+    return dict(PREC=_dot_precision(q.dtype), UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+                FAST_SIGMOID=on_nvidia and q.dtype in (torch.float16, torch.bfloat16))
 
 
 # ----------------------------------------------------------------------------
@@ -936,8 +1058,11 @@ def fused_attention(q, k, v, *, sink=None, k_bias=None, v_bias=None, sigmoid=Fal
     _check(q, k, v, sink, sigmoid, k_bias, v_bias)
     T, D = q.shape[2], q.shape[3]
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(D)
+    if not scale > 0:  # the forward takes the row max of unscaled scores
+        raise ValueError(f"fused_attention: sm_scale must be positive, got {sm_scale}")
     if sigmoid:
         sig_bias = float(sigmoid_bias) if sigmoid_bias is not None else -math.log(T)
     else:
         sig_bias = 0.0
-    return _apply(q, k, v, k_bias, v_bias, _flags(sink, sigmoid), scale, sig_bias)
+    out, _, _ = _attention_fwd(q, k, v, k_bias, v_bias, sink or _NO_SINK, bool(sigmoid), scale, sig_bias)
+    return out

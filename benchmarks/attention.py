@@ -46,6 +46,8 @@ REPO_ROOT = os.path.dirname(BENCH_DIR)
 sys.path.insert(0, REPO_ROOT)
 from attention_variants import VARIANTS as ALL_VARIANTS  # noqa: E402  (imports no triton)
 MODES = ("fwd", "bwd", "fwdbwd")
+SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 
 
 def parse_args(argv=None):
@@ -59,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=ALL_VARIANTS)
     p.add_argument("--impls", nargs="+", default=["fused", "sdpa", "unfused"],
                    choices=["fused", "sdpa", "unfused"])
+    p.add_argument("--sdpa-backend", default="flash", choices=sorted(SDPA_BACKENDS),
+                   help="the backend the 'sdpa' baseline is pinned to (default flash: FlashAttention-2); "
+                        "'auto' lets torch choose. Recorded in the results")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
     p.add_argument("--out-dir", default=None,
@@ -162,10 +167,19 @@ def main(argv=None):
     def split(qkv, B, T):
         return [t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2)]  # (B, H, T, D) views
 
+    def pinned_sdpa(q, k, v):
+        """Causal SDPA on the chosen backend (an error, not a silent fallback, if it cannot run)."""
+        backend = SDPA_BACKENDS[args.sdpa_backend]
+        if backend is None or args.interpret_smoke:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
     def make_fn(impl, fn_inputs, B, T):
         spec, qkv, x, layer = fn_inputs
         if impl == "sdpa":
-            return lambda: F.scaled_dot_product_attention(*split(qkv, B, T), is_causal=True)
+            return lambda: pinned_sdpa(*split(qkv, B, T))
         # fused: the kernel path; unfused: the project's own PyTorch path (SDPA form, else reference)
         if impl == "fused":
             path = spec.triton
@@ -248,6 +262,7 @@ def main(argv=None):
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix="attn_bench_smoke_") if args.interpret_smoke
                                else os.path.join(REPO_ROOT, "benchmarks", "results"))
     meta.update({
+        "sdpa_backend": args.sdpa_backend if not args.interpret_smoke else "auto (interpreter smoke)",
         "interpret_smoke": args.interpret_smoke,
         "dtype": args.dtype,
         "tokens": args.tokens,

@@ -254,6 +254,70 @@ def test_sink_visible_to_first_query(sink):
     assert _err(out, v) > 1e-2  # the sink must actually change the answer for query 0
 
 
+# ----------------------------------------------------------------------------
+# torch.compile: the kernels are torch.library custom ops, traced without a graph break
+# ----------------------------------------------------------------------------
+
+OP_CASES = [("none", False), ("learned", False), ("context", False), ("zero", False), ("none", True)]
+
+
+@pytest.mark.parametrize("sink,sigmoid", OP_CASES)
+def test_custom_ops_pass_opcheck(sink, sigmoid):
+    """torch.library.opcheck: schema, autograd registration, fake tensors (shapes, dtypes and
+    strides of the fake outputs equal the real ones) and AOT dispatch equal to eager."""
+    g = torch.Generator().manual_seed(31)
+    B, H, T, D = 1, 2, 20, 16
+    qkv = torch.randn(B, T, 3 * H * D, generator=g).to(DEVICE).requires_grad_()
+    q, k, v = _split(qkv, H, "qkv")
+    with_bias = sink in ("learned", "context")
+    kb, vb = (torch.randn(H, D, generator=g).to(DEVICE).requires_grad_() if with_bias else None for _ in range(2))
+    args = (q, k, v, kb, vb, sink, sigmoid, 0.25, -1.0)
+    torch.library.opcheck(fa._attention_fwd, args)
+    o, ou, lse = fa._attention_fwd(*args)
+    bwd_args = (torch.randn_like(o), *(t.detach() for t in (q, k, v)), ou if sink == "context" else o, lse,
+                *(t.detach() if t is not None else None for t in (kb, vb)), sink, sigmoid, 0.25, -1.0)
+    torch.library.opcheck(fa._attention_bwd, tuple(t.detach() if isinstance(t, torch.Tensor) else t
+                                                   for t in bwd_args))
+
+
+def test_fake_outputs_have_the_real_strides():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q, k, v = _split(torch.randn(2, 9, 3 * 2 * 16, device=DEVICE), 2, "qkv")  # the model's layout
+    real = fa._attention_fwd(q, k, v, None, None, "context", False, 0.25, 0.0)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = fa._attention_fwd(*(mode.from_tensor(t) for t in (q, k, v)), None, None, "context", False, 0.25, 0.0)
+    for r, f in zip(real, fake):
+        assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
+    assert real[0].stride() == (9 * 2 * 16, 16, 2 * 16, 1)  # (B, T, H, D) storage like q
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compile_fullgraph_without_graph_break(variant):
+    """torch.compile(model, fullgraph=True) traces every variant through the kernel with zero graph
+    breaks, and the compiled forward and backward equal eager (aot_eager: the same kernels)."""
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, attention=variant,
+                          attn_backend="triton")).to(DEVICE)
+    idx = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(idx, idx)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    logits_c, loss_c = compiled(idx, idx)
+    loss_c.backward()
+    grads_c = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits_e, loss_e = model(idx, idx)
+    loss_e.backward()
+    torch.testing.assert_close(logits_c, logits_e, atol=0, rtol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads_c[n], p.grad, atol=0, rtol=0, msg=n)
+    torch._dynamo.reset()
+
+
 def _qkv(B=1, H=2, T=8, D=16, dtype=torch.float32):
     return [torch.randn(B, H, T, D, device=DEVICE, dtype=dtype) for _ in range(3)]
 
@@ -287,33 +351,51 @@ def test_bad_inputs_raise_value_error():
         fused_attention(q, k, v, v_bias=zeros)  # a sink vector that would be silently ignored
 
 
-# The GPU tile tables, run under the interpreter through the test-only _FORCE_ARCH hook:
-# the interpreter's own table uses small tiles, these are the configs a GPU launches first
-# (BLOCK_M != BLOCK_N, several off-diagonal blocks, diagonal sub-blocks and ragged tails).
+# The GPU tile tables, run under the interpreter through the test-only _FORCE_ARCH and
+# _FORCE_CANDIDATE hooks: the interpreter's own table uses small tiles, these are the configs the
+# autotuner may pick on a GPU (BLOCK_M != BLOCK_N, several off-diagonal blocks, diagonal
+# sub-blocks and ragged tails).  Every candidate of the main training shape (sm_90, D = 64, bf16)
+# runs; the other tables run their first and second candidates.
 GPU_TILE_CASES = [
-    # (arch, variant, dtype, T, D)
-    (90, "context_bias", torch.bfloat16, 300, 64),
-    (90, "softmax1", torch.bfloat16, 300, 64),
-    (80, "attention_bias", torch.bfloat16, 300, 64),
-    (90, "sigmoid", torch.float16, 129, 32),
-    (80, "default", torch.float16, 129, 32),
-    (90, "attention_bias", torch.float16, 200, 128),
-    (80, "sigmoid", torch.bfloat16, 200, 128),
+    # (arch, candidate index, variant, dtype, T, D)
+    (90, 0, "context_bias", torch.bfloat16, 300, 64),
+    (90, 1, "attention_bias", torch.bfloat16, 300, 64),
+    (90, 2, "softmax1", torch.bfloat16, 300, 64),
+    (90, 0, "sigmoid", torch.float16, 129, 32),
+    (90, 1, "default", torch.bfloat16, 200, 128),
+    (90, 0, "attention_bias", torch.float16, 200, 128),
+    (80, 0, "attention_bias", torch.bfloat16, 300, 64),
+    (80, 1, "default", torch.float16, 129, 32),
+    (80, 0, "sigmoid", torch.bfloat16, 200, 128),
 ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter run of the GPU tile tables")
-@pytest.mark.parametrize("arch,variant,dtype,T,D", GPU_TILE_CASES, ids=lambda x: str(x).replace("torch.", ""))
-def test_gpu_tile_table_under_interpreter(monkeypatch, arch, variant, dtype, T, D):
+@pytest.mark.parametrize("arch,index,variant,dtype,T,D", GPU_TILE_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_gpu_tile_table_under_interpreter(monkeypatch, arch, index, variant, dtype, T, D):
     monkeypatch.setattr(fa, "_FORCE_ARCH", arch)
+    monkeypatch.setattr(fa, "_FORCE_CANDIDATE", index)
     monkeypatch.setattr(fa, "_CHOSEN", {})
     _check_against_truth(_master(variant, 1, 2, T, D, seed=T + D + arch), dtype)
-    used = {k[0]: cfg for k, cfg in fa._CHOSEN.items() if k[1] == D and k[2] == dtype and k[-1] == arch}
+    used = {k[0]: cfg for k, cfg in fa._CHOSEN.items() if k[1] == D and k[2] == dtype and k[6] == arch}
     for kind in ("fwd", "dkdv", "dq"):
-        first = fa._candidates(kind, D, dtype, arch)[0]
-        assert used[kind] == first, (kind, used.get(kind), first)
-        assert T % first[0] and T % first[1]  # ragged tails in both tile dims
+        cands = fa._candidates(kind, D, dtype, arch)
+        expected = cands[min(index, len(cands) - 1)]
+        assert used[kind] == expected, (kind, used.get(kind), expected)
+        assert T % expected[0] and T % expected[1]  # ragged tails in both tile dims
     assert any(cfg[0] != cfg[1] for cfg in used.values())
+
+
+def test_autotune_key_and_buckets():
+    """The tuning key covers head dim, dot precision, every flag and the T bucket (dtype is added by
+    triton); sequence lengths share a result within a power-of-two bucket."""
+    assert [fa._t_bucket(t) for t in (1, 16, 17, 1024, 1025, 10**6)] == [16, 16, 32, 1024, 2048, 65536]
+    for kind, kernel in (("fwd", fa._fwd_kernel), ("dkdv", fa._bwd_dkdv_kernel), ("dq", fa._bwd_dq_kernel)):
+        names = set(kernel.arg_names)
+        flags = {n for n in names if n.isupper() and n not in {"Q", "K", "V", "O", "OU", "LSE", "KB", "VB", "DO",
+                                                                "DELTA", "DS0", "DK", "DV", "DQ", "H", "T",
+                                                                "BLOCK_M", "BLOCK_N", "UPCAST"}}
+        assert flags <= set(fa._TUNE_KEY), (kind, flags - set(fa._TUNE_KEY))
 
 
 def test_tile_tables_are_consistent():
@@ -325,6 +407,7 @@ def test_tile_tables_are_consistent():
                 for kind in ("fwd", "dkdv", "dq"):
                     cands = fa._candidates(kind, D, dtype, arch)
                     assert cands, (arch, dtype, D, kind)
+                    assert len(set(cands)) == len(cands), (arch, dtype, D, kind)
                     for bm, bn, warps, stages in cands:
                         if kind == "dkdv":
                             assert bn % bm == 0, (arch, dtype, D, kind, bm, bn)
@@ -473,3 +556,24 @@ def test_train_throughput_smoke(tmp_path):
     res = {r["backend"]: r for r in data["results"]}
     assert res["triton"]["status"] == "ok" and res["sdpa"]["status"] == "ok"
     assert abs(res["triton"]["final_loss"] - res["sdpa"]["final_loss"]) < 1e-3
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """Ahead-of-time compile for sm_90 (no GPU needed: triton ships ptxas): every kernel, flag
+    combination and tile candidate at D = 64 bf16 has no register spills, and the sink forwards need
+    at most 10% more registers than the default forward with the same tiles."""
+    import subprocess
+
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this triton build has no NVIDIA backend (ptxas)")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "kernel_registers.py"), "--arch", "90",
+                           "--head-dim", "64", "--check", "--max-sink-reg-ratio", "1.1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if "registers" in line]
+    assert len(rows) == 2 * 5 + 2 * 2 + 2 * 3  # every kernel x flags x candidate was compiled

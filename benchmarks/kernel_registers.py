@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Registers and spills of every fused-attention kernel, compiled ahead of time for a GPU
+architecture without a GPU (triton.compile for a GPUTarget; ptxas and cuobjdump ship with triton).
+
+For each kernel (fwd, dkdv, dq), each combination of its tl.constexpr flags that a registry variant
+uses, and each tile candidate of fused_attention's table for (arch, head dim, dtype), it prints
+registers per thread, spill bytes (LOCAL / STACK) and shared memory. `--check` exits 1 when a
+config spills, or, with --max-sink-reg-ratio R, when a sink variant's forward needs more than R
+times the registers of the default forward with the same tiles (its extra state must not cost
+occupancy).
+
+    python benchmarks/kernel_registers.py --check --max-sink-reg-ratio 1.1   # sm_90, D = 64, bf16
+    python benchmarks/kernel_registers.py --arch 80 --head-dim 128 --check
+"""
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(BENCH_DIR))
+
+# the flag combinations the registry's variants use, per kernel (elementwise-step variants
+# run the default kernel)
+FWD_FLAGS = {
+    "softmax": {},
+    "learned sink": {"LEARNED_SINK": True},
+    "context sink": {"CONTEXT_SINK": True},
+    "zero sink": {"ZERO_SINK": True},
+    "sigmoid": {"SIGMOID": True, "FAST_SIGMOID": True},
+}
+BWD_FLAGS = {
+    "dkdv": {"softmax": {}, "sigmoid": {"SIGMOID": True, "FAST_SIGMOID": True}},
+    "dq": {"softmax": {}, "sink params": {"SINK_PARAMS": True},
+           "sigmoid": {"SIGMOID": True, "FAST_SIGMOID": True}},
+}
+DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200, 80: A100)")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--first-only", action="store_true", help="only the first tile candidate of each kernel")
+    p.add_argument("--check", action="store_true", help="exit 1 on spills (and on --max-sink-reg-ratio)")
+    p.add_argument("--max-sink-reg-ratio", type=float, default=None,
+                   help="also refuse a sink forward with more than this times the default forward's registers")
+    return p.parse_args(argv)
+
+
+def _signature(fn, dtype_ptr, constexprs):
+    """(signature, attrs) for triton.compile: 16-bit q/k/v/o, fp32 row buffers and sink vectors,
+    unit innermost strides (as the model's tensors have), 16-divisible pointers and strides."""
+    names = list(inspect.signature(fn.fn).parameters)
+    fp32_ptrs = {"LSE", "DELTA", "DS0", "KB", "VB"}
+    sig, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.startswith("stride_") and name.endswith("d"):
+            sig[name] = "constexpr"
+            constexprs[name] = 1
+        elif name in ("qk_scale", "sm_scale", "score_bias"):
+            sig[name] = "fp32"
+        elif name.isupper() and name not in ("H", "T", "T_BUCKET"):
+            sig[name] = "*fp32" if name in fp32_ptrs else dtype_ptr
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def compile_usage(kernel, flags, cfg, head_dim, dtype, arch):
+    """Resource usage of one compiled kernel: dict(regs, local, stack, shared)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import fused_attention as fa
+
+    bm, bn, warps, stages = cfg
+    constexprs = dict(SIGMOID=False, FAST_SIGMOID=False, HEAD_D=head_dim, BLOCK_M=bm, BLOCK_N=bn,
+                      PREC="tf32", UPCAST=False)
+    names = inspect.signature(kernel.fn).parameters
+    for name in ("LEARNED_SINK", "CONTEXT_SINK", "ZERO_SINK", "SINK_PARAMS"):
+        if name in names:
+            constexprs[name] = False
+    constexprs.update(flags)
+    sig, attrs = _signature(kernel, DTYPES[dtype], constexprs)
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 128 if arch >= 90 else 64),
+                              options={"num_warps": warps, "num_stages": stages, **fa._LAUNCH_OPTS})
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        report = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                                check=True).stdout
+    usage = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", report)}
+    usage["shared"] = int(getattr(compiled.metadata, "shared", 0))
+    return usage
+
+
+def sweep(arch, head_dim, dtype, first_only=False, log=print):
+    """One row per (kernel, flags, tile config)."""
+    import torch
+
+    import fused_attention as fa
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    kernels = {"fwd": (fa._fwd_kernel, FWD_FLAGS), "dkdv": (fa._bwd_dkdv_kernel, BWD_FLAGS["dkdv"]),
+               "dq": (fa._bwd_dq_kernel, BWD_FLAGS["dq"])}
+    rows = []
+    for kind, (kernel, flag_sets) in kernels.items():
+        candidates = fa._candidates(kind, head_dim, torch_dtype, arch)
+        for cfg in candidates[:1] if first_only else candidates:
+            for label, flags in flag_sets.items():
+                usage = compile_usage(kernel, flags, cfg, head_dim, dtype, arch)
+                row = {"kernel": kind, "flags": label, "config": cfg, **usage}
+                rows.append(row)
+                log(f"sm_{arch} D={head_dim} {dtype} {kind:4s} {label:13s} BLOCK_M={cfg[0]:3d} BLOCK_N={cfg[1]:3d} "
+                    f"warps={cfg[2]} stages={cfg[3]}: {usage['reg']:3d} registers, spills "
+                    f"{usage['local']} B local / {usage['stack']} B stack, {usage['shared'] // 1024} KiB shared")
+    return rows
+
+
+def problems(rows, max_sink_reg_ratio=None):
+    """What --check refuses: spills anywhere; with a ratio, a sink forward over that many times the
+    default forward's registers (same tiles)."""
+    out = [f"{r['kernel']} {r['flags']} {r['config']} spills ({r['local']} B local, {r['stack']} B stack)"
+           for r in rows if r["local"] or r["stack"]]
+    fwd = {(r["flags"], r["config"]): r["reg"] for r in rows if r["kernel"] == "fwd"}
+    for (label, cfg), regs in fwd.items():
+        base = fwd.get(("softmax", cfg))
+        if max_sink_reg_ratio and "sink" in label and base and regs > max_sink_reg_ratio * base:
+            out.append(f"fwd {label} {cfg}: {regs} registers > {max_sink_reg_ratio} x default's {base}")
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's
+    rows = sweep(args.arch, args.head_dim, args.dtype, args.first_only)
+    bad = problems(rows, args.max_sink_reg_ratio)
+    for line in bad:
+        print("PROBLEM:", line)
+    return 1 if args.check and bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
