@@ -69,12 +69,13 @@ Supported / limits
   are 32-bit: T * stride(T) and T * D must stay below 2**31 (more exactly, the
   largest element offset inside a slice of q, k, v and the output); larger
   inputs raise a ValueError.
-* Tile sizes are a fixed table per (D, dtype) and architecture: one for Hopper
-  and newer (sm_90+) and one with smaller tiles for sm_8x.  A config that does
-  not fit the GPU (OutOfResources or a ptxas error) is skipped for the next one;
-  the choice is cached per device and compute capability.  No autotuning, so
-  launches (and bits) are reproducible across processes.  The speed of these
-  tables has not been measured on a GPU (see benchmarks/RESULTS.md).
+* Tile sizes: a few candidates per kernel, architecture (sm_90+ and sm_8x),
+  head dim and dtype, all compiled ahead of time without register spills
+  (benchmarks/kernel_registers.py); on a GPU ``triton.autotune`` picks the
+  fastest once per (kernel, head dim, dtype, flags, precision, power-of-two
+  bucket of T) and the choice is printed once.  Different processes may pick
+  different tiles, which changes the last bits; ``OUTLIER_GPT_AUTOTUNE=0`` uses
+  the first candidate that fits everywhere.  Measured speed: benchmarks/RESULTS.md.
 * The CPU-interpreter tests need triton >= 3.9, or numpy < 2.4 with older
   triton: triton 3.6's interpreter breaks with numpy >= 2.4.
 * Under the CPU interpreter bf16 is emulated: dot operands are upcast to fp32
