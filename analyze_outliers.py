@@ -18,18 +18,18 @@ import argparse
 import contextlib
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-from common import UserError, autocast_context, cli_main, json_safe, resolve_device, resolve_dtype, run_metadata
-from data import input_tokens
+from common import (UserError, atomic_directory, autocast_context, check_writable_dir, cli_main, json_safe,
+                    resolve_device, resolve_dtype, run_metadata)
+from data import check_vocab, input_tokens, read_text_file
 
 FORMAT = "outlier-gpt/outliers"
 FORMAT_VERSION = 1
+PAPER_SEQ_LEN = 2048  # Appendix B.2: 100 samples of 2,048 tokens
 
 
 def parse_args(argv):
@@ -42,20 +42,30 @@ def parse_args(argv):
     src.add_argument("--data", help="prepared token file (uint16 .bin)")
     src.add_argument("--text_file", help="UTF-8 text file")
     src.add_argument("--text", help="text given on the command line")
-    p.add_argument("--num_seqs", type=int, default=100, help="number of sequences (default 100)")
-    p.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the block size)")
+    p.add_argument("--num_seqs", type=int, default=100, help="number of sequences (default 100, Appendix B.1/B.2)")
+    p.add_argument("--seq_len", type=int, default=None,
+                   help=f"tokens per sequence (default: {PAPER_SEQ_LEN}, Appendix B.2, or the block size when shorter)")
     p.add_argument("--batch_size", type=int, default=0, help="sequences per forward (default: 1 on CPU, 8 on GPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--tau", type=float, default=1000.0, help="outlier threshold tau (default 1000, the paper's)")
     p.add_argument("--tau_activation", type=float, default=None, help="tau for activation outliers (default --tau)")
-    p.add_argument("--tau_weight", type=float, default=None, help="tau for weight outliers (default --tau)")
-    p.add_argument("--tau_attention", type=float, default=None, help="tau_A for attention outliers (default --tau)")
+    p.add_argument("--weight_rule", choices=["column", "paper"], default="column",
+                   help="column (default): an entry holding >= --weight_share of its column's total |w|; "
+                        "paper: |w_ij| > tau_weight x mean_j |w_ij| (row-wise)")
+    p.add_argument("--weight_share", type=float, default=0.1, help="column rule share (default 0.1)")
+    p.add_argument("--tau_weight", type=float, default=None, help="tau for --weight_rule paper (default --tau)")
+    p.add_argument("--attention_rule", choices=["authors", "paper"], default="authors",
+                   help="authors (default, the authors' code): cumulative attention Ahat_j >= --attention_share x T; "
+                        "paper: Ahat_j > tau_attention x mean(Ahat), per head")
+    p.add_argument("--attention_share", type=float, default=0.1, help="authors rule share of T (default 0.1)")
+    p.add_argument("--tau_attention", type=float, default=None, help="tau_A for --attention_rule paper (default --tau)")
     p.add_argument("--tau_channel", type=float, default=10.0,
                    help="LayerNorm channel-wise outliers: mean |y_c| over tokens > tau_channel x median over channels (default 10)")
     p.add_argument("--intervene", choices=["none", "zero", "mean"], default="none",
-                   help="set the massive activations to zero / their mean where they are generated and report the loss change")
+                   help="set the massive activations to zero / their mean where they are generated, where they are only "
+                        "carried, and everywhere, and the gamma-driven LayerNorm channels to the median gamma; report each loss change")
     p.add_argument("--surface_layer", type=int, default=None, help="layer of the 3-D magnitude plot (default: largest top-1)")
     p.add_argument("--max_list", type=int, default=100, help="outliers kept in each list of outliers.json (largest first; totals are counted)")
     p.add_argument("--out", help="output directory (default: beside the checkpoint, or out/outliers_<name>)")
@@ -71,10 +81,13 @@ def validate_args(args):
     n_models = sum(x is not None for x in (args.ckpt, args.pretrained, args.compare))
     if n_models != 1:
         raise UserError("give exactly one of: a checkpoint path, --pretrained NAME, or --compare CKPT CKPT ...")
-    for name in ("tau", "tau_activation", "tau_weight", "tau_attention", "tau_channel"):
+    for name in ("tau", "tau_activation", "tau_weight", "tau_attention", "tau_channel", "weight_share", "attention_share"):
         v = getattr(args, name)
         if not (v > 0 and math.isfinite(v)):
             raise UserError(f"--{name} must be a positive number, not {v}")
+    for name in ("weight_share", "attention_share"):
+        if getattr(args, name) > 1:
+            raise UserError(f"--{name} is a fraction and must be at most 1, not {getattr(args, name)}")
     if args.num_seqs < 1:
         raise UserError(f"--num_seqs must be at least 1, not {args.num_seqs}")
     if args.seq_len is not None and args.seq_len < 1:
@@ -88,8 +101,9 @@ def validate_args(args):
     if args.text is not None and not args.text.strip():
         raise UserError("--text is empty; give some text to analyse")
     from checkpoint import check_checkpoint_path
+    from hf_models import is_pretrained_dir
     for path in [args.ckpt] + list(args.compare or []):
-        if path is not None:
+        if path is not None and not (path in (args.compare or []) and is_pretrained_dir(path)):
             check_checkpoint_path(path)
     for path, flag in ((args.data, "--data"), (args.text_file, "--text_file")):
         if path is not None and not os.path.isfile(path):
@@ -103,6 +117,7 @@ def validate_args(args):
             args.out = os.path.join("out", "outliers_compare")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} exists and is not a directory")
+    check_writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out's parent directory")  # before the analysis
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,23 +126,30 @@ def validate_args(args):
 def model_and_info(args, path, device):
     """(model on device in eval mode, model info for outliers.json) of checkpoint `path`, or of --pretrained."""
     from checkpoint import load_model
-    if path is not None:
+    from hf_models import is_pretrained_dir
+    if path is not None and is_pretrained_dir(path):  # --compare of Hugging Face model directories
+        model, _ = load_model(pretrained=path, device=device, attention=args.attention)
+        info = {"source": os.path.abspath(path), "iter_num": None}
+    elif path is not None:
         model, ckpt = load_model(path, device=device)
         info = {"source": os.path.abspath(path), "iter_num": ckpt.get("iter_num")}
     else:
         model, _ = load_model(pretrained=args.pretrained, device=device, attention=args.attention)
         info = {"source": args.pretrained, "iter_num": None}
-    cfg = model.config
+    from hf_models import model_view
+    cfg, view = model.config, model_view(model)
     info.update(attention=cfg.attention, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                block_size=cfg.block_size, vocab_size=cfg.vocab_size, bias=cfg.bias)
+                block_size=cfg.block_size, vocab_size=cfg.vocab_size, bias=cfg.bias,
+                family=getattr(cfg, "model_type", "outlier-gpt"), down_proj=view.down_name, d_ff=view.d_ff)
     return model, info
 
 
-def load_sequences(args, block_size):
-    """-> (int64 array (N, seq_len + 1), data info dict). Inputs are [:, :-1], targets [:, 1:]."""
+def load_sequences(args, block_size, encode=None):
+    """-> (int64 array (N, seq_len + 1), data info dict). Inputs are [:, :-1], targets [:, 1:] (-1: no target).
+    `encode`: the model's own tokenizer for text (Hugging Face models), else GPT-2 BPE."""
     if args.seq_len is not None and args.seq_len > block_size:
         raise UserError(f"--seq_len {args.seq_len} is above the model's block size {block_size}; use --seq_len {block_size} or less")
-    seq_len = args.seq_len or block_size
+    seq_len = args.seq_len or min(block_size, PAPER_SEQ_LEN)
     rng = np.random.default_rng(args.seed)
     if args.data is not None:
         tokens = input_tokens(data=args.data)  # memory-mapped: only the drawn windows are read
@@ -138,15 +160,22 @@ def load_sequences(args, block_size):
         seqs = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
         source = os.path.abspath(args.data)
     else:
-        ids = input_tokens(text_file=args.text_file, text=args.text)
+        ids = (input_tokens(text_file=args.text_file, text=args.text) if encode is None else
+               np.asarray(encode(read_text_file(args.text_file) if args.text_file is not None else args.text), dtype=np.int64))
         if len(ids) < 2:
             raise UserError("the text is a single token; give at least two tokens of text")
-        if len(ids) < seq_len + 1:
-            if args.seq_len is not None:
-                print(f"note: the text has {len(ids)} tokens; using one sequence of {len(ids) - 1}", file=sys.stderr)
-            seq_len = len(ids) - 1
-        n = min(args.num_seqs, (len(ids) - 1) // seq_len)
-        seqs = np.stack([ids[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)])
+        if len(ids) <= seq_len:
+            # a short text (the paper's Figure 10 input) is analysed whole: its last token has no target (-1,
+            # which the loss ignores) rather than being dropped
+            if args.seq_len is not None and len(ids) < seq_len:
+                print(f"note: the text has {len(ids)} tokens; using one sequence of {len(ids)}", file=sys.stderr)
+            seq_len = len(ids)
+            seqs = np.append(np.asarray(ids, dtype=np.int64), -1)[None]
+        else:
+            # Appendix B.2's "randomly selected samples": a seeded draw of non-overlapping windows, in text order
+            chunks = (len(ids) - 1) // seq_len
+            picked = np.sort(rng.choice(chunks, size=min(args.num_seqs, chunks), replace=False))
+            seqs = np.stack([ids[i * seq_len:i * seq_len + seq_len + 1] for i in picked])
         source = os.path.abspath(args.text_file) if args.text_file is not None else "--text"
     info = {"source": source, "num_seqs": int(seqs.shape[0]), "seq_len": int(seq_len),
             "tokens": int(seqs.shape[0] * seq_len), "seed": args.seed}
@@ -167,6 +196,15 @@ def make_token_info():
     return outlier_stats.TokenInfo(decode_one)
 
 
+def model_tokenization(model, args, token_info):
+    """(token info, encode) from a Hugging Face model's own tokenizer; this repo's GPT keeps GPT-2 BPE."""
+    import outlier_stats
+    from hf_models import tokenization
+    encode, decode_one = tokenization(model, required=args.data is None)
+    return (token_info if decode_one is None and encode is None and not hasattr(model, "hf")
+            else outlier_stats.TokenInfo(decode_one)), encode
+
+
 def batches(seqs, batch_size, device):
     import torch
     for i in range(0, len(seqs), batch_size):
@@ -180,28 +218,7 @@ def progress(total, disable, desc):
 
 
 # ----------------------------------------------------------------------------------------------
-# atomic output directory
-
-@contextlib.contextmanager
-def atomic_directory(path):
-    """Yield a temporary directory beside `path`; renamed to `path` on success, removed on failure."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    try:
-        yield tmp
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
-            os.rmdir(old)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+# atomic output directory: common.atomic_directory (umask modes, no leftovers of killed runs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +229,9 @@ def analyse(args, model, seqs, device, dtype, token_info):
     bs = args.batch_size or (8 if device.startswith("cuda") else 1)
     an = outlier_stats.OutlierAnalyzer(
         model, tau_act=args.tau_activation, tau_weight=args.tau_weight, tau_attn=args.tau_attention,
-        tau_channel=args.tau_channel, max_list=args.max_list, token_info=token_info, seq_len=seqs.shape[1] - 1)
+        tau_channel=args.tau_channel, max_list=args.max_list, token_info=token_info, seq_len=seqs.shape[1] - 1,
+        weight_rule=args.weight_rule, weight_share=args.weight_share, attention_rule=args.attention_rule,
+        attention_share=args.attention_share)
     t0 = time.time()
     with progress(len(seqs), args.no_progress, "analysing") as bar:
         for X, _ in batches(seqs, bs, device):
@@ -222,15 +241,16 @@ def analyse(args, model, seqs, device, dtype, token_info):
     timing = {"analysis_s": time.time() - t0}
     if args.intervene != "none":
         t0 = time.time()
-        means = an.lifecycle.generated_means() if args.intervene == "mean" else None
-        result["intervention"] = intervene(args, model, seqs, bs, device, dtype, means)
+        result["intervention"] = intervene(args, model, seqs, bs, device, dtype, an.lifecycle, result["normalization"])
         timing["intervention_s"] = time.time() - t0
     return an, result, timing
 
 
-def intervene(args, model, seqs, bs, device, dtype, means):
-    """Mean loss over the sequences without and with the intervention, both through the model's
-    usual attention backend (the analysis pass runs the reference path, which differs slightly)."""
+def intervene(args, model, seqs, bs, device, dtype, lifecycle, normalization):
+    """Mean loss over the sequences without and with each intervention: massive activations removed at
+    each target of outlier_stats.Intervention, and the gamma-driven LayerNorm channels set to the median
+    gamma. All through the model's usual attention backend (the analysis pass runs the reference path,
+    which differs slightly). The top-level fields are those of the 'generated' target."""
     import torch
     import outlier_stats
 
@@ -244,13 +264,67 @@ def intervene(args, model, seqs, bs, device, dtype, means):
                 bar.update(X.shape[0])
         return total / len(seqs)
 
+    def changed(loss):
+        return {"loss_intervened": loss, "perplexity_intervened": math.exp(min(loss, 700)), "loss_change": loss - base}
+
     base = mean_loss("loss")
-    with outlier_stats.Intervention(model, args.tau_activation, args.intervene, means) as iv:
-        changed = mean_loss(f"loss with intervention ({args.intervene})")
-    return {"mode": args.intervene, "activations_changed": iv.count,
-            "loss": base, "perplexity": math.exp(min(base, 700)),
-            "loss_intervened": changed, "perplexity_intervened": math.exp(min(changed, 700)),
-            "loss_change": changed - base}
+    targets = {}
+    for target in outlier_stats.INTERVENTION_TARGETS:
+        means = None
+        if args.intervene == "mean":  # a generated value's own mean; carried copies: the mean of all massive ones
+            means = lifecycle.generated_means() if target == "generated" else lifecycle.massive_means()
+        with outlier_stats.Intervention(model, args.tau_activation, args.intervene, means, target) as iv:
+            loss = mean_loss(f"loss, {target} massive activations set to {args.intervene}")
+        targets[target] = {"activations_changed": iv.count, **changed(loss)}
+    gamma = {n["module"]: n["gamma_driven"] for n in normalization if n["gamma_driven"]}
+    gamma_result = {"channels": gamma, "count": sum(map(len, gamma.values())),
+                    "loss_intervened": None, "perplexity_intervened": None, "loss_change": None}
+    if gamma:
+        with outlier_stats.GammaIntervention(model, gamma):
+            gamma_result.update(changed(mean_loss("loss, gamma-driven channels at the median gamma")))
+    return {"mode": args.intervene, "loss": base, "perplexity": math.exp(min(base, 700)), **targets["generated"],
+            "targets": targets, "gamma": gamma_result}
+
+
+def thresholds(args, model_info, data_info, res):
+    """Per outlier type: the rule applied, the absolute threshold it came to, and the paper's formula
+    where the rule differs from it (the defaults are the rules that a real outlier can meet)."""
+    T, C = data_info["seq_len"], model_info["n_embd"]
+    act = res["layer_output"]
+    weight = {name: w["threshold"] for name, w in res["weight"].items()}
+    out = {
+        "activation": {
+            "rule": "|x| > tau x mean|x| over one sequence's (tokens x channels) matrix (the paper's formula)",
+            "tau": args.tau_activation,
+            "effective": {"layer_output": act["threshold"], "down_input": res["down_input"]["threshold"]},
+            "max_ratio": {"layer_output": T * C, "down_input": T * model_info.get("d_ff", 4 * C)},
+        },
+        "weight": {
+            "rule": args.weight_rule,
+            "definition": (f"|w_ij| >= {args.weight_share} x sum_i |w_ij| (W (out, in); an entry holding that share "
+                           f"of its input column's magnitude), i.e. column extremal ratio >= {args.weight_share} x out"
+                           if args.weight_rule == "column" else f"|w_ij| > {args.tau_weight} x mean_j |w_ij| (row-wise)"),
+            "effective": weight,
+            "paper_formula": "|w_ij| > tau_W x mean_j |w_ij| (row-wise), tau_W = 1000: at most `in` (768 / 3072 for "
+                             "GPT-2), so it cannot fire; the paper's text speaks of column extremal ratios",
+        },
+        "attention": {
+            "rule": args.attention_rule,
+            "definition": (f"Ahat_j = sum_i A_ij >= {args.attention_share} x T (the authors' code), on the head-averaged "
+                           f"score and on each head's score" if args.attention_rule == "authors"
+                           else f"Ahat_j > {args.tau_attention} x mean_j Ahat, per head"),
+            "effective": res["attention"]["threshold"],
+            "paper_formula": f"Ahat_j > tau_A x mean_j Ahat per head, tau_A = 1000; softmax: mean Ahat = 1 and "
+                             f"Ahat_j <= T - j, so it cannot fire at T = {T}" if T <= 1000 else
+                             "Ahat_j > tau_A x mean_j Ahat per head, tau_A = 1000: only keys j < T - 1000 holding "
+                             f"{1000 / T:.1%} or more of all attention",
+        },
+        "channel": {"rule": "mean |LayerNorm output| of a channel > tau_channel x the median channel",
+                    "tau": args.tau_channel},
+    }
+    if args.tau_activation >= T * C:
+        out["activation"]["note"] = f"tau {args.tau_activation} >= T x C = {T * C}: no activation can qualify"
+    return out
 
 
 def build_json(args, model_info, data_info, an, res, timing):
@@ -262,8 +336,10 @@ def build_json(args, model_info, data_info, an, res, timing):
         "tau": args.tau,
         "tau_by_type": {"activation": args.tau_activation, "weight": args.tau_weight,
                         "attention": args.tau_attention, "channel": args.tau_channel},
+        "thresholds": thresholds(args, model_info, data_info, res),
         "activation": act,
         "weight": res["weight"],
+        "weight_link": res["weight_link"],
         "attention": res["attention"],
         "consistency": res["consistency"],
         "lifecycle": res["lifecycle"],
@@ -408,6 +484,135 @@ def fig_lifecycle(out_dir, lifecycle, name="lifecycle.png"):
     return _save(fig, out_dir, name)
 
 
+def fig_channel_scatter(out_dir, act, name="outlier_channels.png"):
+    """Figures 3c / 4b-c: the channel index of activation outliers per layer (h and x_down)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], (("layer_output", "layer outputs h"), ("down_input", "down-projection inputs x_down"))):
+        pts = np.asarray(act[key]["channel_scatter"], dtype=float).reshape(-1, 3)
+        if len(pts):
+            size = 12 + 60 * pts[:, 2] / pts[:, 2].max()
+            sc = ax.scatter(pts[:, 0], pts[:, 1], s=size, c=np.log10(pts[:, 2]), cmap="viridis")
+            fig.colorbar(sc, ax=ax, label="log10(# outliers)")
+        ax.set_xlim(-0.5, len(act[key]["count"]) - 0.5)
+        ax.set_xticks(np.arange(len(act[key]["count"])))
+        ax.set_xlabel("layer")
+        ax.set_ylabel("channel")
+        ax.set_title(f"{label}: outlier channels ({len(pts)})", fontsize=9)
+    return _save(fig, out_dir, name)
+
+
+def down_proj_name(doc):
+    """The down projection's name in doc['weight'] (this repo's GPT: mlp.c_proj; LLaMA: mlp.down_proj, ...)."""
+    return doc["model"].get("down_proj", "mlp.c_proj")
+
+
+def fig_down_weights(out_dir, weight, name="down_proj_weights.png", down="mlp.c_proj"):
+    """Figures 5b-c: W_down magnitudes of the layer with the largest column extremal ratio: max |w| of
+    every input column (= x_down channel), outlier columns marked, and |w| along the extremal column."""
+    plt = _plt()
+    w = weight[down]
+    prof = w["profile"]
+    l, j = prof["layer"], prof["column"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), squeeze=False)
+    ax = axes[0, 0]
+    cols = np.asarray(prof["column_max_abs"])
+    ax.plot(cols, lw=0.6, color="tab:blue")
+    marked = w["outlier_channels"][l]
+    ax.scatter(marked, cols[marked], color="tab:red", zorder=3, label=f"weight-outlier columns ({len(marked)})")
+    ax.set_xlabel("input column (x_down channel)")
+    ax.set_ylabel("max_i |w_ij|")
+    ax.set_title(f"{down} layer {l}: column maxima", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[0, 1]
+    col = np.asarray(prof["column_abs"])
+    ax.bar(np.arange(len(col)), col, width=1.0, color="tab:gray")
+    i = int(np.argmax(col))
+    ax.bar([i], [col[i]], width=1.0, color="tab:red", label=f"row {i}")
+    ax.set_xlabel("output row (h channel)")
+    ax.set_ylabel(f"|w_i,{j}|")
+    ax.set_title(f"column {j} (extremal ratio {_f(w['extremal_ratio'][l])})", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir, name)
+
+
+def fig_outlier_key_share(out_dir, att, name="attention_outlier_share.png"):
+    """Figure 6c: per layer, the share of each head's attention taken by the outlier keys of the
+    head-averaged score: mean over heads with the min-max range."""
+    plt = _plt()
+    share = np.asarray(att["outlier_key_share_by_head"])  # (L, H)
+    x = np.arange(share.shape[0])
+    mean, lo, hi = share.mean(1), share.min(1), share.max(1)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt="o-", capsize=3, label="mean over heads (min-max)")
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(x)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("attention share of outlier keys")
+    ax.set_title("share of attention taken by attention-outlier keys", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, name)
+
+
+def fig_weight_link(out_dir, link, name="weight_link.png"):
+    """Figure 7: MLP units of the layer with the most x_down spikes, c_fc row norm against W_down column
+    max |w|; the units whose x_down spikes are marked."""
+    plt = _plt()
+    prof = link["profile"]
+    norms, cols = np.asarray(prof["fc_row_norm"]), np.asarray(prof["down_column_max_abs"])
+    units = prof["units"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.scatter(norms, cols, s=6, color="tab:gray", label="MLP units")
+    ax.scatter(norms[units], cols[units], s=30, color="tab:red", label=f"units with x_down outliers ({len(units)})")
+    for k in sorted(units, key=lambda k: -cols[k])[:5]:
+        ax.annotate(str(k), (norms[k], cols[k]), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("|c_fc row| (L2)")
+    ax.set_ylabel("max |W_down column|")
+    ax.set_title(f"layer {prof['layer']}: up-projection rows and down-projection columns of spiking units", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir, name)
+
+
+def fig_cancellation(out_dir, lifecycle, name="lifecycle_cancellation.png"):
+    """Figures 8-9: each branch output relative to the residual value it meets, for the largest massive
+    activations; -1 cancels it, cancelled layers are marked with the sign of the cancelling branch."""
+    plt = _plt()
+    entries = lifecycle[:3]
+    fig, axes = plt.subplots(len(entries), 1, figsize=(7, 2.6 * len(entries)), squeeze=False)
+    for ax, e in zip(axes[:, 0], entries):
+        L = len(e["trajectory"])
+        x = np.arange(L)
+        for key, marker in (("attn", "o"), ("mlp", "s")):
+            r = np.asarray([np.nan if v is None else v for v in e["relative_contrib"][key]], dtype=float)
+            ax.plot(x, r, marker=marker, label=f"{key} output / residual")
+        ax.axhline(-1, color="k", ls="--", lw=0.8, label="exact cancellation")
+        ax.axhline(0, color="gray", lw=0.5)
+        for c in e["cancellation"]:
+            ax.axvline(c["layer"], color="tab:red", lw=1)
+            ax.annotate(f"{c['branch']}: {'opposite' if c['opposite_sign'] else 'same'} sign", (c["layer"], -1),
+                        fontsize=7, color="tab:red")
+        ax.set_ylim(bottom=min(-1.25, ax.get_ylim()[0]))
+        ax.set_xticks(x)
+        ax.set_xlabel("layer")
+        ax.set_title(f"position {e['position']} ({e['token']!r}), channel {e['channel']}: cancelled at "
+                     f"{_ranges(e['cancelled_at'])}", fontsize=9)
+        ax.legend(fontsize=7)
+    return _save(fig, out_dir, name)
+
+
+def json_figures(out_dir, doc):
+    """The figures drawn from outliers.json alone (tests redraw them from the written file)."""
+    figs = {"outlier_channels": fig_channel_scatter(out_dir, doc["activation"]),
+            "down_proj_weights": fig_down_weights(out_dir, doc["weight"], down=down_proj_name(doc)),
+            "attention_outlier_share": fig_outlier_key_share(out_dir, doc["attention"])}
+    if doc["weight_link"]["profile"] is not None:
+        figs["weight_link"] = fig_weight_link(out_dir, doc["weight_link"])
+    if doc["lifecycle"]:
+        figs["lifecycle_cancellation"] = fig_cancellation(out_dir, doc["lifecycle"])
+    return figs
+
+
 def make_figures(out_dir, doc, an, surface_layer):
     figs = {}
     act = doc["activation"]
@@ -422,6 +627,7 @@ def make_figures(out_dir, doc, an, surface_layer):
         "attention keys": doc["attention"]["token_categories"]})
     if doc["lifecycle"]:
         figs["lifecycle"] = fig_lifecycle(out_dir, doc["lifecycle"])
+    figs.update(json_figures(out_dir, doc))
     return figs
 
 
@@ -463,10 +669,18 @@ def write_report(out_dir, doc):
     lines.append(f"Model: `{m['source']}`" + (f" (iter {m['iter_num']})" if m.get("iter_num") is not None else "")
                  + f", {m['n_layer']} layers, {m['n_head']} heads, n_embd {m['n_embd']}.  ")
     lines.append(f"Data: `{d['source']}`, {d['num_seqs']} sequences x {d['seq_len']} tokens.  ")
-    lines.append(f"Thresholds: tau_activation {_f(t['activation'])}, tau_weight {_f(t['weight'])}, "
-                 f"tau_attention {_f(t['attention'])}, tau_channel {_f(t['channel'])}. "
-                 f"Definitions: see `outlier_stats.py`; numbers: `outliers.json`.")
-    if t["attention"] >= d["seq_len"] and m["attention"] != "sigmoid":
+    th = doc["thresholds"]
+    lines += ["", "Thresholds (rule, and the absolute threshold it came to; `thresholds` in `outliers.json`):", "",
+              f"- activation: {th['activation']['rule']}, tau = {_f(th['activation']['tau'])}; |h| threshold per layer "
+              + ", ".join(_f(x) for x in th["activation"]["effective"]["layer_output"]) + ".",
+              f"- weight ({th['weight']['rule']}): {th['weight']['definition']}"
+              + ("; extremal-ratio threshold " + ", ".join(f"{k} {_f(v['extremal_ratio'])}" for k, v in th["weight"]["effective"].items())
+                 if th["weight"]["rule"] == "column" else "") + f". Paper: {th['weight']['paper_formula']}.",
+              f"- attention ({th['attention']['rule']}): {th['attention']['definition']}; Ahat threshold per layer "
+              + ", ".join(_f(x) for x in th["attention"]["effective"]) + f". Paper: {th['attention']['paper_formula']}.",
+              f"- channel: {th['channel']['rule']}, tau_channel = {_f(t['channel'])}.", "",
+              "Definitions: see `outlier_stats.py`; numbers: `outliers.json`."]
+    if th["attention"]["rule"] == "paper" and t["attention"] >= d["seq_len"] and m["attention"] != "sigmoid":
         lines.append(f"\n> Note: with softmax the mean cumulative attention is 1, so no key can exceed tau_attention "
                      f"{_f(t['attention'])} >= seq_len {d['seq_len']}; use a smaller --tau_attention.")
     lines.append("")
@@ -491,11 +705,13 @@ def write_report(out_dir, doc):
         else:
             toks = ", ".join(f"{_tok(x['token'])} ({x['count']})" for x in acc["tokens"][:8])
             lines += [f"{acc['outliers_total']} outlier activations in total; carried by tokens: {toks}.", ""]
+    if figs.get("outlier_channels"):
+        lines += ["### Outlier channels per layer (Figures 3c, 4b-c)", "", f"![outlier channels]({figs['outlier_channels']})", ""]
     if figs.get("surface"):
         lines += [f"### Magnitudes of layer {doc['surface']['layer']} (Figure 1 style)", "", f"![surface]({figs['surface']})", ""]
 
     lines += ["## Weight outliers", "",
-              "Row-wise: |w_ij| > tau_weight x mean_j |w_ij| (W in nn.Linear (out, in) layout). "
+              f"Outliers: {doc['thresholds']['weight']['definition']} (W in nn.Linear (out, in) layout). "
               "Extremal ratio: max over input columns j of max_i|w_ij| / mean_i|w_ij|.", "",
               f"![weights]({figs.get('weights')})", ""]
     modules = list(doc["weight"])
@@ -507,14 +723,31 @@ def write_report(out_dir, doc):
             row.append(f"{_f(w['extremal_ratio'][l])} (col {w['extremal_channel'][l]}; {w['outlier_count'][l]} outl.)")
         rows.append(row)
     lines += [_table(["layer"] + [f"{mod}: extremal ratio (column; # outliers)" for mod in modules], rows), ""]
-    wd = doc["weight"].get("mlp.c_proj")
+    wd = doc["weight"].get(down_proj_name(doc))
     if wd and wd["top_entries"]:
-        lines += ["Largest |w|/row-mean entries of mlp.c_proj (W_down): " + ", ".join(
+        score = "column share |w|/sum|w|" if doc["thresholds"]["weight"]["rule"] == "column" else "|w|/row-mean"
+        lines += [f"Largest {score} entries of {down_proj_name(doc)} (W_down): " + ", ".join(
             f"L{e[0]} out {e[1]} in {e[2]}: {_f(e[3])}" for e in wd["top_entries"][:5]) + ".", ""]
 
+    if figs.get("down_proj_weights"):
+        lines += ["### Down-projection magnitudes (Figures 5b-c)", "", f"![down projection]({figs['down_proj_weights']})", ""]
+    link = doc["weight_link"]
+    if link["units"]:
+        lines += ["### Weight-outlier link (Figure 7)", "",
+                  "MLP units whose output x_down spikes: their c_fc row (L2 norm over the median row; largest entry) "
+                  "and W_down column (extremal ratio; share and row of its largest entry).", ""]
+        if figs.get("weight_link"):
+            lines += [f"![weight link]({figs['weight_link']})", ""]
+        rows = [[u["layer"], u["unit"], u["spikes"], _f(u["fc_row_norm_ratio"]), f"{u['fc_top_input']} ({_f(u['fc_top_weight'])})",
+                 _f(u["down_extremal_ratio"]), f"{_pct(u['down_top_share'])} (row {u['down_top_output']})"] for u in link["units"]]
+        lines += [_table(["layer", "unit", "x_down outliers", "c_fc row norm / median", "c_fc top input (w)",
+                          "W_down col. extremal ratio", "W_down top share (row)"], rows), ""]
+
     lines += ["## Attention outliers", "",
-              "Cumulative attention of key j: sum over queries of A_ij, per head; outlier when above "
-              "tau_attention x its mean over keys. Top-2 and median are over keys of the head-averaged score.", "",
+              f"Cumulative attention of key j: Ahat_j = sum over queries of A_ij. Outlier: "
+              f"{doc['thresholds']['attention']['definition']}. '# outlier keys' counts (sequence, head, key) triples; "
+              "'head-avg keys' the outlier keys of the head-averaged score. Top-2 and median are over keys of the "
+              "head-averaged score.", "",
               f"![attention]({figs.get('attention')})", "", f"![heads]({figs.get('attention_heads')})", ""]
     rows = []
     for l in range(L):
@@ -526,10 +759,10 @@ def write_report(out_dir, doc):
         if "gate" in att:
             g = att["gate"]
             extra += [_f(g["first"][l]), _f(g["h_outlier"][l]), _f(g["other"][l])]
-        rows.append([l, _f(att["top2"][l][0]), _f(att["top2"][l][1]), _f(att["median"][l]), keys, pos,
+        rows.append([l, _f(att["top2"][l][0]), _f(att["top2"][l][1]), _f(att["median"][l]), keys, att["mean_outlier_count"][l], pos,
                      _f(att["first_token_mass"][l]), _f(att["value_norm"]["first"][l]), _f(att["value_norm"]["other"][l]),
                      _f(att["mean_logit_outlier_keys"][l]), _f(att["mean_logit_other_keys"][l])] + extra)
-    header = ["layer", "top 1", "top 2", "median", "# outlier keys", "key positions (count)", "attn to pos 0",
+    header = ["layer", "top 1", "top 2", "median", "# outlier keys", "head-avg keys", "key positions (count)", "attn to pos 0",
               "|v| pos 0", "|v| others", "q.k outlier keys", "q.k other keys"]
     if "sink_share" in att:
         header.append("sink share")
@@ -537,14 +770,18 @@ def write_report(out_dir, doc):
         header += ["gate pos 0", "gate h-outlier tok.", "gate others"]
     lines += [_table(header, rows), ""]
     if "gate" in att:
-        lines += ["`scaling`: the gate S(x) at position 0, at tokens that carry activation outliers in the layer input, "
-                  "and at the other tokens (mean over heads).", ""]
+        lines += [f"Gate: {att.get('gate_meaning', 'the variant output gate')}; shown at position 0, at tokens "
+                  "that carry activation outliers in the layer input, and at the other tokens (mean over heads).", ""]
     if att["qk_alignment"]:
         top = sorted(att["qk_alignment"], key=lambda r: -r["n_keys"])[:6]
         lines += ["q/k alignment at attention-outlier keys: mean logit q.k/sqrt(d) they receive, and the dimensions "
                   "contributing most to it: " + "; ".join(
                       f"L{r['layer']}h{r['head']} {_f(r['logit'])} (" + ", ".join(f"d{dd} {_f(v)}" for dd, v in r["dims"][:2]) + ")"
                       for r in top) + ".", ""]
+
+    if figs.get("attention_outlier_share"):
+        lines += ["Share of each head's attention taken by the outlier keys of the head-averaged score (Figure 6c):", "",
+                  f"![outlier key share]({figs['attention_outlier_share']})", ""]
 
     lines += ["## Token categories", "", f"![categories]({figs.get('token_categories')})", ""]
     import outlier_stats
@@ -560,6 +797,11 @@ def write_report(out_dir, doc):
               "Overlap |A∩B|/|A| of the sets below, in both directions (definitions in `outliers.json` and `outlier_stats.py`).", ""]
     rows = [[name, _pct(v["a_in_b"]), _pct(v["b_in_a"]), v["n_a"], v["n_b"], v["definition"]] for name, v in c.items()]
     lines += [_table(["pair", "A in B", "B in A", "n A", "n B", "sets"], rows), ""]
+    ha = c["h_vs_attention"]
+    rows = [[l, _pct(v["a_in_b"]), _pct(v["b_in_a"]), v["n_a"], v["n_b"]] for l, v in enumerate(ha["by_layer"])]
+    lines += ["Row 4 (h vs attention, Appendix B.2) per layer: the overall value averages over the (sample, layer, head) "
+              f"triples of layers {_ranges(ha['layers'])} (those whose output h_l has activation outliers).", "",
+              _table(["layer", "A in B", "B in A", "n A", "n B"], rows), ""]
 
     lines += ["## Lifecycle of massive activations", ""]
     if doc["lifecycle"]:
@@ -578,28 +820,43 @@ def write_report(out_dir, doc):
                   "whose products w x x_down make up the generating MLP output.", "",
                   _table(["position", "token", "channel", "sequences", "peak |h|", "massive from", "generated at", "by",
                           "propagated in", "cancelled at", "W_down input channels driving it (share)"], rows), ""]
+        if figs.get("lifecycle_cancellation"):
+            lines += ["Branch outputs relative to the residual value they meet (Figures 8-9; -1 cancels it):", "",
+                      f"![cancellation]({figs['lifecycle_cancellation']})", ""]
+        rows = [[e["position"], e["channel"], c["layer"], c["branch"], _f(c["previous"]), _f(c["branch_output"]),
+                 "yes" if c["opposite_sign"] else "no"] for e in doc["lifecycle"] for c in e["cancellation"]]
+        if rows:
+            lines += [_table(["position", "channel", "cancelled at", "by", "h before", "branch output", "opposite sign"],
+                             rows), ""]
     else:
         lines += ["No massive activations at this threshold.", ""]
 
     lines += ["## Normalization (channel-wise outliers)", "",
               f"Channels whose mean |LayerNorm output| over tokens exceeds tau_channel ({_f(t['channel'])}) x the median "
               "channel; 'before gamma' divides out the LayerNorm gain (a ratio near 1 there means the outlier "
-              "comes from gamma's rescaling).", ""]
+              "comes from gamma's rescaling). 'gamma-driven': outlier channels whose ratio before gamma is at most "
+              "tau_channel (gamma alone makes them outliers).", ""]
     rows = []
     for n in doc["normalization"]:
         top = n["top"][0]
         rows.append([n["module"], len(n["outlier_channels"]), ", ".join(map(str, n["outlier_channels"][:5])) or "–",
+                     ", ".join(map(str, n["gamma_driven"][:5])) or "–",
                      top["channel"], _f(top["ratio"]), _f(top["gamma"]), _f(top["ratio_before_gamma"])])
-    lines += [_table(["LayerNorm", "# outlier channels", "channels", "top channel", "ratio", "gamma", "ratio before gamma"], rows), ""]
+    lines += [_table(["LayerNorm", "# outlier channels", "channels", "gamma-driven", "top channel", "ratio", "gamma",
+                      "ratio before gamma"], rows), ""]
 
     iv = doc.get("intervention")
     if iv:
         lines += ["## Intervention", "",
-                  f"Massive activations set to **{iv['mode']}** at the layer that generates them "
-                  f"({iv['activations_changed']} activations changed).", "",
-                  _table(["", "loss", "perplexity"], [["original", _f(iv["loss"], 5), _f(iv["perplexity"], 5)],
-                                                      ["intervened", _f(iv["loss_intervened"], 5), _f(iv["perplexity_intervened"], 5)],
-                                                      ["change", _f(iv["loss_change"], 4), ""]]), ""]
+                  f"Massive activations set to **{iv['mode']}**: where a branch output generates them (generated), "
+                  "only where the residual stream carries them (propagated), or everywhere (all); and the LayerNorm "
+                  "channels whose outlier comes from gamma alone set to the median gamma (gamma).", "",
+                  _table(["intervention", "activations / channels changed", "loss", "perplexity", "loss change"],
+                         [["none", "", _f(iv["loss"], 5), _f(iv["perplexity"], 5), ""]]
+                         + [[k, v["activations_changed"], _f(v["loss_intervened"], 5), _f(v["perplexity_intervened"], 5),
+                             _f(v["loss_change"], 4)] for k, v in iv["targets"].items()]
+                         + [["gamma", iv["gamma"]["count"], _f(iv["gamma"]["loss_intervened"], 5),
+                             _f(iv["gamma"]["perplexity_intervened"], 5), _f(iv["gamma"]["loss_change"], 4)]]), ""]
     tm = doc["timing"]
     lines += ["---", f"Analysis {tm.get('analysis_s', 0):.1f} s" + (f", intervention {tm['intervention_s']:.1f} s" if "intervention_s" in tm else "")
               + f"; `{doc['meta']['command']}` at {doc['meta']['date']} (commit {doc['meta']['git_commit']}, {doc['meta']['gpu']}).", ""]
@@ -633,6 +890,46 @@ def _write_json(path, obj):
 # ----------------------------------------------------------------------------------------------
 # compare (Figure 11)
 
+def loss_curve(path):
+    """Train and eval losses of a run's log.jsonl (train.py's records), or None without a log."""
+    import json
+    if not os.path.isfile(path):
+        return None
+    curve = {"iter": [], "loss": [], "eval_iter": [], "val_loss": []}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut short by a preempted run
+                continue
+            if rec.get("kind") == "train" and "loss" in rec:
+                curve["iter"].append(rec["iter"])
+                curve["loss"].append(rec["loss"])
+            elif rec.get("kind") == "eval" and "val_loss" in rec:
+                curve["eval_iter"].append(rec["iter"])
+                curve["val_loss"].append(rec["val_loss"])
+    return curve if curve["iter"] or curve["eval_iter"] else None
+
+
+def fig_loss_curves(out_dir, runs, name="compare_loss.png"):
+    """Figure 12: training (and validation) loss of several runs on one plot."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for i, r in enumerate(runs):
+        c = r["loss_curve"]
+        if c is None:
+            continue
+        color = f"C{i}"
+        ax.plot(c["iter"], c["loss"], color=color, lw=1, label=f"{r['label']} train")
+        if c["eval_iter"]:
+            ax.plot(c["eval_iter"], c["val_loss"], color=color, ls="--", marker="o", ms=3, label=f"{r['label']} val")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title("training curves (Figure 12)")
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir, name)
+
+
 def run_compare(args, device, dtype, token_info):
     import torch
     import outlier_stats
@@ -640,9 +937,11 @@ def run_compare(args, device, dtype, token_info):
     seqs, data_info = None, None
     for path in args.compare:
         model, info = model_and_info(args, path, device)
-        if seqs is None:
-            seqs, data_info = load_sequences(args, model.config.block_size)
-        elif seqs.shape[1] - 1 > model.config.block_size:
+        token_info, encode = model_tokenization(model, args, token_info)
+        if seqs is None:  # text: the first model's tokenizer; check_vocab refuses ids another model lacks
+            seqs, data_info = load_sequences(args, model.config.block_size, encode)
+        check_vocab(seqs, model.config.vocab_size, data_info["source"])
+        if seqs.shape[1] - 1 > model.config.block_size:
             raise UserError(f"{path} has block size {model.config.block_size}, below the seq_len {seqs.shape[1] - 1} "
                             f"used for {args.compare[0]}; pass --seq_len {model.config.block_size}")
         an = outlier_stats.OutlierAnalyzer(model, tau_act=args.tau_activation, token_info=token_info,
@@ -653,8 +952,10 @@ def run_compare(args, device, dtype, token_info):
                 an.run_batch(X, autocast=autocast_context(device, dtype))
                 bar.update(X.shape[0])
         r = an.result()["layer_output"]
-        runs.append({"model": info, "label": f"{info['attention']} ({os.path.relpath(path)})",
-                     "top3": r["top3"], "median": r["median"], "count": r["count"]})
+        kind = info["attention"] if info["family"] == "outlier-gpt" else info["family"]
+        runs.append({"model": info, "label": f"{kind} ({os.path.relpath(path)})",
+                     "top3": r["top3"], "median": r["median"], "count": r["count"],
+                     "loss_curve": loss_curve(os.path.join(os.path.dirname(os.path.abspath(path)), "log.jsonl"))})
         del model, an
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -680,8 +981,10 @@ def run_compare(args, device, dtype, token_info):
             ax.set_xlabel("layer")
         axes[0, 0].legend(fontsize=7)
         fig3 = _save(fig, tmp, "compare_top3.png")
+        fig_loss = fig_loss_curves(tmp, runs) if any(r["loss_curve"] for r in runs) else None
         doc = {"format": FORMAT + "-compare", "version": FORMAT_VERSION, "data": data_info,
-               "tau": args.tau_activation, "runs": runs, "meta": run_metadata(device)}
+               "tau": args.tau_activation, "runs": runs, "meta": run_metadata(device),
+               "figures": {"top1": fig_name, "top3": fig3, **({"loss": fig_loss} if fig_loss else {})}}
         _write_json(os.path.join(tmp, "compare.json"), doc)
         L = max(len(r["top3"]) for r in runs)
         rows = [[r["label"]] + [_f(r["top3"][l][0]) if l < len(r["top3"]) else "" for l in range(L)]
@@ -690,6 +993,7 @@ def run_compare(args, device, dtype, token_info):
                  f"Data: `{data_info['source']}`, {data_info['num_seqs']} x {data_info['seq_len']} tokens. "
                  f"Values: largest |h| of each layer's output, mean over sequences.", "",
                  f"![top-1]({fig_name})", "", f"![top-3]({fig3})", "",
+                 *([f"![loss curves]({fig_loss})", ""] if fig_loss else ["No log.jsonl beside the checkpoints: no loss curves.", ""]),
                  _table(["checkpoint"] + [f"L{l}" for l in range(L)] + ["max"], rows), ""]
         with open(os.path.join(tmp, "report.md"), "w", encoding="utf-8") as f:
             f.write("\n".join(lines))
@@ -711,9 +1015,11 @@ def main(argv=None):
         return run_compare(args, device, dtype, token_info)
     t_load = time.time()
     model, model_info = model_and_info(args, args.ckpt, device)
+    token_info, encode = model_tokenization(model, args, token_info)
     if args.surface_layer is not None and not 0 <= args.surface_layer < model.config.n_layer:
         raise UserError(f"--surface_layer {args.surface_layer} is outside 0..{model.config.n_layer - 1}")
-    seqs, data_info = load_sequences(args, model.config.block_size)
+    seqs, data_info = load_sequences(args, model.config.block_size, encode)
+    check_vocab(seqs, model.config.vocab_size, data_info["source"])
     load_s = time.time() - t_load
     t0 = time.time()
     an, res, timing = analyse(args, model, seqs, device, dtype, token_info)

@@ -32,16 +32,24 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import (UserError, atomic_write_json, atomic_write_text, autocast_context, cli_main, resolve_device,
-                    resolve_dtype, run_metadata)
-from data import WIKITEXT2, input_tokens
-from perplexity import evaluate_perplexity, load_eval_tokens, make_windows, wikitext2_text
+from common import (UserError, atomic_write_texts, autocast_context, check_writable_dir, cli_main, json_text,
+                    resolve_device, resolve_dtype, run_metadata)
+from data import WIKITEXT2, input_tokens, read_text_file
+from perplexity import evaluate_perplexity, load_eval_tokens, make_windows, text_ids, wikitext2_text
 
 METHODS = ("fp", "w8", "sparse50", "w8a8", "wanda")
 DEFAULT_METHODS = "fp,w8,sparse50"
 QMAX = 127  # symmetric 8-bit: levels -127..127 (255 of them)
 DTYPE_LABELS = {torch.float32: "FP32", torch.bfloat16: "BF16", torch.float16: "FP16"}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def table_dtype(name, device):
+    """--dtype -> torch dtype. 'auto' is float16 on GPU, because Table 3 reports "PPL (FP16)", and
+    float32 on CPU (where half-precision autocast would only be slower)."""
+    if name in (None, "auto"):
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    return resolve_dtype(name, device)
 GPT2_VOCAB = 50257  # vocabularies at least this large are GPT-2's BPE (possibly padded)
 
 
@@ -165,18 +173,29 @@ def wanda_mask(weight, feature_norm, sparsity):
 # applying them to a model
 
 def block_linears(model):
-    """(name, nn.Linear) of every Linear inside the transformer blocks: c_attn, c_proj, c_fc, and the
-    variant's own (scale_proj)."""
-    return [(f"transformer.h.{name}", m) for name, m in model.transformer.h.named_modules()
-            if isinstance(m, nn.Linear)]
+    """(name, module) of every Linear inside the decoder blocks: c_attn, c_proj, c_fc and the variant's own
+    (scale_proj) for this repo's GPT; q/k/v/o, up/gate/down (FalconLinear included, GPT-2's Conv1D too)
+    for Hugging Face models. hf_models.weight_of gives each one's weight in (out, in) layout."""
+    from hf_models import is_linear, model_view
+    view = model_view(model)
+    return [(f"{view.family.blocks}.{l}.{name}", m) for l, block in enumerate(view.blocks)
+            for name, m in block.named_modules() if is_linear(m)]
+
+
+def head_is_tied(model):
+    """Whether lm_head shares its weight with the token embedding: quantizing the head changes both."""
+    emb = model.hf.get_input_embeddings() if hasattr(model, "hf") else model.transformer.wte
+    return model.lm_head.weight is emb.weight
 
 
 @torch.no_grad()
 def quantize_weights_(model, granularity="tensor", include_head=False):
+    from hf_models import weight_of
     targets = block_linears(model) + ([("lm_head", model.lm_head)] if include_head else [])
     for _, lin in targets:
-        w_hat, _ = absmax_quantize(lin.weight, granularity)
-        lin.weight.copy_(w_hat.to(lin.weight.dtype))
+        w = weight_of(lin)
+        w_hat, _ = absmax_quantize(w, granularity)
+        w.copy_(w_hat.to(w.dtype))
     return [name for name, _ in targets]
 
 
@@ -184,17 +203,22 @@ def add_activation_quantization(model, include_head=False):
     """Fake-quantize the input of every block Linear (and of lm_head with include_head) on each forward."""
     handles = [lin.register_forward_pre_hook(lambda m, args: (fake_quantize_activation(args[0]),) + tuple(args[1:]))
                for _, lin in block_linears(model)]
-    if include_head:  # lm_head's input is ln_f's output (and it is called on row chunks by the evaluator)
+    if include_head and hasattr(model, "hf"):  # lm_head's input is the backbone's last hidden state
+        def quantize_last_hidden(module, args, out):
+            out.last_hidden_state = fake_quantize_activation(out.last_hidden_state)
+            return out
+        handles.append(model.hf.base_model.register_forward_hook(quantize_last_hidden))
+    elif include_head:  # lm_head's input is ln_f's output (and it is called on row chunks by the evaluator)
         handles.append(model.transformer.ln_f.register_forward_hook(lambda m, args, out: fake_quantize_activation(out)))
     return handles
 
 
 @torch.no_grad()
 def prune_magnitude_(model, sparsity=0.5, scope="layer"):
-    linears = block_linears(model)
-    masks = magnitude_masks([lin.weight for _, lin in linears], sparsity, scope)
-    for (_, lin), mask in zip(linears, masks):
-        lin.weight.masked_fill_(mask, 0.0)
+    from hf_models import weight_of
+    weights = [weight_of(lin) for _, lin in block_linears(model)]
+    for w, mask in zip(weights, magnitude_masks(weights, sparsity, scope)):
+        w.masked_fill_(mask, 0.0)
 
 
 class _StopForward(Exception):
@@ -205,6 +229,8 @@ class _StopForward(Exception):
 def prune_wanda_(model, calib, sparsity=0.5, dtype=None, batch_size=8):
     """Wanda, block by block as in its reference code: the input-feature norms of a block's Linears come
     from the calibration activations that reach it through the already pruned blocks before it."""
+    if hasattr(model, "hf"):
+        return _prune_wanda_forwards_(model, calib, sparsity, dtype, batch_size)
     device = next(model.parameters()).device
     blocks = model.transformer.h
     inps = []
@@ -245,6 +271,44 @@ def prune_wanda_(model, calib, sparsity=0.5, dtype=None, batch_size=8):
             m.weight.masked_fill_(wanda_mask(m.weight, sumsq[n].sqrt(), sparsity), 0.0)
         with autocast_context(device, dtype):
             inps = [block(x) for x in inps]
+
+
+@torch.no_grad()
+def _prune_wanda_forwards_(model, calib, sparsity, dtype, batch_size):
+    """Wanda for Hugging Face models, whose blocks need the backbone's masks and position embeddings:
+    block l's input-feature norms come from forwards of the whole model (its blocks before l already
+    pruned) that stop after block l, so the activations are the same as in the block-by-block form."""
+    from hf_models import in_features, is_linear, model_view, weight_of
+    view = model_view(model)
+    device = next(model.parameters()).device
+    for block in view.blocks:
+        linears = [(n, m) for n, m in block.named_modules() if is_linear(m)]
+        sumsq = {n: torch.zeros(in_features(m), dtype=torch.float64, device=device) for n, m in linears}
+
+        def make_hook(name):
+            def hook(module, args):
+                x = args[0].float()
+                sumsq[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64)
+            return hook
+
+        def stop(module, args, output):
+            raise _StopForward
+
+        handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears]
+        handles.append(block.register_forward_hook(stop))
+        try:
+            with autocast_context(device, dtype):
+                for i in range(0, calib.shape[0], batch_size):
+                    try:
+                        model(calib[i:i + batch_size].to(device))
+                    except _StopForward:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+        for n, m in linears:
+            w = weight_of(m)
+            w.masked_fill_(wanda_mask(w, sumsq[n].sqrt(), sparsity), 0.0)
 
 
 def calibration_windows(tokens, n_windows, block_size, seed=0):
@@ -399,7 +463,7 @@ def parse_args(argv):
     p.add_argument("--stride", type=int, default=None, help="sliding windows scoring the last STRIDE tokens of each")
     p.add_argument("--batch_size", type=int, default=None, help="windows per forward (default: 16 on GPU, 2 on CPU at T=1024)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="auto", help="auto (float16 on GPU, the paper's Table 3 'PPL (FP16)'; float32 on CPU) | float32 | bfloat16 | float16")
     p.add_argument("--attn_backend", default="auto", help="attention backend for every model (default auto)")
     p.add_argument("--out", default=os.path.join("out", "compress"), help="output directory (default out/compress)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -436,16 +500,36 @@ def validate_args(args):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} exists and is not a directory")
     if not args.checkpoints and not args.pretrained:
-        raise UserError("no checkpoints given: pass one or more checkpoint files (e.g. out/tiny/ckpt.pt) or --pretrained gpt2")
+        raise UserError("no checkpoints given: pass one or more checkpoint files (train.py writes OUT_DIR/ckpt.pt, "
+                        "e.g. out/demo/ckpt.pt for config/tiny.py) or --pretrained gpt2")
+    check_writable_dir(args.out, "--out")  # now, not after every evaluation has run
     return methods
 
 
-def calibration_tokens(args):
+def text_encoder(sources, needed):
+    """The tokenizer text goes through: GPT-2 BPE (None) for this repo's models, a Hugging Face model's
+    own tokenizer for Hugging Face models; one table cannot mix them on text input."""
+    hf = [s for s in sources if hasattr(s.model, "hf")]
+    if not needed or not hf:
+        return None
+    if len(hf) < len(sources):
+        raise UserError("text input is tokenized with each model's own tokenizer, and this table mixes GPT-2 BPE models "
+                        "with Hugging Face models of another tokenizer; evaluate them in separate tables or pass --data")
+    from hf_models import load_tokenizer
+    vocabs = [load_tokenizer(s.model).get_vocab() for s in hf]
+    if any(v != vocabs[0] for v in vocabs[1:]):
+        raise UserError(f"{hf[0].checkpoint} and another model have different tokenizers, so one text cannot be scored "
+                        f"for both; evaluate them in separate tables or pass --data")
+    from hf_models import tokenization
+    return tokenization(hf[0].model, required=True)[0]
+
+
+def calibration_tokens(args, encode=None):
     """(tokens, description) for wanda: never the evaluation text. Token files stay memory-mapped."""
     if args.calib_data:
         return input_tokens(data=args.calib_data), f"tokens {args.calib_data}"
     if args.calib_text_file:
-        return input_tokens(text_file=args.calib_text_file), f"text {args.calib_text_file}"
+        return text_ids(read_text_file(args.calib_text_file), encode), f"text {args.calib_text_file}"
     if args.data:
         sibling = os.path.join(os.path.dirname(os.path.abspath(args.data)), "train.bin")
         if os.path.basename(args.data) != "train.bin" and os.path.isfile(sibling):
@@ -456,14 +540,14 @@ def calibration_tokens(args):
         raise UserError("wanda needs calibration data from a training split, not the evaluation text; "
                         "pass --calib_data TRAIN.bin or --calib_text_file FILE")
     text = wikitext2_text("train", instead="pass --calib_data TRAIN.bin or --calib_text_file FILE")
-    return input_tokens(text=text), f"wikitext2 ({WIKITEXT2[1]}, train)"
+    return text_ids(text, encode), f"wikitext2 ({WIKITEXT2[1]}, train)"
 
 
 def main(argv=None):
     args = parse_args(argv)
     methods = validate_args(args)
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = table_dtype(args.dtype, device)
     from attention_variants import check_backend
     check_backend(args.attn_backend)
 
@@ -472,7 +556,8 @@ def main(argv=None):
     check_vocabularies(sources)
     if args.data is None and args.text_file is None and args.dataset is None:
         args.dataset = "wikitext2"
-    tokens, data_desc = load_eval_tokens(args.dataset, args.text_file, args.data, split=args.split)
+    encode = text_encoder(sources, needed=args.data is None or (args.calib_text_file is not None))
+    tokens, data_desc = load_eval_tokens(args.dataset, args.text_file, args.data, split=args.split, encode=encode)
     if args.max_tokens:
         tokens = tokens[:args.max_tokens]
         data_desc += f", first {tokens.size} tokens"
@@ -484,7 +569,7 @@ def main(argv=None):
         if tokens.size and int(tokens.max()) >= s.vocab_size:
             raise UserError(f"the evaluation tokens go up to id {int(tokens.max())} but {s.checkpoint} has a vocabulary "
                             f"of {s.vocab_size}; evaluate with data tokenized for this model")
-    calib, calib_desc = (calibration_tokens(args) if "wanda" in methods else (None, None))
+    calib, calib_desc = (calibration_tokens(args, encode) if "wanda" in methods else (None, None))
     if calib is not None and calib.size and int(calib.max()) >= min(s.vocab_size for s in sources):
         raise UserError(f"the calibration tokens go up to id {int(calib.max())}, beyond the models' vocabulary")
 
@@ -503,7 +588,7 @@ def main(argv=None):
         T = args.block_size or s.block_size
         row = {"name": s.name, "checkpoint": s.checkpoint, "attention": s.attention, "iter_num": s.iter_num,
                "dtype": DTYPE_NAMES[dtype], "device": str(device), "ppl": {}, "nll": {}, "seconds": {},
-               "eval": None, "settings": settings, "metadata": metadata}
+               "eval": None, "settings": settings, "metadata": metadata, "head_tied": head_is_tied(base)}
         for m in methods:
             t0 = time.perf_counter()
             model = base if m == "fp" else copy.deepcopy(base)
@@ -537,12 +622,14 @@ def main(argv=None):
              f"{ev['block_size']} tokens; device {device}, {DTYPE_NAMES[dtype]}. "
              f"W8 granularity {args.w8_granularity}; sparsity {args.sparsity:g} ({args.prune_scope})"
              + (f"; wanda calibration: {args.calib_windows} windows of {calib_desc}" if calib is not None else "")
-             + ". Δ = relative change of perplexity against the unquantized model.\n")
+             + ". Δ = relative change of perplexity against the unquantized model.\n"
+             + ("--quantize_head on a tied head (" + ", ".join(r["name"] for r in rows if r["head_tied"]) + "): the token "
+                "embedding shares the head's weight, so it is quantized too.\n"
+                if args.quantize_head and any(r["head_tied"] for r in rows) else ""))
     print(table, end="")
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write_text(os.path.join(args.out, "results.md"), table + "\n" + notes)
-    atomic_write_json(os.path.join(args.out, "results.json"), rows)
-    atomic_write_text(os.path.join(args.out, "results.csv"), csv_text(rows, methods))
+    atomic_write_texts({os.path.join(args.out, "results.md"): table + "\n" + notes,
+                        os.path.join(args.out, "results.json"): json_text(rows),
+                        os.path.join(args.out, "results.csv"): csv_text(rows, methods)})
     print(f"wrote {os.path.join(args.out, 'results.md')}, results.json, results.csv", file=sys.stderr)
     return 0
 

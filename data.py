@@ -5,7 +5,10 @@ Token files use nanoGPT's format: a flat array of uint16 GPT-2 token ids (`train
 so data prepared by nanoGPT works here as is.
 """
 
+import functools
 import os
+import socket
+import urllib.parse
 
 import numpy as np
 
@@ -42,6 +45,15 @@ def check_token_range(ids):
     if ids.size and (ids.min() < 0 or ids.max() > limit):
         raise UserError(f"token ids range over [{ids.min()}, {ids.max()}], which does not fit uint16; "
                         f"this format holds vocabularies of at most {limit + 1:,} tokens")
+
+
+def check_vocab(ids, vocab_size, source):
+    """UserError when token ids reach beyond a model's vocabulary (the embedding would raise an
+    IndexError, or assert on the GPU)."""
+    top = int(np.max(ids)) if np.size(ids) else -1
+    if top >= vocab_size:
+        raise UserError(f"{source} holds token id {top}, outside the model's vocabulary of {vocab_size} ids; "
+                        f"use data tokenized for this model")
 
 
 def write_tokens(path, ids):
@@ -103,11 +115,43 @@ def import_datasets(instead):
     return datasets
 
 
+HUB_TIMEOUT_S = 3.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_reachable(timeout=HUB_TIMEOUT_S):
+    """Whether the Hugging Face Hub (HF_ENDPOINT) accepts a connection within `timeout` seconds."""
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def offline_unless_hub_reachable():
+    """Put the Hub clients in offline mode (cache only) when the Hub cannot be reached, since without
+    network `datasets` retries for about 25 s before failing. True when it did so. Behind a proxy
+    a direct connection says nothing, so the clients are left alone there."""
+    if os.environ.get("HF_HUB_OFFLINE") or any(os.environ.get(v) for v in PROXY_VARIABLES) or hub_reachable():
+        return False
+    os.environ["HF_HUB_OFFLINE"] = "1"  # read by the clients at import ...
+    import importlib
+    for module in ("huggingface_hub.constants", "datasets.config"):  # ... and here when they are imported already
+        try:
+            importlib.import_module(module).HF_HUB_OFFLINE = True
+        except ImportError:
+            pass
+    return True
+
+
 def load_hf_dataset(name, config=None, *, what, instead, split=None, cache_dir=None, num_proc=None):
     """datasets.load_dataset(name, config, ...) with one clear UserError when it fails (no network and
     no cache, a Hub copy that needs a loading script, ...). `what` names what needs the data (e.g.
     "--dataset wikitext2"), `instead` says what to pass without network (e.g. "pass --text_file FILE")."""
     datasets = import_datasets(instead)
+    offline = offline_unless_hub_reachable()
     try:
         return datasets.load_dataset(name, config, split=split, cache_dir=cache_dir, num_proc=num_proc)
     except Exception as e:  # ConnectionError, OfflineModeIsEnabled, DatasetNotFoundError, RuntimeError, ...
@@ -116,8 +160,10 @@ def load_hf_dataset(name, config=None, *, what, instead, split=None, cache_dir=N
             raise UserError(f"{what}: the Hub copy {name} still needs a loading script, which this version of "
                             f"`datasets` cannot run; pass a parquet copy of it, or {instead}") from None
         held = f"{name}{' ' + config if config else ''}{f' (split {split})' if split else ''}"
+        why = f"the Hub did not answer within {HUB_TIMEOUT_S:g} s, so only the cache was tried" if offline else \
+            f"loading it failed: {type(e).__name__}: {msg}"
         raise UserError(f"{what} needs the Hugging Face Hub (network) or a datasets cache that already holds "
-                        f"{held}; loading it failed: {type(e).__name__}: {msg} ({instead})") from None
+                        f"{held}; {why} ({instead})") from None
 
 
 def wikitext2_split(split, *, what="WikiText-2", instead="pass local text instead", name=None, cache_dir=None):

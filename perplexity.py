@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from common import UserError, autocast_context
-from data import WIKITEXT2, input_tokens, wikitext2_split
+from data import WIKITEXT2, input_tokens, read_text_file, wikitext2_split
 
 # rows of (rows x vocab) float32 logits computed at once: 4096 x 50304 x 4 B = 0.8 GB on GPU, 0.2 GB on CPU
 LOGIT_CHUNK_ROWS = {"cuda": 4096, "cpu": 1024}
@@ -43,18 +43,26 @@ def wikitext2_text(split="test", instead=None):
     return "\n\n".join(wikitext2_split(split, what="the WikiText-2 evaluation", instead=instead))
 
 
-def load_eval_tokens(dataset=None, text_file=None, data=None, split="test"):
-    """(int64 token array, description) from exactly one of: dataset 'wikitext2', a text file, a .bin file."""
+def text_ids(text, encode=None):
+    """int64 token ids of `text`: GPT-2 BPE, or `encode` (a Hugging Face model's own tokenizer)."""
+    return input_tokens(text=text) if encode is None else np.asarray(encode(text), dtype=np.int64)
+
+
+def load_eval_tokens(dataset=None, text_file=None, data=None, split="test", encode=None):
+    """(int64 token array, description) from exactly one of: dataset 'wikitext2', a text file, a .bin file.
+    Text goes through `encode` when given (a Hugging Face model's tokenizer), else GPT-2 BPE."""
     given = [x is not None for x in (dataset, text_file, data)]
     if sum(given) != 1:
         raise UserError("give exactly one evaluation text: --dataset wikitext2, --text_file FILE or --data TOKENS.bin")
+    if text_file is not None and encode is not None:
+        return text_ids(read_text_file(text_file), encode), f"text {text_file}"
     if data is not None or text_file is not None:
         tokens = input_tokens(data=data, text_file=text_file)
         return np.asarray(tokens, dtype=np.int64), f"tokens {data}" if data is not None else f"text {text_file}"
     if dataset != "wikitext2":
         raise UserError(f"unknown dataset {dataset!r}; the one built in is wikitext2 "
                         f"(or pass --text_file FILE / --data TOKENS.bin)")
-    return input_tokens(text=wikitext2_text(split)), f"wikitext2 ({WIKITEXT2[1]}, {split})"
+    return text_ids(wikitext2_text(split), encode), f"wikitext2 ({WIKITEXT2[1]}, {split})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,6 +133,8 @@ def _hidden_states(model, x):
     The model's own forward without targets projects only the last position through lm_head, so the
     full logits are never built there; we project the scored rows ourselves, in chunks.
     """
+    if hasattr(model, "final_hidden"):  # hf_models.HFCausalLM: the backbone's output, the input of lm_head
+        return model.final_hidden(x)
     captured = []
 
     def hook(module, inputs, output):

@@ -49,7 +49,7 @@ import urllib.request
 import numpy as np
 
 import tokenizer
-from common import UserError, atomic_path, atomic_write_json, cli_main, one_line
+from common import UserError, atomic_path, atomic_write_json, check_writable_dir, cli_main, one_line, write_error
 from data import (TOKEN_DTYPE, WIKITEXT2, check_token_range, import_datasets, load_hf_dataset, read_text_file,
                   wikitext2_split)
 
@@ -131,6 +131,7 @@ def main(argv=None):
     inputs = _expand_inputs(args.input) if args.input else None
     source = _source_spec(args, inputs, val_fraction)
     _check_out_dir(out_dir, source, args.overwrite)
+    check_writable_dir(out_dir, "--out_dir")  # before the download and tokenization, not after
 
     t0 = time.time()
     splits, split_rule = _load_splits(args, inputs, out_dir, val_fraction)
@@ -242,10 +243,29 @@ def _load_text_files(ds_lib, files, args):
         while cause is not None and not isinstance(cause, UnicodeDecodeError):
             cause = cause.__cause__ or cause.__context__
         if isinstance(cause, UnicodeDecodeError):
-            raise UserError(f"an input file is not UTF-8 text ({cause.reason} at byte {cause.start}); "
-                            f"convert it to UTF-8 or leave it out") from None
+            bad = next(((f, r) for f in files if (r := _utf8_error(f))), ("an input file", cause.reason))
+            raise UserError(f"input {bad[0]} is not UTF-8 text ({bad[1]}); convert it to UTF-8 or leave it "
+                            f"out") from None
         raise UserError(f"could not read the input text files: {type(e).__name__}: {one_line(e)}") from None
     return dd["train"]
+
+
+def _utf8_error(path):
+    """'reason at byte N' where a file stops being UTF-8, or None (streamed: inputs may be large)."""
+    import codecs
+    decoder, done = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                return f"{e.reason} at byte {done - len(decoder.getstate()[0]) + e.start}"
+            done += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        return f"{e.reason} at the end of the file"
+    return None
 
 
 def _download_shakespeare(out_dir):
@@ -356,7 +376,6 @@ def write_splits(splits, out_dir, source, split_rule, num_proc=1, overwrite=Fals
         tokenized[part] = splits[part].map(_tokenize_batch, batched=True, remove_columns=["text"],
                                            num_proc=_nproc(num_proc, len(splits[part])),
                                            desc=f"tokenizing {part}")
-    os.makedirs(out_dir, exist_ok=True)
     meta = {
         "format": FORMAT,
         "dtype": "uint16",
@@ -368,7 +387,10 @@ def write_splits(splits, out_dir, source, split_rule, num_proc=1, overwrite=Fals
     paths = {part: os.path.join(out_dir, f"{part}.bin") for part in ("train", "val")}
     with atomic_path(paths["train"]) as tmp_train, atomic_path(paths["val"]) as tmp_val:
         for part, tmp in (("train", tmp_train), ("val", tmp_val)):
-            n_tokens, digest = _write_bin(tokenized[part], tmp, part)
+            try:
+                n_tokens, digest = _write_bin(tokenized[part], tmp, part)
+            except OSError as e:  # named here: the inner atomic_path would blame val.bin for train.bin
+                raise write_error(paths[part], e) from None
             meta[f"{part}_tokens"] = n_tokens
             meta[f"{part}_documents"] = len(tokenized[part])
             meta[f"{part}_sha256"] = digest
@@ -400,20 +422,18 @@ def _write_bin(ds, path, part):
     total = int(np.sum(ds.with_format("numpy")["len"], dtype=np.int64)) if len(ds) else 0
     if total == 0:
         raise UserError(f"the {part} split holds no tokens; use more text")
-    arr = np.memmap(path, dtype=TOKEN_DTYPE, mode="w+", shape=(total,))
     digest = hashlib.sha256()
     n_shards = min(1024, len(ds))
     pos = 0
-    for i in tqdm(range(n_shards), desc=f"writing {part}.bin", disable=n_shards < 8):
-        shard = ds.shard(num_shards=n_shards, index=i, contiguous=True).with_format("numpy")
-        batch = np.concatenate([np.asarray(x, dtype=np.int64) for x in shard["ids"]])
-        check_token_range(batch)
-        batch = batch.astype(TOKEN_DTYPE)
-        arr[pos:pos + len(batch)] = batch
-        digest.update(batch.tobytes())
-        pos += len(batch)
-    arr.flush()
-    del arr
+    with open(path, "wb") as f:  # plain writes: a full disk raises ENOSPC here, where a memmap would get SIGBUS
+        for i in tqdm(range(n_shards), desc=f"writing {part}.bin", disable=n_shards < 8):
+            shard = ds.shard(num_shards=n_shards, index=i, contiguous=True).with_format("numpy")
+            batch = np.concatenate([np.asarray(x, dtype=np.int64) for x in shard["ids"]])
+            check_token_range(batch)
+            data = batch.astype(TOKEN_DTYPE).tobytes()
+            f.write(data)
+            digest.update(data)
+            pos += len(batch)
     assert pos == total, (pos, total)
     return total, digest.hexdigest()
 

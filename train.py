@@ -25,11 +25,23 @@ all in ckpt.pt; `--init_from=resume` with the same world size continues bit for 
 Preemption: SIGTERM, SIGINT and SIGUSR1 make every rank finish the current step, write ckpt.pt and
 exit with status 0 (a second SIGINT aborts at once). Under torchrun the workers have the agent's
 grace period (30 s by default) after the agent forwards a SIGTERM.
+
+Divergence: a non-finite training loss or gradient norm (checked before the optimizer applies the
+step, all ranks together), a non-finite evaluation loss, or non-finite weights about to be saved
+stop the run with exit status 3 and a one-line error saying which checkpoint is the last good one.
+ckpt.pt is never overwritten by a diverged state. The step is neither skipped nor retried: the data
+order and state are deterministic, so a retry diverges again, and skipping hides an instability that
+needs a lower learning rate (or more warmup / clipping) on resume. (fp16's GradScaler still skips
+its own overflow steps: an inf gradient norm is only divergence when no scaler is in use.)
+
+One run per out_dir: rank 0 holds an flock on out_dir/train.lock (which names host and pid) for the
+whole run; a second training into the same directory stops at once with exit status 2.
 """
 
 import contextlib
 import dataclasses
 import difflib
+import io
 import json
 import math
 import os
@@ -46,8 +58,8 @@ import numpy as np
 import torch
 
 import outlier_stats
-from common import (UserError, atomic_path, atomic_write_json, autocast_context, cli_main, json_safe, one_line,
-                    resolve_device, resolve_dtype, run_metadata)
+from common import (UserError, atomic_path, atomic_write_json, autocast_context, cli_main, directory_lock, json_safe,
+                    one_line, resolve_device, resolve_dtype, run_metadata, write_error)
 from data import TOKEN_DTYPE, load_tokens
 
 
@@ -82,7 +94,7 @@ class TrainConfig:
     vocab_size: int = 50304             # GPT-2's 50257 padded to a multiple of 64
     dropout: float = 0.0
     bias: bool = False
-    attention: str = "default"          # default | fixed_bias | context_bias | attention_bias | scaling | sigmoid
+    attention: str = "default"          # a name in attention_variants.REGISTRY (default, scaling, gated, ...)
     attn_backend: str = "auto"          # auto | reference | sdpa | triton
     sigmoid_bias: typing.Optional[float] = None  # sigmoid attention's b (None: -ln T)
     # AdamW and schedule
@@ -120,6 +132,13 @@ PREPARE_COMMANDS = {"openwebtext": "python prepare_data.py --dataset openwebtext
                     "shakespeare": "python prepare_data.py --dataset shakespeare",
                     "builtin": "python prepare_data.py --dataset builtin"}
 STOP_SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, s))
+RESUME_KEYS = ("optimizer", "sampler")  # what a weights-only snapshot lacks
+OUTPUT_FILES = ("ckpt.pt", "run.json", "log.jsonl")
+
+
+class Diverged(UserError):
+    """Training produced a non-finite loss, gradient norm or weight."""
+    exit_status = 3
 
 
 # ================================================================================================ config
@@ -266,6 +285,10 @@ def validate_config(cfg):
         need(getattr(cfg, key) >= 1, f"{key} must be at least 1, got {getattr(cfg, key)}")
     for key in ("max_iters", "warmup_iters", "snapshot_interval", "keep_snapshots", "outlier_interval"):
         need(getattr(cfg, key) >= 0, f"{key} must be at least 0, got {getattr(cfg, key)}")
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "dropout", "beta1", "beta2"):
+        need(math.isfinite(getattr(cfg, key)), f"{key} must be a finite number, got {getattr(cfg, key)}")
+    need(cfg.sigmoid_bias is None or math.isfinite(cfg.sigmoid_bias),
+         f"sigmoid_bias must be a finite number or None, got {cfg.sigmoid_bias}")
     need(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1), got {cfg.dropout}")
     need(cfg.learning_rate > 0 and cfg.min_lr >= 0, "learning_rate must be > 0 and min_lr >= 0")
     need(cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables clipping), got {cfg.grad_clip}")
@@ -302,10 +325,11 @@ class Batches:
     windows of a run do not depend on the number of ranks. The generator state is checkpointed.
     """
 
-    def __init__(self, path, block_size, device, seed):
+    def __init__(self, path, block_size, device, seed, vocab_size=None):
         self.path = path
         self.block_size = block_size
         self.device = device
+        self.vocab_size = vocab_size
         self.n_tokens = len(load_tokens(path))
         self.generator = torch.Generator().manual_seed(seed)
         self.seed = seed
@@ -322,9 +346,20 @@ class Batches:
         starts = offsets.tolist()
         x = torch.from_numpy(np.stack([data[i:i + T] for i in starts]).astype(np.int64))
         y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T] for i in starts]).astype(np.int64))
+        if self.vocab_size is not None:
+            self._check_ids(x, y)
         if str(self.device).startswith("cuda"):
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
+
+    def _check_ids(self, x, y):
+        """A token id beyond the vocabulary (data that does not match its meta.json) is a clear error
+        here, not an IndexError inside the embedding (or a device-side assert on CUDA)."""
+        top = max(int(x.max()), int(y.max()))
+        if top >= self.vocab_size:
+            raise UserError(f"{self.path} holds token id {top}, outside the model's vocabulary of {self.vocab_size}: "
+                            f"the file does not match its meta.json or this model; prepare it again with "
+                            f"prepare_data.py, or set --vocab_size larger")
 
     def state_dict(self):
         return {"seed": self.seed, "draws": self.draws, "generator": self.generator.get_state()}
@@ -336,8 +371,11 @@ class Batches:
 
 def check_data(cfg, data_dir):
     """Validate the data directory against the config; returns meta.json's content (or {})."""
-    cmd = PREPARE_COMMANDS.get(cfg.dataset,
-                               f"python prepare_data.py --dataset text --input YOUR_TEXT_FILES --out_dir {data_dir}")
+    cmd = PREPARE_COMMANDS.get(cfg.dataset)
+    if cmd is None:
+        cmd = f"python prepare_data.py --dataset text --input YOUR_TEXT_FILES --out_dir {data_dir}"
+    elif os.path.normpath(data_dir) != os.path.join("data", cfg.dataset):  # prepare_data's default out_dir
+        cmd += f" --out_dir {data_dir}"
     for split in ("train", "val"):
         if not os.path.isfile(os.path.join(data_dir, f"{split}.bin")):
             what = "does not exist" if not os.path.isdir(data_dir) else f"has no {split}.bin"
@@ -445,12 +483,18 @@ class JsonlLog:
 
     def __init__(self, path, wandb_run=None):
         self.path = path
-        self.file = open(path, "a", encoding="utf-8")
+        try:
+            self.file = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            raise write_error(path, e) from None
         self.wandb_run = wandb_run
 
     def write(self, record):
-        self.file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-        self.file.flush()
+        try:  # a partial last line (full disk) is cut off by the resume, which truncates to the checkpoint's offset
+            self.file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise write_error(self.path, e) from None
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k not in ("iter", "kind")}, step=record["iter"])
 
@@ -459,7 +503,8 @@ class JsonlLog:
         return self.file.tell()
 
     def close(self):
-        self.file.close()
+        with contextlib.suppress(OSError):  # write() has already reported a failing disk
+            self.file.close()
 
 
 def truncate_log(path, offset):
@@ -523,14 +568,50 @@ class Trainer:
         if self.master:
             print(*args, flush=True)
 
+    def quiet(self):
+        """Silence what library code prints on ranks other than 0 (one copy of each setup line)."""
+        return contextlib.nullcontext() if self.master else contextlib.redirect_stdout(io.StringIO())
+
+    def any_rank(self, *flags):
+        """For each flag, whether it holds on any rank: one collective keeps all ranks deciding alike."""
+        t = torch.stack([torch.as_tensor(f, device=self.device).reshape(()).int() for f in flags])
+        if self.ddp:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def fail(self, error):
+        """Raise `error` on rank 0 and exit quietly with its status elsewhere: the message appears once.
+        Every rank calls it at the same point."""
+        self.failing_together = True
+        if self.master:
+            raise error
+        raise SystemExit(error.exit_status)
+
     def run(self):
-        cfg = self.cfg
         self.setup_distributed()
+        self.failing_together = False
         try:
-            return self._run()
+            with self.out_dir_lock():
+                return self._run()
         finally:
             if self.ddp and torch.distributed.is_initialized():
+                if self.failing_together:  # the others wait for rank 0's message and run.json: torchrun
+                    torch.distributed.barrier()  # kills the remaining ranks as soon as one exits
                 torch.distributed.destroy_process_group()
+
+    @contextlib.contextmanager
+    def out_dir_lock(self):
+        """Rank 0 holds out_dir's lock for the whole run; if it cannot, every rank stops before any work."""
+        with contextlib.ExitStack() as stack:
+            error = None
+            if self.master:
+                try:
+                    stack.enter_context(directory_lock(self.cfg.out_dir, "training run"))
+                except UserError as e:
+                    error = e
+            if self.any_rank(error is not None)[0]:
+                self.fail(error or UserError("out_dir is locked"))
+            yield
 
     def _run(self):
         cfg = self.cfg
@@ -554,6 +635,13 @@ class Trainer:
                                 f"(or point --out_dir at the run to continue)")
             from checkpoint import load_checkpoint
             ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+            missing = [k for k in RESUME_KEYS if k not in ckpt]
+            if missing:
+                kind = ckpt.get("kind", "checkpoint")
+                raise UserError(f"cannot resume from {ckpt_path}: it is a weights-only {kind} (iter {ckpt['iter_num']})"
+                                f" without the {' and '.join(missing)} state an exact resume "
+                                f"needs; resume from the ckpt.pt train.py wrote, or analyse this file with "
+                                f"analyze_outliers.py")
             self.check_resume_config(ckpt)
         elif os.path.exists(ckpt_path) and not cfg.overwrite and not cfg.eval_only:
             raise UserError(f"{cfg.out_dir} already holds a run ({ckpt_path}); continue it with --init_from=resume, "
@@ -567,21 +655,24 @@ class Trainer:
                  f"{tokens_per_iter * cfg.max_iters:,} over max_iters={cfg.max_iters:,}")
 
         # ---- model and optimizer
-        model = self.build_model(ckpt)
-        model.to(self.device)
-        optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                               self.device_type)
+        with self.quiet():
+            model = self.build_model(ckpt)
+            model.to(self.device)
+            optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                                   self.device_type)
         scaler = torch.amp.GradScaler(self.device_type, enabled=(self.ptdtype == torch.float16))
         self.base_model, self.optimizer, self.scaler = model, optimizer, scaler
 
         # ---- data: one train generator shared (identically) by all ranks; fixed evaluation windows
-        self.train_batches = Batches(os.path.join(self.data_dir, "train.bin"), cfg.block_size, self.device, cfg.seed)
+        self.train_batches = Batches(os.path.join(self.data_dir, "train.bin"), cfg.block_size, self.device, cfg.seed,
+                                     cfg.vocab_size)
         self.eval_batches = {}
         for i, split in enumerate(("train", "val")):
-            b = Batches(os.path.join(self.data_dir, f"{split}.bin"), cfg.block_size, self.device, cfg.seed + 1 + i)
+            b = Batches(os.path.join(self.data_dir, f"{split}.bin"), cfg.block_size, self.device, cfg.seed + 1 + i,
+                        cfg.vocab_size)
             self.eval_batches[split] = (b, b.draw(cfg.eval_iters * cfg.batch_size).view(cfg.eval_iters, cfg.batch_size))
 
-        self.iter_num, self.best_val_loss, self.last_eval_iter = 0, float("inf"), -1
+        self.iter_num, self.best_val_loss, self.last_eval_iter, self.last_telemetry_iter = 0, float("inf"), -1, -1
         wandb_id = None
         if ckpt is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -590,6 +681,7 @@ class Trainer:
             self.iter_num = int(ckpt["iter_num"])
             self.best_val_loss = float(ckpt.get("best_val_loss", float("inf")))
             self.last_eval_iter = int(ckpt.get("last_eval_iter", -1))
+            self.last_telemetry_iter = int(ckpt.get("last_telemetry_iter", -1))
             self.train_batches.load_state_dict(ckpt["sampler"])
             wandb_id = ckpt.get("wandb_run_id")
 
@@ -608,9 +700,9 @@ class Trainer:
         # ---- run record, log, wandb (rank 0)
         self.out_log = None
         if self.master:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            for name in os.listdir(cfg.out_dir):  # temp files of checkpoint writes killed midway (atomic_path)
-                if name.startswith(".ckpt") and name.endswith(".tmp"):
+            for name in os.listdir(cfg.out_dir):  # temp files of writes killed midway: ours alone, as we hold the lock
+                ours = name.startswith(".ckpt") or any(name.startswith(f".{f}.") for f in OUTPUT_FILES)
+                if ours and name.endswith(".tmp"):
                     os.remove(os.path.join(cfg.out_dir, name))
             if ckpt is not None:
                 truncate_log(self.log_path, ckpt.get("log_offset"))
@@ -642,13 +734,18 @@ class Trainer:
         status = "failed"
         try:
             status = self.loop(tokens_per_iter)
+        except Diverged:
+            status = "diverged"
+            raise
         finally:
             self.stop.uninstall()
             if self.master:
-                self.finish_run_record(status)
+                # when the run already failed (e.g. a full disk), its own error is the one to report
+                with contextlib.suppress(*(() if status in ("finished", "stopped") else (UserError,))):
+                    self.finish_run_record(status)
                 self.out_log.close()
                 if self.out_log.wandb_run is not None:
-                    self.out_log.wandb_run.finish(exit_code=0 if status != "failed" else 1)
+                    self.out_log.wandb_run.finish(exit_code=0 if status in ("finished", "stopped") else 1)
         out = cfg.out_dir
         self.log(f"{status} at iter {self.iter_num}: checkpoint {os.path.join(out, 'ckpt.pt')}, log "
                  f"{os.path.join(out, 'log.jsonl')}, run record {os.path.join(out, 'run.json')}"
@@ -760,6 +857,7 @@ class Trainer:
     def save(self, reason):
         """Write ckpt.pt (all ranks take part: every rank's RNG state goes in)."""
         from checkpoint import model_args_from, save_checkpoint
+        self.check_weights()
         state = rng_state(self.device)
         if self.ddp:
             states = [None] * self.world
@@ -773,6 +871,7 @@ class Trainer:
                     "best_val_loss": self.best_val_loss, "last_eval_iter": self.last_eval_iter,
                     "config": dataclasses.asdict(self.cfg), "rng": states, "sampler": self.train_batches.state_dict(),
                     "world_size": self.world, "wandb_run_id": self.wandb_id, "log_offset": self.out_log.offset(),
+                    "last_telemetry_iter": self.last_telemetry_iter,
                     "pretrained_from": self.pretrained_from, "kind": "train"}
             t0 = time.time()
             save_checkpoint(self.ckpt_path, ckpt)
@@ -793,14 +892,25 @@ class Trainer:
             for _, name in snaps[:-self.cfg.keep_snapshots]:
                 os.remove(os.path.join(self.cfg.out_dir, name))
 
+    # ---------------------------------------------------------------------------------------- divergence
+    def check_weights(self):
+        """Diverged unless every weight is finite (identical on all ranks, so they all stop together)."""
+        from checkpoint import all_finite
+        if not all(all_finite(p) for p in self.base_model.parameters()):
+            self.fail(self.diverged(self.iter_num, "the weights hold NaN or inf"))
+
+    def diverged(self, it, what):
+        cfg = self.cfg
+        if self.saved_at is None:
+            where = (f"no checkpoint of this run was written; start again with a lower --learning_rate "
+                     f"(now {cfg.learning_rate:g})")
+        else:
+            where = (f"{self.ckpt_path} was not overwritten and holds iter {self.saved_at}, the last good state: "
+                     f"resume from it with the same command plus --init_from=resume and a lower learning rate, "
+                     f"e.g. --learning_rate={cfg.learning_rate / 10:g}")
+        return Diverged(f"training diverged at iter {it}: {what}; {where}")
+
     # ---------------------------------------------------------------------------------------- training
-    def stop_requested(self):
-        flag = self.stop.signum is not None
-        if self.ddp:  # every rank stops at the same step, even if only one got the signal
-            t = torch.tensor([int(flag)], device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
 
     def loop(self, tokens_per_iter):
         cfg, model, optimizer, scaler = self.cfg, self.model, self.optimizer, self.scaler
@@ -810,10 +920,13 @@ class Trainer:
             it = self.iter_num
             # ---- telemetry, evaluation, checkpoint: weights after `it` steps
             paused = False
-            if self.telemetry is not None and it % cfg.outlier_interval == 0 and self.master and not cfg.eval_only:
-                with self.autocast:
-                    stats = self.telemetry(self.base_model, self.X_fixed)
-                self.out_log.write({"kind": "outliers", "iter": it, **{k: float(v) for k, v in stats.items()}})
+            if (self.telemetry is not None and it % cfg.outlier_interval == 0 and not cfg.eval_only
+                    and it != self.last_telemetry_iter):  # a resume at `it` finds its record already logged
+                if self.master:
+                    with self.autocast:
+                        stats = self.telemetry(self.base_model, self.X_fixed)
+                    self.out_log.write({"kind": "outliers", "iter": it, **{k: float(v) for k, v in stats.items()}})
+                self.last_telemetry_iter = it
                 paused = True
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters or cfg.eval_only) and it != self.last_eval_iter:
                 losses = self.evaluate()
@@ -823,6 +936,9 @@ class Trainer:
                     self.out_log.write({"kind": "eval", "iter": it, "train_loss": losses["train"],
                                         "val_loss": losses["val"], "lr": get_lr(cfg, it),
                                         "tokens": it * tokens_per_iter})
+                if not all(math.isfinite(v) for v in losses.values()):
+                    self.fail(self.diverged(it, f"the evaluation loss is not finite (train {losses['train']}, "
+                                                f"val {losses['val']})"))
                 improved = losses["val"] < self.best_val_loss
                 self.best_val_loss = min(self.best_val_loss, losses["val"])
                 if it > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
@@ -855,6 +971,15 @@ class Trainer:
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.base_model.parameters(), cfg.grad_clip)
+            # the one per-step collective: a stop signal on any rank, a non-finite step on any rank
+            nonfinite = ~torch.isfinite(loss_sum)
+            if grad_norm is not None and not scaler.is_enabled():  # fp16's scaler skips overflow steps itself
+                nonfinite = nonfinite | ~torch.isfinite(grad_norm)
+            stop, bad = self.any_rank(self.stop.signum is not None, nonfinite)
+            if bad:  # before the optimizer applies it: the moments and weights stay those of the last good step
+                norm = f"{float(grad_norm):.4g}" if grad_norm is not None else "not computed"
+                self.fail(self.diverged(it, f"the training loss or gradient norm is not finite (rank {self.rank}: "
+                                            f"loss {loss_sum.item() / self.local_accum:.4g}, grad norm {norm})"))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -879,8 +1004,9 @@ class Trainer:
 
             self.iter_num = it + 1
             if cfg.snapshot_interval and self.iter_num % cfg.snapshot_interval == 0:
+                self.check_weights()
                 self.snapshot()
-            if self.stop_requested():
+            if stop:
                 self.save(f"stopped by {signal.Signals(self.stop.signum).name if self.stop.signum else 'a signal'}")
                 return "stopped"
         if not cfg.eval_only and self.saved_at != self.iter_num:

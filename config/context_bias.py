@@ -1,4 +1,4 @@
-# GPT-2 124M with `context_bias` attention; everything else as in config/default.py (the paper's setup).
+# GPT-2 124M with `context_bias` attention; everything else as in config/default.py (the authors' recipe).
 #   torchrun --standalone --nproc_per_node=8 train.py config/context_bias.py
 from config.default import *  # noqa: F401,F403  (the shared base; only known config keys are accepted)
 

@@ -1,6 +1,7 @@
 """analyze_outliers.py end to end: outputs, outliers.json schema, compare mode, bad input, atomic output."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ TIKTOKEN_CACHE = os.path.join(SHARED, "tiktoken_cache")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_outlier_stats import CH, K_UNIT, SPECIAL, planted_model  # noqa: E402
+from test_outlier_stats import CH, E0, K_UNIT, SPECIAL, planted_all_model, planted_model  # noqa: E402
 
 
 def save(model, path):
@@ -109,6 +110,11 @@ def test_end_to_end_planted_checkpoint(files, tmp_path):
     assert iv["mode"] == "mean" and iv["activations_changed"] == 10
     # setting massive activations to their mean keeps the loss (Sun et al.); zeroing them is tested in test_outlier_stats
     assert abs(iv["loss_change"]) < 0.05 and iv["loss"] == pytest.approx(iv["loss_intervened"] - iv["loss_change"])
+    assert set(iv["targets"]) == {"generated", "propagated", "all"}
+    assert iv["targets"]["generated"]["loss_change"] == iv["loss_change"]
+    for v in iv["targets"].values():
+        assert v["loss_intervened"] == pytest.approx(iv["loss"] + v["loss_change"])
+    assert iv["gamma"]["count"] == sum(len(n["gamma_driven"]) for n in doc["normalization"])
     for name in doc["figures"].values():
         check_png(out / name)
     assert set(doc["figures"]) >= {"activation_layer_output", "activation_down_input", "surface", "weights",
@@ -122,19 +128,82 @@ def test_end_to_end_planted_checkpoint(files, tmp_path):
     assert no_leftovers(tmp_path, "report") == []
 
 
+JSON_FIGURES = {"outlier_channels", "down_proj_weights", "attention_outlier_share", "weight_link", "lifecycle_cancellation"}
+
+
+def same_image(a, b):
+    import matplotlib.image as mpimg
+    return np.array_equal(mpimg.imread(a), mpimg.imread(b))
+
+
+def test_defaults_report_all_three_planted_outliers_and_json_figures(tmp_path):
+    """No threshold flag: the massive activation, the W_down weight outlier and the layer-2 sink on token 0
+    are all reported, with the rules and absolute thresholds; the figures redraw from outliers.json."""
+    ckpt = save(planted_all_model(), tmp_path / "all.pt")
+    write_tokens(tmp_path / "v.bin", np.random.default_rng(1).integers(0, 64, size=400))
+    out = tmp_path / "o"
+    assert analyze_outliers.main([ckpt, "--data", str(tmp_path / "v.bin"), "--num_seqs", "3", "--out", str(out),
+                                  "--no_progress"]) == 0
+    doc = json.loads((out / "outliers.json").read_text())
+    check_schema(doc, L=3, H=2)
+    assert doc["data"]["seq_len"] == 64 and doc["data"]["num_seqs"] == 3  # T = the block size (< 2,048)
+    h = doc["activation"]["layer_output"]
+    assert {(o["layer"], o["position"], o["channel"]) for o in h["outliers"]} == {(1, 0, CH), (2, 0, CH)}
+    w = doc["weight"]["mlp.c_proj"]
+    assert w["outlier_channels"][1] == [K_UNIT] and w["outlier_out_channels"][1] == [CH]
+    att = doc["attention"]
+    assert {(o["layer"], o["position"]) for o in att["mean_outlier_keys"]} == {(2, 0)}
+    assert {(o["layer"], o["head"], o["position"]) for o in att["outlier_keys"]} == {(2, 0, 0), (2, 1, 0)}
+    th = doc["thresholds"]
+    assert th["attention"]["rule"] == "authors" and th["attention"]["effective"] == pytest.approx([6.4] * 3)
+    assert th["weight"]["rule"] == "column" and th["weight"]["effective"]["mlp.c_proj"]["extremal_ratio"] == 6.4
+    assert th["activation"]["tau"] == 1000.0
+    assert th["activation"]["effective"]["layer_output"] == pytest.approx([1000 * m for m in h["mean_abs"]])
+    assert "cannot fire at T = 64" in th["attention"]["paper_formula"]
+    assert doc["consistency"]["h_vs_attention"]["layers"] == [1, 2]
+    assert doc["weight_link"]["units"][0]["fc_top_input"] == E0
+    # every figure drawn from the JSON alone is a real image, and redrawing it from the written file gives it again
+    assert set(doc["figures"]) >= JSON_FIGURES
+    redraw = tmp_path / "redraw"
+    redraw.mkdir()
+    assert analyze_outliers.json_figures(str(redraw), doc) == {k: doc["figures"][k] for k in JSON_FIGURES}
+    for name in JSON_FIGURES:
+        check_png(out / doc["figures"][name])
+        assert same_image(out / doc["figures"][name], redraw / doc["figures"][name]), name
+    report = (out / "report.md").read_text()
+    for name in doc["figures"].values():
+        assert f"]({name})" in report
+    assert "Appendix B.2" in report and "authors" in report
+
+
 def test_compare_and_replace_existing_output(files, tmp_path):
     out = tmp_path / "cmp"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    rc = analyze_outliers.main(["--compare", files["ckpt"], files["scaling"], "--data", files["bin"],
+    # Figure 12: a log.jsonl beside the first checkpoint (train.py's records), none beside the second
+    run = tmp_path / "run_a"
+    run.mkdir()
+    ckpt_a = save(planted_model(), run / "ckpt.pt")
+    records = [{"kind": "train", "iter": 0, "loss": 4.2}, {"kind": "outliers", "iter": 0, "outlier/max_top1_h": 1.0},
+               {"kind": "train", "iter": 10, "loss": 3.1}, {"kind": "eval", "iter": 10, "train_loss": 3.0, "val_loss": 3.3}]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tra')  # cut short
+    rc = analyze_outliers.main(["--compare", ckpt_a, files["scaling"], "--data", files["bin"],
                                 "--num_seqs", "2", "--tau", "20", "--out", str(out), "--no_progress"])
     assert rc == 0
     assert not (out / "stale.txt").exists()
     doc = json.loads((out / "compare.json").read_text())
     assert [r["model"]["attention"] for r in doc["runs"]] == ["default", "scaling"]
     assert all(len(r["top3"]) == 4 for r in doc["runs"])
+    assert doc["runs"][0]["loss_curve"] == {"iter": [0, 10], "loss": [4.2, 3.1], "eval_iter": [10], "val_loss": [3.3]}
+    assert doc["runs"][1]["loss_curve"] is None
     check_png(out / "compare_top1.png")
     check_png(out / "compare_top3.png")
+    check_png(out / doc["figures"]["loss"])
+    redraw = tmp_path / "redraw"
+    redraw.mkdir()
+    analyze_outliers.fig_loss_curves(str(redraw), doc["runs"])
+    assert same_image(out / "compare_loss.png", redraw / "compare_loss.png")
+    assert "](compare_loss.png)" in (out / "report.md").read_text()
     assert "| checkpoint |" in (out / "report.md").read_text()
     assert no_leftovers(tmp_path, "cmp") == []
 
@@ -168,15 +237,39 @@ def test_short_text_and_token_categories(tmp_path, monkeypatch):
     torch.manual_seed(0)
     ckpt = save(GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=16)), tmp_path / "c.pt")
     out = tmp_path / "t"
-    # the text is shorter than the block size: one sequence of all its tokens
-    assert analyze_outliers.main([ckpt, "--text", "Summer is warm. Winter is cold.", "--tau", "3", "--tau_attention", "1.5",
-                                  "--out", str(out), "--no_progress"]) == 0
+    # the paper's Figure 10 input, shorter than the block size: one sequence of all 8 tokens (none dropped)
+    assert analyze_outliers.main([ckpt, "--text", "Summer is warm. Winter is cold.", "--tau", "3",
+                                  "--attention_share", "0.05", "--intervene", "zero", "--out", str(out), "--no_progress"]) == 0
     doc = json.loads((out / "outliers.json").read_text())
-    assert doc["data"]["num_seqs"] == 1 and doc["data"]["seq_len"] == 7  # 8 GPT-2 tokens
-    assert doc["surface"]["tokens"][:3] == ["Summer", " is", " warm"]
+    assert doc["data"]["num_seqs"] == 1 and doc["data"]["seq_len"] == 8 and doc["data"]["tokens"] == 8
+    assert doc["surface"]["tokens"] == ["Summer", " is", " warm", ".", " Winter", " is", " cold", "."]
+    # at share 0.05 a key needs Ahat_j >= 0.4; near-uniform causal attention gives Ahat_0 ~ H_8 = 2.7, Ahat_1 ~ 1.7
+    assert {o["position"] for o in doc["attention"]["outlier_keys"]} >= {0, 1}
+    expected_cat = {0: "initial", 1: "weak_semantic", 3: "delimiter", 5: "weak_semantic", 7: "delimiter"}
     for o in doc["attention"]["outlier_keys"]:
-        expected = {0: "initial", 3: "delimiter", 7: "delimiter"}.get(o["position"], "other")
-        assert o["category"] == expected, o
+        assert o["category"] == expected_cat.get(o["position"], "other"), o
+    assert doc["attention"]["token_categories"]["weak_semantic"] > 0
+    # the loss scores the 7 tokens that have a next token (the last one has none)
+    assert math.isfinite(doc["intervention"]["loss"])
+
+
+@pytest.mark.skipif(not os.path.isdir(TIKTOKEN_CACHE), reason="needs ../shared/tiktoken_cache for the GPT-2 tokenizer")
+def test_text_file_samples_are_random_nonoverlapping_windows(tmp_path, monkeypatch):
+    """Appendix B.2's randomly selected samples: seeded, non-overlapping, not simply the first windows."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.path.abspath(TIKTOKEN_CACHE))
+    from tokenizer import get_tokenizer
+    text = " ".join(f"w{i}" for i in range(600))
+    (tmp_path / "t.txt").write_text(text)
+    ids = get_tokenizer().encode_ordinary(text)
+    args = analyze_outliers.parse_args(["c.pt", "--text_file", str(tmp_path / "t.txt"), "--num_seqs", "4", "--seq_len", "16"])
+    seqs, info = analyze_outliers.load_sequences(args, 64)
+    assert seqs.shape == (4, 17) and info["tokens"] == 64
+    starts = []
+    for row in seqs:
+        (k,) = [k for k in range(0, len(ids) - 16, 16) if list(ids[k:k + 17]) == row.tolist()]
+        starts.append(k)
+    assert starts == sorted(set(starts)) and starts != [0, 16, 32, 48]
+    assert np.array_equal(seqs, analyze_outliers.load_sequences(args, 64)[0])  # the seed fixes the draw
 
 
 def run_cli(argv, capsys):
@@ -186,7 +279,7 @@ def run_cli(argv, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "seq_len", "empty_text", "empty_file", "no_data",
-                                  "directory"])
+                                  "directory", "share"])
 def test_bad_input_one_line_exit_2_no_output(case, files, tmp_path, capsys):
     out = tmp_path / "never"
     bad = tmp_path / "bad.pt"
@@ -201,13 +294,15 @@ def test_bad_input_one_line_exit_2_no_output(case, files, tmp_path, capsys):
         "empty_file": [files["ckpt"], "--text_file", str(empty)],
         "no_data": [files["ckpt"]],
         "directory": [str(tmp_path), "--data", files["bin"]],
+        "share": [files["ckpt"], "--data", files["bin"], "--attention_share", "1.5"],
     }[case] + ["--out", str(out), "--no_progress"]
     code, err = run_cli(argv, capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     expected = {"missing": "does not exist", "not_a_checkpoint": "checkpoint", "seq_len": "block size",
-                "empty_text": "empty", "empty_file": "empty", "no_data": "no data", "directory": "directory"}[case]
+                "empty_text": "empty", "empty_file": "empty", "no_data": "no data", "directory": "directory",
+                "share": "at most 1"}[case]
     assert expected in lines[0]
     assert not out.exists() and no_leftovers(tmp_path, "never") == []
 

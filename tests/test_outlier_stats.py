@@ -12,8 +12,13 @@ import pytest
 import torch
 
 import outlier_stats as S
-from attention_variants import VARIANTS
+from attention_variants import REGISTRY, VARIANTS
 from model import GPT, GPTConfig
+
+
+# The paper's formulas, which the planted-model tests below were written for (thresholds given explicitly);
+# the default rules have their own tests.
+PAPER_RULES = {"weight_rule": "paper", "attention_rule": "paper"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,7 +79,7 @@ def test_weight_outlier_mask_and_extremal_ratio_match_loops():
     m = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=2, n_head=1, n_embd=6))
     with torch.no_grad():
         m.transformer.h[1].mlp.c_proj.weight.copy_(torch.nn.functional.pad(w.float(), (0, 24 - 9)))
-    res = S.weight_statistics(m, 5.0)["mlp.c_proj"]
+    res = S.weight_statistics(m, 5.0, rule="paper")["mlp.c_proj"]
     wp = torch.nn.functional.pad(w, (0, 24 - 9))
     loop = {(i, j) for i in range(6) for j in range(24) if abs(float(wp[i, j])) > 5.0 * float(wp[i].abs().mean())}
     assert res["outlier_count"][1] == len(loop) and {(1, 2), (3, 2)} <= loop
@@ -83,7 +88,7 @@ def test_weight_outlier_mask_and_extremal_ratio_match_loops():
     cols = [max(abs(float(wp[i, j])) for i in range(6)) / max(float(wp[:, j].abs().mean()), 1e-30) for j in range(24)]
     assert res["extremal_ratio"][1] == pytest.approx(max(cols), rel=1e-5)
     assert res["extremal_channel"][1] == int(np.argmax(cols))
-    assert "attn.scale_proj" not in S.weight_statistics(m, 5.0)
+    assert "attn.scale_proj" not in S.weight_statistics(m, 5.0, rule="paper")
 
 
 def test_attention_outliers_match_loop():
@@ -113,18 +118,23 @@ def test_token_categories():
     assert S.token_category("<|endoftext|>", 3, 50256) == "delimiter"
     assert S.token_category("\n\n", 3) == "whitespace"
     assert S.token_category(" ", 3) == "whitespace"
-    assert S.token_category(" the", 3) == "other"
+    # An et al.'s weak-semantic class: stop words (case and spaces ignored) and digits
+    for word in (" the", "The", " and", " of", " is", "2024", " 7", " an"):
+        assert S.token_category(word, 3) == "weak_semantic", word
+    for word in (" Summer", " warm", " theory", "x2", " 7.5", "Ofelia"):
+        assert S.token_category(word, 3) != "weak_semantic", word
+    assert S.token_category(" warm", 3) == "other"
     assert S.token_category("\ufffd", 3) == "other"
     assert S.token_category(None, 3) == "other"
 
 
 def test_token_info_categories_and_fallback():
-    texts = {5: "Hi", 1: ".", 2: "\n", 3: " the", 50256: "<|endoftext|>"}
+    texts = {5: "Hi", 1: ".", 2: "\n", 3: " the", 4: " cat", 50256: "<|endoftext|>"}
     ti = S.TokenInfo(lambda i: texts[i])
-    got = ti.categories(np.array([[5, 1, 2, 3, 50256], [1, 5, 3, 2, 1]]))
+    got = ti.categories(np.array([[5, 1, 2, 3, 50256], [1, 5, 3, 4, 1]]))
     names = [[S.CATEGORIES[c] for c in row] for row in got]
-    assert names == [["initial", "delimiter", "whitespace", "other", "delimiter"],
-                     ["initial", "other", "other", "whitespace", "delimiter"]]
+    assert names == [["initial", "delimiter", "whitespace", "weak_semantic", "delimiter"],
+                     ["initial", "other", "weak_semantic", "other", "delimiter"]]
     assert ti.text(3) == " the" and ti.text(99) == "<99>"  # unknown id: shown as <id>
     assert S.TokenInfo(None).text(7) == "<7>"
 
@@ -234,7 +244,7 @@ def block_outputs(model, X):
 def planted_result():
     m = planted_model()
     X, Y = planted_batch()
-    an = S.OutlierAnalyzer(m, tau_act=20, tau_weight=20, tau_attn=8, seq_len=T)
+    an = S.OutlierAnalyzer(m, tau_act=20, tau_weight=20, tau_attn=8, seq_len=T, **PAPER_RULES)
     with torch.no_grad():
         an.run_batch(X[:2], Y[:2])
         an.run_batch(X[2:], Y[2:])
@@ -318,6 +328,13 @@ def test_lifecycle_emerged_propagated_cancelled_on_constructed_tensors():
     assert e["first_massive_at"] == 1 and e["generated_at"] is None and e["cancelled_at"] == [3]
     assert e["trajectory"] == pytest.approx([0.1, 2.1, 2.1, 0.0], abs=1e-6)
     assert e["attn_contrib"] == pytest.approx([0, 1.0, 0, -2.1]) and e["mlp_contrib"] == pytest.approx([0, 1.0, 0, 0])
+    # Figures 8-9: the attention branch cancels it with the opposite sign (-2.1 against +2.1)
+    (c,) = e["cancellation"]
+    assert (c["layer"], c["branch"], c["opposite_sign"]) == (3, "attn", True)
+    assert (c["branch_output"], c["previous"]) == (pytest.approx(-2.1), pytest.approx(2.1))
+    rel = e["relative_contrib"]
+    assert rel["attn"] == [None, pytest.approx(10.0), 0.0, pytest.approx(-1.0)]
+    assert rel["mlp"][:3] == [None, pytest.approx(1.0 / 1.1), 0.0]  # the MLP meets h_0 + attn_1 = 1.1
 
 
 def test_planted_consistency_hand_computed(planted_result):
@@ -335,7 +352,7 @@ def test_consistency_h_vs_xdown_differing_sets():
     m = planted_model()
     X, _ = planted_batch(2)
     X[:, 9] = SPECIAL2
-    an = S.OutlierAnalyzer(m, tau_act=20, tau_weight=20, tau_attn=8, seq_len=T)
+    an = S.OutlierAnalyzer(m, tau_act=20, tau_weight=20, tau_attn=8, seq_len=T, **PAPER_RULES)
     an.run_batch(X)
     r = an.result()
     assert r["down_input"]["channels"][1] == [[K_UNIT, 4], [K_UNIT2, 2]]
@@ -392,7 +409,7 @@ def test_constructed_attention_sink_found(variant):
     g = torch.Generator().manual_seed(2)
     X = torch.randint(0, V - 1, (2, T), generator=g)
     X[:, 7] = SPECIAL
-    an = S.OutlierAnalyzer(m, tau_act=1000, tau_weight=1000, tau_attn=8, seq_len=T)
+    an = S.OutlierAnalyzer(m, tau_act=1000, tau_weight=1000, tau_attn=8, seq_len=T, **PAPER_RULES)
     an.run_batch(X)
     r = an.result()
     att = r["attention"]
@@ -428,7 +445,7 @@ def test_variant_specific_attention_reports(variant):
     torch.manual_seed(0)
     m = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=16, attention=variant)).eval()
     X = torch.randint(0, V, (2, 16))
-    an = S.OutlierAnalyzer(m, tau_act=5, tau_weight=5, tau_attn=2, seq_len=16)
+    an = S.OutlierAnalyzer(m, tau_act=5, tau_weight=5, tau_attn=2, seq_len=16, **PAPER_RULES)
     an.run_batch(X)
     att = an.result()["attention"]
     blk = m.transformer.h[0].attn
@@ -461,9 +478,10 @@ def test_training_telemetry_keys_values_and_restored_state(variant):
     out = S.training_telemetry(m, X)
     keys = {f"outlier/{k}/L{l}" for k in ("top1_h", "median_h", "ratio_h", "kurtosis", "first_attn") for l in range(2)}
     keys |= {"outlier/max_top1_h", "outlier/max_ratio_h", "outlier/max_kurtosis", "outlier/max_first_attn"}
-    if variant in ("context_bias", "attention_bias"):
+    records = REGISTRY[variant].records  # what the variant's reference path records, from its registry entry
+    if "sink_probs" in records:
         keys |= {f"outlier/sink_mass/L{l}" for l in range(2)}
-    if variant == "scaling":
+    if "gate" in records:
         keys |= {f"outlier/{k}/L{l}" for k in ("gate_first", "gate_rest") for l in range(2)}
     assert set(out) == keys
     assert all(isinstance(v, float) and math.isfinite(v) for v in out.values())
@@ -516,3 +534,216 @@ def test_probe_restores_state_on_error():
     for mod in m.modules():
         assert not mod._forward_hooks and not mod._forward_pre_hooks
     assert all(b.attn.record is False for b in m.transformer.h)
+
+
+# ----------------------------------------------------------------------------------------------
+# the default rules (no threshold given): hand-made tensors, then one model with all three outliers planted
+
+def test_column_share_weight_rule_matches_loop():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 6, generator=g, dtype=torch.float64) * 0.02
+    w[7, 2] = 1.0  # holds ~0.6 of column 2's magnitude
+    w[:, 4] = 0.0  # a zero column has no outlier
+    w[3, 5], w[9, 5] = 0.4, -0.4  # two entries sharing column 5: ~0.3 each
+    mask = S.column_share_outlier_mask(w.float(), 0.1)
+    ref = set()
+    for j in range(6):
+        total = sum(abs(float(w[i, j])) for i in range(40))
+        ref |= {(i, j) for i in range(40) if total > 0 and abs(float(w[i, j])) >= 0.1 * total}
+    assert {tuple(i) for i in mask.nonzero().tolist()} == ref == {(7, 2), (3, 5), (9, 5)}
+    # equivalently, the column extremal ratio against share x rows (40 x 0.1 = 4)
+    ratio = S.column_extremal_ratio(w.float())
+    assert [j for j in range(6) if ratio[j] >= 4.0] == [2, 5]
+    # the paper's row-wise formula cannot fire once tau >= the number of columns (here 6)
+    assert not S.weight_outlier_mask(w.float(), 6.0).any()
+
+
+def test_attention_share_rule_matches_loop():
+    T = 10
+    probs = torch.zeros(2, 2, T, T, dtype=torch.float64)
+    for i in range(T):
+        probs[0, 0, i, 0] = 1.0  # head 0 of seq 0: a sink on key 0 (Ahat_0 = 10)
+        probs[0, 1, i, :i + 1] = 1.0 / (i + 1)  # uniform causal: Ahat_0 = H_10 = 2.93
+        probs[1, :, i, max(i - 1, 0)] = 1.0  # seq 1: every query attends to the previous token
+    cum = S.cumulative_attention(probs.float())
+    got = S.attention_share_mask(cum, 0.1)
+    for b in range(2):
+        for h in range(2):
+            for j in range(T):
+                ahat = sum(float(probs[b, h, i, j]) for i in range(T))
+                assert bool(got[b, h, j]) == (ahat >= 0.1 * T - 1e-9)
+    assert got[0, 0].nonzero().flatten().tolist() == [0]
+    assert got[0, 1].nonzero().flatten().tolist() == [0, 1, 2, 3]  # H_10 - H_j: 2.93, 1.93, 1.43, 1.10, 0.85
+    assert got[1, 0].nonzero().flatten().tolist() == list(range(9))  # Ahat = 2, 1, ..., 1, 0
+    # head-averaged (the authors' code): key 0 of seq 0 gets (10 + 2.93) / 2, key 1 only 1.93 / 2 < 1
+    avg = S.attention_rule_mask(cum.mean(1), "authors")
+    assert avg[0].nonzero().flatten().tolist() == [0]
+    # the paper's formula at tau_A = 1000 can never fire on softmax weights: mean Ahat = 1, Ahat_j <= T - j
+    assert not S.attention_rule_mask(cum, "paper", tau=1000.0).any()
+    with pytest.raises(ValueError):
+        S.attention_rule_mask(cum, "median")
+
+
+def test_b2_overlap_per_head_hand_computed():
+    """Appendix B.2: per sample and head, |O_act & O_att^i| / |O_act| (and the reverse)."""
+    hpos = torch.tensor([[1, 0, 0, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)  # sample 0: {0, 3}; sample 1: none
+    keys = torch.tensor([[[1, 0, 0, 0, 0], [1, 1, 1, 1, 0]],
+                         [[1, 0, 0, 0, 0], [0, 0, 0, 0, 0]]], dtype=torch.bool)
+    a_in_k, k_in_a = S.b2_overlaps(hpos, keys)
+    assert a_in_k[:2].tolist() == [0.5, 1.0] and torch.isnan(a_in_k[2:]).all()
+    assert k_in_a[:2].tolist() == [1.0, 0.5] and k_in_a[2].item() == 0.0 and math.isnan(k_in_a[3].item())
+
+
+T3, C3 = 64, 64  # T x C = 4096: the default tau = 1000 x mean|h| can be met by one activation per sequence
+FC_W = 100.0  # the unit's x_down (~200) must exceed 1000 x mean|x_down| over 64 x 256 GELU outputs (~0.07)
+
+
+def planted_all_model():
+    """One model with the three outlier types planted, for the default rules (n_layer 3, n_head 2):
+    the first position (any token) fires MLP unit K_UNIT of layer 1 through position-embedding dimension E0,
+    and column K_UNIT of layer 1's W_down writes BIG into channel CH only: a massive activation
+    (layers 1-2) and a down-projection weight outlier (the column holds nothing else). In layer 2 every
+    head's query is constant and its key reads channel CH, so all heads attend to token 0: a sink."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=T3, vocab_size=V, n_layer=3, n_head=2, n_embd=C3, bias=True)).eval()
+    hs = C3 // 2
+    with torch.no_grad():
+        b0, b1, b2 = m.transformer.h
+        m.transformer.wte.weight[:, E0] = 0
+        m.transformer.wpe.weight[:, E0] = 0
+        m.transformer.wpe.weight[0, E0] = 0.1
+        for lin in (b0.attn.c_proj, b0.mlp.c_proj):
+            lin.weight[E0] = 0
+            lin.bias[E0] = 0
+        b1.mlp.c_fc.weight[K_UNIT] = 0
+        b1.mlp.c_fc.weight[K_UNIT, E0] = FC_W
+        b1.mlp.c_fc.bias[K_UNIT] = -FC_W  # fires where ln_2 gives E0 above 1: position 0 only (about 3 there)
+        b1.mlp.c_proj.weight[:, K_UNIT] = 0
+        b1.mlp.c_proj.weight[CH, K_UNIT] = BIG
+        qkv = b2.attn.c_attn
+        for h in range(2):
+            qkv.weight[h * hs] = 0
+            qkv.bias[h * hs] = 10.0
+            qkv.weight[C3 + h * hs] = 0
+            qkv.weight[C3 + h * hs, CH] = 10.0
+            qkv.bias[C3 + h * hs] = -5.0
+    return m
+
+
+def planted_all_batch(n=4):
+    return torch.randint(0, V, (n, T3), generator=torch.Generator().manual_seed(5))
+
+
+def test_defaults_find_planted_activation_weight_outlier_and_sink():
+    m = planted_all_model()
+    X = planted_all_batch()
+    an = S.OutlierAnalyzer(m, seq_len=T3)  # no thresholds: the defaults
+    an.run_batch(X[:2])
+    an.run_batch(X[2:])
+    r = an.result()
+    # independent references on float64 copies of the block outputs and of the layer-2 attention
+    hs_, _, _ = block_outputs(m, X)
+    ref = {(l, b, t, c) for l, x in enumerate(hs_) for b in range(4)
+           for t, c in (x[b].abs() > 1000 * x[b].abs().mean()).nonzero().tolist()}
+    assert ref == {(l, b, 0, CH) for l in (1, 2) for b in range(4)}
+    xd = r["down_input"]
+    assert xd["count"] == [0, 4, 0] and xd["channels"][1] == [[K_UNIT, 4]]
+    assert {(o["layer"], o["seq"], o["position"], o["channel"]) for o in r["layer_output"]["outliers"]} == ref
+    w = m.transformer.h[1].mlp.c_proj.weight.double().abs()
+    col_share = w / w.sum(0, keepdim=True).clamp_min(1e-300)
+    assert {tuple(i) for i in (col_share >= 0.1).nonzero().tolist()} == {(CH, K_UNIT)}
+    wr = r["weight"]["mlp.c_proj"]
+    assert wr["outlier_channels"] == [[], [K_UNIT], []] and wr["outlier_out_channels"][1] == [CH]
+    assert wr["top_entries"][0][:3] == [1, CH, K_UNIT] and wr["threshold"]["extremal_ratio"] == pytest.approx(6.4)
+    with torch.no_grad():
+        x2 = m.transformer.h[2].ln_1(hs_[1].float()).double()
+        qkv = x2 @ m.transformer.h[2].attn.c_attn.weight.double().T + m.transformer.h[2].attn.c_attn.bias.double()
+        q = qkv[..., :C3].view(4, T3, 2, 32).transpose(1, 2)
+        k = qkv[..., C3:2 * C3].view(4, T3, 2, 32).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(32)).masked_fill(~torch.ones(T3, T3, dtype=torch.bool).tril(), -math.inf)
+        cum = torch.softmax(scores, -1).sum(-2)  # (B, H, T)
+    assert {tuple(i) for i in (cum >= 6.4).nonzero().tolist()} == {(b, h, 0) for b in range(4) for h in range(2)}
+    att = r["attention"]
+    got = {(o["layer"], o["seq"], o["head"], o["position"]) for o in att["outlier_keys"]}
+    assert got == {(2, b, h, 0) for b in range(4) for h in range(2)}
+    assert {(o["layer"], o["seq"], o["position"]) for o in att["mean_outlier_keys"]} == {(2, b, 0) for b in range(4)}
+    assert att["mean_outlier_count"] == [0, 0, 4] and att["threshold"] == pytest.approx([6.4] * 3)
+    assert att["outlier_key_share_by_head"][2] == pytest.approx((cum[:, :, 0] / T3).mean(0).tolist(), rel=1e-4)
+    # Table 1 row 4 (B.2): A = {0} in layers 1 and 2; K_i = {0} for both heads of layer 2, empty in layer 1
+    c = r["consistency"]["h_vs_attention"]
+    assert [v["a_in_b"] for v in c["by_layer"]] == [None, 0.0, 1.0] and c["layers"] == [1, 2]
+    assert (c["a_in_b"], c["n_a"], c["b_in_a"], c["n_b"]) == (0.5, 16, 1.0, 8)
+    # Figure 7: the spiking unit's c_fc row reads E0 and its W_down column writes only CH
+    (u,) = r["weight_link"]["units"]
+    fc = m.transformer.h[1].mlp.c_fc.weight.double()
+    norms = fc.norm(dim=1)
+    assert (u["layer"], u["unit"], u["spikes"], u["fc_top_input"], u["down_top_output"]) == (1, K_UNIT, 4, E0, CH)
+    assert u["fc_top_weight"] == FC_W and u["down_top_share"] == 1.0 and u["down_extremal_ratio"] == pytest.approx(C3)
+    assert u["fc_row_norm_ratio"] == pytest.approx(FC_W / norms.median().item(), rel=1e-5)
+    assert r["weight_link"]["profile"]["layer"] == 1 and r["weight_link"]["profile"]["units"] == [K_UNIT]
+    # Figure 5b-c: the profile is the layer-1 W_down and its extremal column
+    prof = r["weight"]["mlp.c_proj"]["profile"]
+    assert (prof["layer"], prof["column"]) == (1, K_UNIT) and prof["column_abs"][CH] == BIG
+    assert prof["column_max_abs"] == pytest.approx(w.max(0).values.tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# interventions of "Rethinking the Outlier Distribution": targets and LayerNorm gains
+
+def edited_loss(model, X, Y, edits):
+    """Loss of an independent block-by-block forward in which h_l[:, positions, channel] is set to 0 for
+    every (l, positions, channel) in `edits`."""
+    tr = model.transformer
+    x = tr.wte(X) + tr.wpe(torch.arange(X.shape[1]))
+    for l, block in enumerate(tr.h):
+        x = x + block.attn(block.ln_1(x))
+        x = x + block.mlp(block.ln_2(x))
+        for el, positions, channel in edits:
+            if el == l:
+                x[:, list(positions), channel] = 0.0
+    logits = model.lm_head(tr.ln_f(x))
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1)).item()
+
+
+def test_intervention_targets_generated_propagated_all(planted_result):
+    """The planted value is generated in layer 1 (MLP) and carried in layers 2-3: 'generated' and 'all'
+    remove it in layer 1 (then nothing downstream is massive); 'propagated' keeps layer 1 and removes the
+    copy in layer 2's output."""
+    m, X, Y = planted_result[:3]
+    expected = {"generated": [(1, POSITIONS, CH)], "propagated": [(2, POSITIONS, CH)], "all": [(1, POSITIONS, CH)]}
+    with torch.no_grad():
+        base = m(X, Y)[1].item()
+        for target, edits in expected.items():
+            # tau 100 (the planted value is ~540 x mean|h|): once it is removed, a random tiny model has entries
+            # above 20-50 x the then much smaller mean, which 'propagated' and 'all' would edit too
+            with S.Intervention(m, 100, "zero", target=target) as iv:
+                loss = m(X, Y)[1].item()
+            assert iv.count == 6, target  # 3 sequences x 2 positions, in one layer
+            assert loss == pytest.approx(edited_loss(m, X, Y, edits), abs=1e-5), target
+            assert abs(loss - base) > 1e-4  # propagated: only layer 3 still sees a change
+        assert m(X, Y)[1].item() == base
+    with pytest.raises(ValueError):
+        S.Intervention(m, 20, "zero", target="carried")
+
+
+def test_gamma_driven_channel_found_and_set_to_median():
+    """ln_f's gain of channel 5 is 30 (all others 1): an outlier channel of ln_f's output that the
+    normalized input does not have; the intervention sets that gain to the median (1) and restores it."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        m.transformer.ln_f.weight[5] = 30.0
+    X = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(3))
+    Y = torch.roll(X, -1, 1)
+    an = S.OutlierAnalyzer(m, seq_len=16)
+    an.run_batch(X, Y)
+    norm = {n["module"]: n for n in an.result()["normalization"]}
+    assert norm["ln_f"]["outlier_channels"] == [5] and norm["ln_f"]["gamma_driven"] == [5]
+    assert all(not n["gamma_driven"] for name, n in norm.items() if name != "ln_f")
+    ref = GPT(m.config).eval()
+    ref.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        ref.transformer.ln_f.weight[5] = 1.0
+        with S.GammaIntervention(m, {"ln_f": [5]}):
+            assert m(X, Y)[1].item() == pytest.approx(ref(X, Y)[1].item(), rel=1e-6)
+        assert m.transformer.ln_f.weight[5].item() == 30.0
