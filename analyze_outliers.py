@@ -35,9 +35,12 @@ PAPER_SEQ_LEN = 2048  # Appendix B.2: 100 samples of 2,048 tokens
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", nargs="?", help="checkpoint of this repo (any attention variant)")
-    p.add_argument("--pretrained", help="OpenAI GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local Hugging Face GPT-2 directory")
+    p.add_argument("--pretrained", help="OpenAI GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local Hugging Face GPT-2 "
+                                        "directory), or any supported Hugging Face causal LM: a hub name ORG/NAME or a "
+                                        "save_pretrained directory (LLaMA, Mistral, Qwen2/3, Phi-2/3, OPT, Falcon, GPT-NeoX)")
     p.add_argument("--attention", default="default", help="attention variant for --pretrained (default: default)")
-    p.add_argument("--compare", nargs="+", metavar="CKPT", help="draw top-3 activation per layer of several checkpoints on one figure (Figure 11)")
+    p.add_argument("--compare", nargs="+", metavar="CKPT", help="draw top-3 activation per layer of several checkpoints (or Hugging Face model "
+                                                                      "directories) on one figure (Figure 11)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="prepared token file (uint16 .bin)")
     src.add_argument("--text_file", help="UTF-8 text file")
@@ -140,7 +143,8 @@ def model_and_info(args, path, device):
     cfg, view = model.config, model_view(model)
     info.update(attention=cfg.attention, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                 block_size=cfg.block_size, vocab_size=cfg.vocab_size, bias=cfg.bias,
-                family=getattr(cfg, "model_type", "outlier-gpt"), down_proj=view.down_name, d_ff=view.d_ff)
+                family=getattr(cfg, "model_type", "outlier-gpt"), down_proj=view.down_name, d_ff=view.d_ff,
+                parallel_residual=view.family.parallel)
     return model, info
 
 
@@ -665,7 +669,8 @@ def write_report(out_dir, doc):
     act_h, act_x = doc["activation"]["layer_output"], doc["activation"]["down_input"]
     att, figs = doc["attention"], doc["figures"]
     L = m["n_layer"]
-    lines = [f"# Outlier analysis: {os.path.basename(str(m['source']))} ({m['attention']} attention)", ""]
+    kind = f"{m['attention']} attention" if m.get("family", "outlier-gpt") == "outlier-gpt" else m["family"]
+    lines = [f"# Outlier analysis: {os.path.basename(str(m['source']))} ({kind})", ""]
     lines.append(f"Model: `{m['source']}`" + (f" (iter {m['iter_num']})" if m.get("iter_num") is not None else "")
                  + f", {m['n_layer']} layers, {m['n_head']} heads, n_embd {m['n_embd']}.  ")
     lines.append(f"Data: `{d['source']}`, {d['num_seqs']} sequences x {d['seq_len']} tokens.  ")
@@ -738,10 +743,13 @@ def write_report(out_dir, doc):
                   "and W_down column (extremal ratio; share and row of its largest entry).", ""]
         if figs.get("weight_link"):
             lines += [f"![weight link]({figs['weight_link']})", ""]
-        rows = [[u["layer"], u["unit"], u["spikes"], _f(u["fc_row_norm_ratio"]), f"{u['fc_top_input']} ({_f(u['fc_top_weight'])})",
-                 _f(u["down_extremal_ratio"]), f"{_pct(u['down_top_share'])} (row {u['down_top_output']})"] for u in link["units"]]
-        lines += [_table(["layer", "unit", "x_down outliers", "c_fc row norm / median", "c_fc top input (w)",
-                          "W_down col. extremal ratio", "W_down top share (row)"], rows), ""]
+        gated = any("gate_row_norm_ratio" in u for u in link["units"])  # SwiGLU: c_fc is the up projection
+        rows = [[u["layer"], u["unit"], u["spikes"], _f(u["fc_row_norm_ratio"]), f"{u['fc_top_input']} ({_f(u['fc_top_weight'])})"]
+                + ([_f(u.get("gate_row_norm_ratio")), f"{u.get('gate_top_input')} ({_f(u.get('gate_top_weight'))})"] if gated else [])
+                + [_f(u["down_extremal_ratio"]), f"{_pct(u['down_top_share'])} (row {u['down_top_output']})"] for u in link["units"]]
+        lines += [_table(["layer", "unit", "x_down outliers", "c_fc row norm / median", "c_fc top input (w)"]
+                         + (["gate row norm / median", "gate top input (w)"] if gated else [])
+                         + ["W_down col. extremal ratio", "W_down top share (row)"], rows), ""]
 
     lines += ["## Attention outliers", "",
               f"Cumulative attention of key j: Ahat_j = sum over queries of A_ij. Outlier: "
@@ -810,7 +818,9 @@ def write_report(out_dir, doc):
         rows = []
         for e in doc["lifecycle"][:10]:
             prop = [l for l, s in enumerate(e["status"]) if s == "propagated"]
-            drivers = ", ".join(f"{dd['down_input_channel']} ({_pct(dd['share'])})" for dd in e["mlp_drivers"]) or "–"
+            drivers = ", ".join(f"{dd['down_input_channel']} ({_pct(dd['share'])}"
+                                + (f"; gate {_f(dd['gate'])}, up {_f(dd['up'])}" if "gate" in dd else "") + ")"
+                                for dd in e["mlp_drivers"]) or "–"
             rows.append([e["position"], _tok(e["token"]), e["channel"], e["count"], _f(e["peak"]), e["first_massive_at"],
                          e["generated_at"] if e["generated_at"] is not None else "–", e["generated_by"] or "–",
                          _ranges(prop), _ranges(e["cancelled_at"]), drivers])

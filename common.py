@@ -148,9 +148,9 @@ def atomic_directory(path):
         os.chmod(tmp, 0o777 & ~umask())
     except OSError as e:
         raise write_error(path, e) from None
+    old = None
     try:
         yield tmp
-        old = None
         if os.path.exists(path):
             old = tmp[:-len(".tmp")] + ".old"
             os.rename(path, old)
@@ -158,6 +158,8 @@ def atomic_directory(path):
         if old:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
+        if old and not os.path.lexists(path):  # the new one did not land: put the previous one back
+            os.rename(old, path)
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise write_error(path, e) from None

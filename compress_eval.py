@@ -201,8 +201,21 @@ def quantize_weights_(model, granularity="tensor", include_head=False):
 
 def add_activation_quantization(model, include_head=False):
     """Fake-quantize the input of every block Linear (and of lm_head with include_head) on each forward."""
-    handles = [lin.register_forward_pre_hook(lambda m, args: (fake_quantize_activation(args[0]),) + tuple(args[1:]))
-               for _, lin in block_linears(model)]
+    windows = {}
+
+    def quantize(module, args):
+        x = args[0]
+        if x.ndim == 2 and windows:  # OPT's MLP flattens (B, T, C) to (B*T, C): still one scale per window
+            return (fake_quantize_activation(x.view(windows["B"], -1, x.shape[-1])).view(x.shape),) + tuple(args[1:])
+        return (fake_quantize_activation(x),) + tuple(args[1:])
+
+    handles = [lin.register_forward_pre_hook(quantize) for _, lin in block_linears(model)]
+    if hasattr(model, "hf"):  # the first block's input is (B, T, C) in every family
+        from hf_models import model_view
+
+        def count_windows(module, args, kwargs):
+            windows["B"] = (args[0] if args else kwargs["hidden_states"]).shape[0]
+        handles.append(model_view(model).blocks[0].register_forward_pre_hook(count_windows, with_kwargs=True))
     if include_head and hasattr(model, "hf"):  # lm_head's input is the backbone's last hidden state
         def quantize_last_hidden(module, args, out):
             out.last_hidden_state = fake_quantize_activation(out.last_hidden_state)
@@ -441,7 +454,9 @@ def parse_args(argv):
                                 epilog=__doc__.split("\n", 1)[1])
     p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="checkpoint files (one table row each)")
     p.add_argument("--pretrained", action="append", default=[], metavar="NAME",
-                   help="also evaluate OpenAI GPT-2 weights (gpt2, gpt2-medium, ... or a local HF directory); repeatable")
+                   help="also evaluate pretrained weights: OpenAI GPT-2 (gpt2, gpt2-medium, ...) or any supported Hugging Face "
+                        "causal LM (hub name ORG/NAME or save_pretrained directory: LLaMA, Mistral, Qwen2/3, Phi-2/3, OPT, "
+                        "Falcon, GPT-NeoX); repeatable")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", choices=["wikitext2"], default=None,
                      help="WikiText-2 raw through Hugging Face datasets (default when no --text_file/--data)")

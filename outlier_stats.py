@@ -89,6 +89,9 @@ not no
 # is flagged when one entry holds >= 10% of the column's total |w|.
 ATTENTION_SHARE = 0.1
 WEIGHT_SHARE = 0.1
+# the column rule's floor on the extremal ratio: with few rows (scale_proj has n_head) "10% of the
+# column" is close to the average entry, so an outlier must also be >= 8x its column's mean |w|
+WEIGHT_MIN_RATIO = 8.0
 # the block's projections, then every registered variant's own Linear (scale_proj, gate_proj, ...)
 WEIGHT_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") + tuple(
     f"attn.{name}" for name in attention_variants.module_params())
@@ -113,11 +116,12 @@ def weight_outlier_mask(w, tau):
 
 def column_share_outlier_mask(w, share):
     """w: (out, in). Column weight outliers: |w_ij| >= share * sum_i |w_ij| (the entry holds at least
-    `share` of its column's total magnitude), i.e. an extremal ratio max_i|w_ij| / mean_i|w_ij| >=
-    share * out. Bounded by 1/share entries per column; zero columns have none."""
+    `share` of its column's total magnitude) and |w_ij| >= WEIGHT_MIN_RATIO * mean_i |w_ij|, i.e. an
+    extremal ratio max_i|w_ij| / mean_i|w_ij| >= max(share * out, WEIGHT_MIN_RATIO). Bounded by
+    1/share entries per column; zero columns have none."""
     a = w.detach().float().abs()
     total = a.sum(dim=0, keepdim=True)
-    return (a >= share * total) & (total > 0)
+    return (a >= max(share, WEIGHT_MIN_RATIO / a.shape[0]) * total) & (total > 0)
 
 
 def column_extremal_ratio(w):
@@ -808,7 +812,8 @@ def weight_statistics(model, tau=None, top_n=10, rule="column", share=WEIGHT_SHA
         res["profile"] = profile[1]
         n_rows = w.shape[0]
         res["rule"] = rule
-        res["threshold"] = ({"column_share": share, "extremal_ratio": share * n_rows, "rows": n_rows} if rule == "column"
+        res["threshold"] = ({"column_share": share, "extremal_ratio": max(share * n_rows, WEIGHT_MIN_RATIO),
+                             "rows": n_rows} if rule == "column"
                             else {"tau": tau, "row_ratio": tau, "max_possible_row_ratio": w.shape[1]})
         out[name] = res
     return out

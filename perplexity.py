@@ -155,7 +155,7 @@ def _nll_sum(lm_head, h, y, chunk_rows):
     """Sum over rows of -log softmax(lm_head(h))[y], logits in float32, `chunk_rows` rows at a time."""
     total = torch.zeros((), dtype=torch.float64, device=h.device)
     for i in range(0, h.shape[0], chunk_rows):
-        logits = lm_head(h[i:i + chunk_rows]).float()
+        logits = lm_head(h[i:i + chunk_rows]).float().to(y.device)  # lm_head may sit on another GPU (device_map)
         total += F.cross_entropy(logits, y[i:i + chunk_rows], reduction="sum").double()
     return total
 

@@ -156,7 +156,7 @@ def test_defaults_report_all_three_planted_outliers_and_json_figures(tmp_path):
     assert {(o["layer"], o["head"], o["position"]) for o in att["outlier_keys"]} == {(2, 0, 0), (2, 1, 0)}
     th = doc["thresholds"]
     assert th["attention"]["rule"] == "authors" and th["attention"]["effective"] == pytest.approx([6.4] * 3)
-    assert th["weight"]["rule"] == "column" and th["weight"]["effective"]["mlp.c_proj"]["extremal_ratio"] == 6.4
+    assert th["weight"]["rule"] == "column" and th["weight"]["effective"]["mlp.c_proj"]["extremal_ratio"] == 8.0  # max(0.1 x 64, 8)
     assert th["activation"]["tau"] == 1000.0
     assert th["activation"]["effective"]["layer_output"] == pytest.approx([1000 * m for m in h["mean_abs"]])
     assert "cannot fire at T = 64" in th["attention"]["paper_formula"]

@@ -283,7 +283,9 @@ def train_diverges_ddp(tmp_path, trained, **_):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     # torchrun reports its workers' exit codes (and prints its own traceback): every rank stops with 3
     codes = re.findall(r"^\s+exitcode\s*:\s*(-?\d+)", p.stderr, re.M)
-    assert codes == ["3", "3"], p.stderr[-3000:]
+    # every rank decides to stop at the same step; torchrun may SIGTERM (-15) a rank that is still
+    # exiting once the first one has returned 3
+    assert "3" in codes and set(codes) <= {"3", "-15"}, p.stderr[-3000:]
     assert json.load(open(os.path.join(out, "run.json")))["launches"][-1]["status"] == "diverged"
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))
     errors = [line for line in (p.stdout + p.stderr).splitlines() if line.startswith("error")]

@@ -1,0 +1,404 @@
+"""Hugging Face causal LMs (LLaMA, Mistral, Qwen2/3, Phi-2/3, OPT, Falcon, GPT-NeoX, GPT-2) for the
+outlier analysis and the compression table, next to this repo's own GPT.
+
+One `Family` entry per architecture says where things are (FAMILIES, keyed by config.model_type); the
+analysis and compression code only ever see a `ModelView` built from it, so no script branches on the
+architecture. Capture is by forward hooks and pre-hooks on the model's own modules:
+
+    h_l          output of decoder block l (a tensor, or the first element of a tuple)
+    x_down       input of the MLP down projection (pre-hook)
+    branches     output of the attention output projection and of the down projection: exactly what
+                 each block adds to its residual stream (sequential or parallel residual alike)
+    attention    the attention module's second output, the probabilities, which transformers returns
+                 under attn_implementation="eager" (GQA heads repeated, sliding windows masked by it)
+    norms        outputs of each block's norms and of the final norm
+
+transformers is imported only when a Hugging Face model is loaded, so the GPT paths do not pay for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import UserError, one_line
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its parts. Paths are dotted attribute paths: `blocks` and `final_norm` from the
+    top-level model, the others from one block. A norm path missing from a block is skipped (Falcon's
+    norms depend on its config)."""
+    blocks: str
+    attn: str                # attention module (its output holds the probabilities for 'eager')
+    attn_branch: str         # module whose output is the attention branch added to the residual
+    mlp_branch: str          # module whose output is the MLP branch added to the residual
+    down: str                # MLP down projection: its input is the x_down outlier site
+    up: str                  # up projection; with fused_gate_up, [gate; up] stacked along the output
+    gate: str | None         # SwiGLU gate projection
+    norms: tuple             # per-block norms, in block order
+    final_norm: str
+    parallel: bool = False   # attention and MLP read the same block input
+    fused_gate_up: bool = False
+    capture: str = "eager"   # how attention probabilities are obtained: 'eager' or 'record' (this repo's GPT)
+
+
+_LLAMA = Family(blocks="model.layers", attn="self_attn", attn_branch="self_attn.o_proj", mlp_branch="mlp.down_proj",
+                down="mlp.down_proj", up="mlp.up_proj", gate="mlp.gate_proj",
+                norms=("input_layernorm", "post_attention_layernorm"), final_norm="model.norm")
+
+FAMILIES = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "phi3": Family(blocks="model.layers", attn="self_attn", attn_branch="self_attn.o_proj", mlp_branch="mlp.down_proj",
+                   down="mlp.down_proj", up="mlp.gate_up_proj", gate=None, fused_gate_up=True,
+                   norms=("input_layernorm", "post_attention_layernorm"), final_norm="model.norm"),
+    "phi": Family(blocks="model.layers", attn="self_attn", attn_branch="self_attn.dense", mlp_branch="mlp.fc2",
+                  down="mlp.fc2", up="mlp.fc1", gate=None, norms=("input_layernorm",),
+                  final_norm="model.final_layernorm", parallel=True),
+    "opt": Family(blocks="model.decoder.layers", attn="self_attn", attn_branch="self_attn.out_proj", mlp_branch="fc2",
+                  down="fc2", up="fc1", gate=None, norms=("self_attn_layer_norm", "final_layer_norm"),
+                  final_norm="model.decoder.final_layer_norm"),
+    "falcon": Family(blocks="transformer.h", attn="self_attention", attn_branch="self_attention.dense",
+                     mlp_branch="mlp.dense_4h_to_h", down="mlp.dense_4h_to_h", up="mlp.dense_h_to_4h", gate=None,
+                     norms=("input_layernorm", "post_attention_layernorm", "ln_attn", "ln_mlp"),
+                     final_norm="transformer.ln_f", parallel=True),
+    "gpt_neox": Family(blocks="gpt_neox.layers", attn="attention", attn_branch="attention.dense",
+                       mlp_branch="mlp.dense_4h_to_h", down="mlp.dense_4h_to_h", up="mlp.dense_h_to_4h", gate=None,
+                       norms=("input_layernorm", "post_attention_layernorm"), final_norm="gpt_neox.final_layer_norm",
+                       parallel=True),
+    "gpt2": Family(blocks="transformer.h", attn="attn", attn_branch="attn.c_proj", mlp_branch="mlp.c_proj",
+                   down="mlp.c_proj", up="mlp.c_fc", gate=None, norms=("ln_1", "ln_2"), final_norm="transformer.ln_f"),
+}
+# this repo's model.GPT: its attention records probabilities, q, k, v on request (attn.record)
+NANOGPT = Family(blocks="transformer.h", attn="attn", attn_branch="attn", mlp_branch="mlp", down="mlp.c_proj",
+                 up="mlp.c_fc", gate=None, norms=("ln_1", "ln_2"), final_norm="transformer.ln_f", capture="record")
+# what the README lists per family
+FAMILY_NAMES = {"llama": "LLaMA 1/2/3", "mistral": "Mistral", "qwen2": "Qwen2 / Qwen2.5", "qwen3": "Qwen3",
+                "phi3": "Phi-3", "phi": "Phi-1.5 / Phi-2", "opt": "OPT", "falcon": "Falcon", "gpt_neox": "GPT-NeoX / Pythia",
+                "gpt2": "GPT-2"}
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2", "openai-community/gpt2-medium",
+              "openai-community/gpt2-large", "openai-community/gpt2-xl")
+
+
+def get_path(root, path):
+    """The module at dotted `path` below `root`, or None when some part is missing."""
+    for part in path.split("."):
+        root = getattr(root, part, None)
+        if root is None:
+            return None
+    return root
+
+
+def is_conv1d(module):
+    """GPT-2's Conv1D stores its weight as (in, out); it is recognised without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear(module):
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def weight_of(module):
+    """The weight in nn.Linear's (out, in) layout (a view: writes through it reach the module)."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def in_features(module):
+    return module.weight.shape[0] if is_conv1d(module) else module.in_features
+
+
+def first(output):
+    """A block's hidden states: transformers 5 blocks return a tensor, some families (Falcon) a tuple."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+# ==============================================================================================
+# the uniform view
+
+class ModelView:
+    """Per-layer lists of the modules the analysis hooks, for any supported model."""
+
+    def __init__(self, model, family):
+        self.model, self.family = model, family
+        root = model.hf if isinstance(model, HFCausalLM) else model
+        self.root = root
+        self.blocks = list(get_path(root, family.blocks))
+        self.L = len(self.blocks)
+        part = lambda path: [get_path(b, path) for b in self.blocks]  # noqa: E731
+        self.attn, self.attn_branch, self.mlp_branch = part(family.attn), part(family.attn_branch), part(family.mlp_branch)
+        self.down, self.up = part(family.down), part(family.up)
+        self.gate = part(family.gate) if family.gate else None
+        self.down_name = family.down
+        self.norms = [(f"{name}.L{l}", get_path(b, name)) for name in family.norms
+                      if get_path(self.blocks[0], name) is not None for l, b in enumerate(self.blocks)]
+        final = get_path(root, family.final_norm)
+        self.final_norm = final
+        if final is not None:
+            self.norms.append((family.final_norm.rsplit(".", 1)[-1], final))
+        self.d_ff = weight_of(self.down[0]).shape[1]
+
+    def weight_names(self, gpt_names=None):
+        """Relative names of the Linear (or Conv1D) modules of a block, in module order."""
+        if gpt_names is not None:  # this repo's GPT: a fixed order the reports and tests rely on
+            return [n for n in gpt_names if get_path(self.blocks[0], n) is not None]
+        return [n for n, m in self.blocks[0].named_modules() if n and is_linear(m)]
+
+    def weights(self, name):
+        return [weight_of(get_path(b, name)) for b in self.blocks]
+
+    def up_gate_weights(self, l):
+        """(up (d_ff, C), gate (d_ff, C) or None) of layer l; Phi-3's fused projection is [gate; up]."""
+        w = weight_of(self.up[l]).detach()
+        if self.family.fused_gate_up:
+            gate, up = w.chunk(2, dim=0)
+            return up, gate
+        return w, (weight_of(self.gate[l]).detach() if self.gate else None)
+
+    @contextlib.contextmanager
+    def attention_capture(self, fn):
+        """Calls fn(l, {'probs': (B, H, T, T), ...}) after each attention layer, through the family's capture."""
+        with CAPTURES[self.family.capture](self, fn):
+            yield
+
+
+@contextlib.contextmanager
+def _capture_record(view, fn):
+    saved = [(a.record, a.recorded) for a in view.attn]
+    handles = []
+    try:
+        for l, a in enumerate(view.attn):
+            a.record = True
+
+            def hook(module, inputs, output, l=l):
+                recorded, module.recorded = module.recorded, {}
+                fn(l, recorded)
+            handles.append(a.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for a, (record, recorded) in zip(view.attn, saved):
+            a.record, a.recorded = record, recorded
+
+
+@contextlib.contextmanager
+def _capture_eager(view, fn):
+    hf = view.model.hf
+    before = hf.config._attn_implementation
+    if before != "eager":
+        hf.set_attn_implementation("eager")
+    handles = []
+    try:
+        for l, a in enumerate(view.attn):
+            if "output_attentions" in inspect.signature(a.forward).parameters:
+                # modules that do not follow transformers' AttentionInterface (Falcon) keep their implementation
+                # and return probabilities only when asked
+                handles.append(a.register_forward_pre_hook(
+                    lambda module, args, kwargs: (args, {**kwargs, "output_attentions": True}), with_kwargs=True))
+
+            def hook(module, inputs, output, l=l):
+                probs = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+                if probs is None:
+                    raise RuntimeError(f"layer {l}: the attention module returned no probabilities under eager attention")
+                fn(l, {"probs": probs.detach()})
+            handles.append(a.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        if before != "eager":
+            hf.set_attn_implementation(before)
+
+
+CAPTURES = {"record": _capture_record, "eager": _capture_eager}
+
+
+def model_view(model):
+    """The ModelView of this repo's GPT or of a loaded HFCausalLM."""
+    if isinstance(model, HFCausalLM):
+        return ModelView(model, model.family)
+    return ModelView(model, NANOGPT)
+
+
+# ==============================================================================================
+# loading
+
+@dataclass
+class HFConfig:
+    """The GPTConfig fields the scripts read, for a Hugging Face model."""
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    vocab_size: int
+    model_type: str
+    n_kv_head: int
+    head_dim: int
+    bias: bool = True
+    attention: str = "default"  # plain softmax attention, as the repo's `default` variant
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal LM with this repo's GPT calling convention: model(X, Y) -> (logits, loss),
+    loss = mean cross-entropy in float32 over targets != -1; `final_hidden(x)` and `lm_head` for
+    perplexity in chunks."""
+
+    def __init__(self, hf, source, tokenizer_dir=None):
+        super().__init__()
+        self.hf = hf
+        self.source = source
+        self.tokenizer_dir = tokenizer_dir
+        cfg = hf.config
+        self.family = family_of(cfg)
+        n_head = cfg.num_attention_heads
+        n_embd = cfg.hidden_size
+        kv = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_kv_heads", None) or n_head
+        if cfg.model_type == "falcon" and not cfg.new_decoder_architecture and cfg.multi_query:
+            kv = 1
+        block = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        self.config = HFConfig(n_layer=cfg.num_hidden_layers, n_head=n_head, n_embd=n_embd, block_size=int(block),
+                               vocab_size=hf.get_output_embeddings().weight.shape[0], model_type=cfg.model_type,
+                               n_kv_head=int(kv), head_dim=int(getattr(cfg, "head_dim", None) or n_embd // n_head))
+
+    @property
+    def lm_head(self):
+        return self.hf.get_output_embeddings()
+
+    def tied(self):
+        """Whether lm_head shares its weight with the input embedding (quantizing one changes both)."""
+        return self.lm_head.weight is self.hf.get_input_embeddings().weight
+
+    def final_hidden(self, idx):
+        """(B, T, C) hidden states that lm_head maps to logits (after the final norm and any projection)."""
+        # on the input's device: under device_map="auto" the last block may sit on another GPU
+        return self.hf.base_model(input_ids=idx, use_cache=False).last_hidden_state.to(idx.device)
+
+    def forward(self, idx, targets=None):
+        logits = self.hf(input_ids=idx, use_cache=False).logits
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.to(logits.device).reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+
+def family_of(config):
+    if any(getattr(config, k, None) for k in MOE_KEYS):
+        raise UserError(f"{config.model_type} is a mixture-of-experts model; its MLP has no single down projection, "
+                        f"so the x_down and W_down analyses are not defined for it (not supported)")
+    if config.model_type not in FAMILIES:
+        raise UserError(f"model type {config.model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[config.model_type]
+
+
+def is_gpt2(name_or_dir):
+    """Whether --pretrained loads into this repo's model.GPT: GPT-2 names, directories whose config says
+    gpt2, and any other bare name (hub models of other families are named ORG/NAME), which model.GPT
+    then refuses with the list of names it knows."""
+    if name_or_dir in GPT2_NAMES:
+        return True
+    cfg = os.path.join(name_or_dir, "config.json")
+    if os.path.isfile(cfg):
+        try:
+            with open(cfg, encoding="utf-8") as f:
+                return json.load(f).get("model_type") == "gpt2"
+        except (OSError, ValueError):
+            return False
+    return not os.path.isdir(name_or_dir) and "/" not in name_or_dir
+
+
+def is_pretrained_dir(path):
+    """A save_pretrained directory (config.json inside) rather than a checkpoint file of this repo."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("Hugging Face models need the `transformers` package (pip install transformers)") from None
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def load_dtype(device):
+    """bf16 (fp16 where bf16 is missing) on GPU, fp32 on CPU."""
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _needs_device_map(transformers, config, device, dtype):
+    """device_map='auto' when the weights do not fit on the one GPU (counted on the meta device)."""
+    if not str(device).startswith("cuda"):
+        return False
+    with torch.device("meta"):
+        n = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return n * torch.finfo(dtype).bits // 8 > 0.85 * free
+
+
+def load_hf_causal_lm(name_or_dir, device="cpu", dtype=None, attn_implementation=None):
+    """An HFCausalLM in eval mode from a hub name or a save_pretrained directory, with transformers' default
+    attention (SDPA where the family has it); the analysis switches to eager only while it records
+    probabilities."""
+    transformers = _import_transformers()
+    dtype = dtype or load_dtype(device)
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_dir)
+    except Exception as e:
+        raise UserError(f"cannot load {name_or_dir!r}: {one_line(e, 200)} (a Hugging Face hub name needs network or "
+                        f"a cache; a directory needs config.json from save_pretrained)") from None
+    family_of(config)
+    kwargs = {"dtype": dtype, **({"attn_implementation": attn_implementation} if attn_implementation else {})}
+    sharded = _needs_device_map(transformers, config, device, dtype)
+    if sharded:
+        kwargs["device_map"] = "auto"  # accelerate spreads the layers over the GPUs (and CPU)
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(name_or_dir, **kwargs)
+    except Exception as e:
+        raise UserError(f"cannot load {name_or_dir!r} ({type(e).__name__}: {one_line(e, 200)})") from None
+    model = HFCausalLM(hf, name_or_dir, tokenizer_dir=name_or_dir)
+    if not sharded:
+        model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(model):
+    """The model's own tokenizer (AutoTokenizer from its directory or hub name)."""
+    transformers = _import_transformers()
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(model.tokenizer_dir)
+    except Exception as e:
+        raise UserError(f"no tokenizer for {model.source!r} ({one_line(e, 200)}); pass token ids with --data FILE.bin") from None
+    # without tokenizer files transformers builds an empty tokenizer of the config's class instead of failing
+    if len(tok) < model.config.vocab_size // 2:
+        raise UserError(f"no tokenizer for {model.source!r} (its tokenizer has {len(tok)} of the model's "
+                        f"{model.config.vocab_size} ids); pass token ids with --data FILE.bin")
+    return tok
+
+
+def tokenization(model, required):
+    """(encode(text) -> ids, decode_one(id) -> str) for an HFCausalLM, (None, None) for this repo's GPT
+    (GPT-2 BPE through tokenizer.py). Without a tokenizer in the model's directory: a UserError when
+    `required` (text input), else (None, None) and token ids stand for themselves."""
+    if not isinstance(model, HFCausalLM):
+        return None, None
+    try:
+        tok = load_tokenizer(model)
+    except UserError:
+        if required:
+            raise
+        return None, None
+    return (lambda text: tok(text, add_special_tokens=False)["input_ids"]), (lambda i: tok.decode([int(i)]))

@@ -1,0 +1,321 @@
+"""Hugging Face causal LMs of every supported family, tiny and random, built offline: the planted massive
+activation and down-projection weight outlier are found, attention probabilities match transformers' own
+output_attentions, and perplexity under fp / W8 / 50% sparsity matches an independent float64 computation."""
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import compress_eval  # noqa: E402
+import hf_models  # noqa: E402
+import outlier_stats  # noqa: E402
+from perplexity import evaluate_perplexity  # noqa: E402
+
+V, C, FF, L, NH = 128, 64, 128, 2, 4
+TAU = 100.0
+PLANT_TOKEN, PLANT_CHANNEL, PLANT_UNIT, PLANT_IN = 7, 5, 11, 3  # token, h channel, MLP unit, input channel read
+
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
+                                              num_attention_heads=NH, num_key_value_heads=2, max_position_embeddings=64),
+    "mistral": lambda: transformers.MistralConfig(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
+                                                  num_attention_heads=NH, num_key_value_heads=2, max_position_embeddings=64,
+                                                  sliding_window=16),
+    "qwen2": lambda: transformers.Qwen2Config(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
+                                              num_attention_heads=NH, num_key_value_heads=2, max_position_embeddings=64),
+    "qwen3": lambda: transformers.Qwen3Config(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
+                                              num_attention_heads=NH, num_key_value_heads=2, head_dim=16,
+                                              max_position_embeddings=64),
+    "phi3": lambda: transformers.Phi3Config(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
+                                            num_attention_heads=NH, num_key_value_heads=2, max_position_embeddings=64,
+                                            pad_token_id=0),
+    "phi": lambda: transformers.PhiConfig(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
+                                          num_attention_heads=NH, max_position_embeddings=64),
+    "opt": lambda: transformers.OPTConfig(vocab_size=V, hidden_size=C, ffn_dim=FF, num_hidden_layers=L,
+                                          num_attention_heads=NH, max_position_embeddings=64, word_embed_proj_dim=C),
+    "falcon": lambda: transformers.FalconConfig(vocab_size=V, hidden_size=C, num_hidden_layers=L, num_attention_heads=NH),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
+                                                   num_attention_heads=NH, max_position_embeddings=64),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=C, n_layer=L, n_head=NH, n_positions=64),
+}
+FAMILIES = sorted(CONFIGS)
+
+
+@torch.no_grad()
+def plant(hf):
+    """Token PLANT_TOKEN alone carries input channel PLANT_IN; MLP unit PLANT_UNIT of layer 0 reads only
+    that channel (its up and gate rows) and its down-projection column writes only h channel PLANT_CHANNEL:
+    a weight outlier (the whole column in one entry) and, at that token, a massive x_down and h value."""
+    emb = hf.get_input_embeddings().weight
+    emb[:, PLANT_IN] = 0.0
+    emb[PLANT_TOKEN, PLANT_IN] = 1.0
+    for path in ("transformer.wpe", "model.decoder.embed_positions"):  # learned positions must not carry it either
+        positions = hf_models.get_path(hf, path)
+        if positions is not None:
+            positions.weight[:, PLANT_IN] = 0.0
+    view = hf_models.ModelView(hf_models.HFCausalLM(hf, "test"), hf_models.family_of(hf.config))
+    up = hf_models.weight_of(view.up[0])
+    rows = [PLANT_UNIT, PLANT_UNIT + view.d_ff] if view.family.fused_gate_up else [PLANT_UNIT]
+    for r in rows:
+        up[r] = 0.0
+        up[r, PLANT_IN] = 8.0
+        if getattr(view.up[0], "bias", None) is not None:
+            view.up[0].bias[r] = 0.0
+    if view.gate is not None:
+        g = hf_models.weight_of(view.gate[0])
+        g[PLANT_UNIT] = 0.0
+        g[PLANT_UNIT, PLANT_IN] = 8.0
+    out = view.attn_branch[0]  # layer 0's attention must not write the channel either (normalized, it would count)
+    hf_models.weight_of(out)[PLANT_IN] = 0.0
+    if getattr(out, "bias", None) is not None:
+        out.bias[PLANT_IN] = 0.0
+    down = hf_models.weight_of(view.down[0])
+    down[:, PLANT_UNIT] = 0.0
+    down[PLANT_CHANNEL, PLANT_UNIT] = 20.0
+
+
+def build(family, tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
+    plant(hf)
+    path = tmp_path / family
+    hf.save_pretrained(path)
+    return str(path)
+
+
+def tokens(n=32, batch=2, seed=0):
+    x = torch.randint(8, V, (batch, n), generator=torch.Generator().manual_seed(seed))
+    x[:, 9] = PLANT_TOKEN
+    x[1, 20] = PLANT_TOKEN
+    return x
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_planted_outliers_found(family, tmp_path):
+    model = hf_models.load_hf_causal_lm(build(family, tmp_path), device="cpu")
+    assert isinstance(model, hf_models.HFCausalLM)
+    an = outlier_stats.OutlierAnalyzer(model, tau_act=TAU, seq_len=32)
+    X = tokens()
+    an.run_batch(X, X)
+    res = an.result()
+    view = hf_models.model_view(model)
+    # activation outliers of h: the planted channel at exactly the planted positions, from layer 0 on
+    h = res["layer_output"]["outliers"]
+    assert h and {o["channel"] for o in h} == {PLANT_CHANNEL}
+    assert {(o["seq"], o["position"]) for o in h if o["layer"] == 0} == {(0, 9), (1, 9), (1, 20)}
+    # x_down outliers: the planted unit
+    xd = res["down_input"]["outliers"]
+    assert {o["channel"] for o in xd if o["layer"] == 0} == {PLANT_UNIT}
+    # the weight outlier: W_down column PLANT_UNIT, row PLANT_CHANNEL of layer 0
+    w = res["weight"][view.down_name]
+    assert PLANT_UNIT in w["outlier_channels"][0] and PLANT_CHANNEL in w["outlier_out_channels"][0]
+    assert w["top_entries"][0][:3] == [0, PLANT_CHANNEL, PLANT_UNIT]
+    # Table 1 rows 1-2 see the plant; the Figure 7 link names the planted unit
+    assert res["consistency"]["wdown_vs_xdown"]["a_in_b"] == 1.0
+    assert res["consistency"]["wdown_vs_h"]["a_in_b"] == 1.0
+    assert res["consistency"]["h_vs_attention"]["n_a"] == 2 * L * NH  # (sample, layer, head) with h outliers
+    assert any(u["layer"] == 0 and u["unit"] == PLANT_UNIT for u in res["weight_link"]["units"])
+    # lifecycle: generated at layer 0 by the MLP, carried to layer 1
+    life = [e for e in res["lifecycle"] if e["channel"] == PLANT_CHANNEL and e["position"] == 9]
+    assert life and life[0]["generated_at"] == 0 and life[0]["generated_by"] == "mlp"
+    assert life[0]["mlp_drivers"][0]["down_input_channel"] == PLANT_UNIT
+    if view.gate is not None or view.family.fused_gate_up:
+        assert "gate" in life[0]["mlp_drivers"][0] and "up" in life[0]["mlp_drivers"][0]
+    # one normalization entry per norm, all of width C
+    assert len(res["normalization"]) == len(view.norms)
+
+
+def reference_cumulative_attention(hf, X):
+    out = hf(input_ids=X, output_attentions=True, use_cache=False)
+    return [a.double().sum(-2) for a in out.attentions]  # (B, H, T) per layer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_probabilities_match_transformers(family, tmp_path):
+    model = hf_models.load_hf_causal_lm(build(family, tmp_path), device="cpu")
+    got = {}
+    X = tokens()
+    with outlier_stats.Probe(model, attention_fn=lambda l, rec, x: got.__setitem__(l, rec["probs"].double().sum(-2))):
+        model(X)
+    assert model.hf.config._attn_implementation == "sdpa"  # restored after the probe
+    model.hf.set_attn_implementation("eager")
+    ref = reference_cumulative_attention(model.hf, X)
+    assert len(got) == L
+    for l in range(L):
+        torch.testing.assert_close(got[l], ref[l], rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# compression: perplexity against an independent float64 computation
+
+BLOCKS = {"llama": "model.layers.", "mistral": "model.layers.", "qwen2": "model.layers.", "qwen3": "model.layers.",
+          "phi3": "model.layers.", "phi": "model.layers.", "opt": "model.decoder.layers.", "falcon": "transformer.h.",
+          "gpt_neox": "gpt_neox.layers.", "gpt2": "transformer.h."}
+T_EVAL = 16
+
+
+def reference_ppl(path, family, ids, method):
+    """float64 forward of the saved model with the blocks' 2-D projection weights AbsMax-quantized per
+    tensor or 50% magnitude-pruned per tensor, written out here; non-overlapping windows of T_EVAL."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if not (name.startswith(BLOCKS[family]) and name.endswith(".weight") and p.ndim == 2):
+                continue
+            w = p.data
+            if method == "w8":
+                s = w.abs().max() / 127.0
+                p.data = torch.clamp(torch.round(w / s), -127, 127) * s
+            elif method == "sparse50":
+                flat = w.abs().flatten()
+                k = int(round(0.5 * flat.numel()))
+                p.data = w.flatten().index_fill(0, torch.argsort(flat)[:k], 0.0).view_as(w)
+        nll, n = 0.0, 0
+        for b in range(0, len(ids) - 1, T_EVAL):
+            x = torch.as_tensor(ids[b:b + T_EVAL])[None]
+            y = torch.as_tensor(ids[b + 1:b + T_EVAL + 1])[None]
+            x = x[:, :y.shape[1]]
+            logp = torch.log_softmax(hf(input_ids=x).logits, dim=-1)
+            nll -= float(logp.gather(-1, y[..., None]).sum())
+            n += y.numel()
+    return math.exp(nll / n)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_perplexity_under_compression_matches_float64(family, tmp_path):
+    path = build(family, tmp_path)
+    ids = np.random.default_rng(1).integers(0, V, size=3 * T_EVAL + 1)
+    base = hf_models.load_hf_causal_lm(path, device="cpu")
+    for method, apply in (("fp", lambda m: None), ("w8", compress_eval.quantize_weights_),
+                          ("sparse50", compress_eval.prune_magnitude_)):
+        model = base if method == "fp" else copy.deepcopy(base)
+        apply(model)
+        got = evaluate_perplexity(model, ids, block_size=T_EVAL, progress=False).ppl
+        ref = reference_ppl(path, family, ids, method)
+        assert got == pytest.approx(ref, rel=1e-5), method
+    assert compress_eval.head_is_tied(base) == bool(base.hf.config.tie_word_embeddings)
+
+
+# ----------------------------------------------------------------------------------------------
+# the two command lines on a save_pretrained directory (GPT-2 directories load into model.GPT)
+
+def token_file(tmp_path, n=600):
+    ids = np.random.default_rng(2).integers(8, V, size=n).astype(np.uint16)
+    ids[::37] = PLANT_TOKEN
+    path = tmp_path / "tokens.bin"
+    ids.tofile(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_command_lines(family, tmp_path):
+    import analyze_outliers
+    path, data = build(family, tmp_path), token_file(tmp_path)
+    out = tmp_path / "outliers"
+    assert analyze_outliers.main([f"--pretrained={path}", f"--data={data}", "--num_seqs=2", "--seq_len=32",
+                                  f"--tau={TAU}", "--intervene=zero", f"--out={out}", "--no_progress"]) == 0
+    doc = json.loads((out / "outliers.json").read_text())
+    h = doc["activation"]["layer_output"]["outliers"]
+    assert h and {o["channel"] for o in h} == {PLANT_CHANNEL}
+    assert {o["token_id"] for o in h} == {PLANT_TOKEN}
+    if family != "gpt2":  # no tokenizer saved: ids stand for themselves (GPT-2 goes through model.GPT and tiktoken)
+        assert {o["token"] for o in h} == {f"<{PLANT_TOKEN}>"}
+    down = doc["model"].get("down_proj", "mlp.c_proj")
+    assert PLANT_UNIT in doc["weight"][down]["outlier_channels"][0]
+    assert doc["intervention"]["targets"]["all"]["activations_changed"] > 0
+    assert doc["intervention"]["targets"]["all"]["loss_change"] != 0
+    assert (out / "report.md").is_file() and doc["figures"]
+    out = tmp_path / "compress"
+    assert compress_eval.main([f"--pretrained={path}", f"--data={data}", f"--calib_data={data}", "--block_size=32",
+                               "--methods=fp,w8,sparse50,w8a8,wanda", f"--out={out}", "--no_progress"]) == 0
+    row = json.loads((out / "results.json").read_text())[0]
+    assert all(math.isfinite(v) for v in row["ppl"].values()) and len(row["ppl"]) == 5
+
+
+def save_word_tokenizer(path):
+    """A word-level tokenizer of V words ('w0' ... ; PLANT_TOKEN is 'planted'), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = {f"w{i}": i for i in range(V)}
+    words["planted"] = words.pop(f"w{PLANT_TOKEN}")
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(path)
+
+
+def test_text_goes_through_the_models_own_tokenizer_and_compare(tmp_path):
+    import analyze_outliers
+    llama, opt = build("llama", tmp_path), build("opt", tmp_path)
+    save_word_tokenizer(llama)
+    words = [f"w{i}" for i in np.random.default_rng(3).integers(8, V, size=40)]
+    words[5] = words[17] = "planted"
+    out = tmp_path / "text"
+    assert analyze_outliers.main([f"--pretrained={llama}", "--text", " ".join(words), f"--tau={TAU}", f"--out={out}",
+                                  "--no_progress"]) == 0
+    doc = json.loads((out / "outliers.json").read_text())
+    h = [o for o in doc["activation"]["layer_output"]["outliers"] if o["layer"] == 0]
+    assert {(o["position"], o["token"]) for o in h} == {(5, "planted"), (17, "planted")}
+    out = tmp_path / "compare"
+    assert analyze_outliers.main(["--compare", llama, opt, f"--data={token_file(tmp_path)}", "--num_seqs=2",
+                                  "--seq_len=32", f"--tau={TAU}", f"--out={out}", "--no_progress"]) == 0
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert [r["model"]["family"] for r in runs] == ["llama", "opt"]
+    assert all(max(t[0] for t in r["top3"]) > 100 for r in runs)  # the planted massive activation, in both
+
+
+def test_mixture_of_experts_and_unknown_families_are_refused(tmp_path):
+    from common import UserError
+    cfg = transformers.MixtralConfig(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=1,
+                                     num_attention_heads=NH, num_key_value_heads=2, num_local_experts=2)
+    with pytest.raises(UserError, match="mixture-of-experts"):
+        hf_models.family_of(cfg)
+    with pytest.raises(UserError, match="not supported"):
+        hf_models.family_of(transformers.BloomConfig(vocab_size=V, hidden_size=C, n_layer=1, n_head=NH))
+
+
+def test_compress_text_uses_the_models_tokenizer(tmp_path):
+    from common import UserError
+    llama, qwen = build("llama", tmp_path), build("qwen2", tmp_path)
+    save_word_tokenizer(llama)
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"w{i}" for i in np.random.default_rng(4).integers(8, V, size=70)))
+    out = tmp_path / "compress"
+    assert compress_eval.main([f"--pretrained={llama}", f"--text_file={text}", "--block_size=32", "--methods=fp",
+                               f"--out={out}", "--no_progress"]) == 0
+    row = json.loads((out / "results.json").read_text())[0]
+    assert row["eval"]["tokens"] == 69  # one id per word: the word-level tokenizer, not GPT-2 BPE
+    with pytest.raises(UserError, match="tokenizer"):  # qwen2's directory has none
+        compress_eval.main([f"--pretrained={llama}", f"--pretrained={qwen}", f"--text_file={text}", "--block_size=32",
+                            "--methods=fp", f"--out={out}", "--no_progress"])
+
+
+def test_which_names_load_into_model_gpt(tmp_path):
+    llama, gpt2 = build("llama", tmp_path), build("gpt2", tmp_path)
+    assert hf_models.is_gpt2("gpt2") and hf_models.is_gpt2("openai-community/gpt2-xl") and hf_models.is_gpt2(gpt2)
+    assert hf_models.is_gpt2("gpt3")  # a bare unknown name: model.GPT lists the names it knows
+    assert not hf_models.is_gpt2(llama) and not hf_models.is_gpt2("meta-llama/Llama-2-7b-hf")
+
+
+def test_w8a8_uses_one_activation_scale_per_window_in_every_family(tmp_path):
+    """OPT's MLP sees (B*T, C) inputs: the quantized input of fc1 must still lie on one grid per window,
+    max|x| / 127 of that window (a per-token scale would put each token on its own grid)."""
+    model = hf_models.load_hf_causal_lm(build("opt", tmp_path), device="cpu")
+    handles = compress_eval.add_activation_quantization(model)
+    seen = []
+    fc1 = hf_models.model_view(model).up[0]
+    handles.append(fc1.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().double())))
+    X = tokens()
+    with torch.no_grad():
+        model(X)
+    for h in handles:
+        h.remove()
+    x = seen[0].view(X.shape[0], -1, seen[0].shape[-1])
+    for b in range(X.shape[0]):
+        steps = x[b] / (x[b].abs().max() / 127.0)
+        torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
+        assert steps.abs().max() == pytest.approx(127.0)
