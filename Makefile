@@ -61,4 +61,4 @@ gpu-check:
 	$(GPU_PY) benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_OUT)_attention_bias .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_OUT)_attention_bias out/reproduce_tiny .pytest_cache

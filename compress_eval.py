@@ -324,6 +324,16 @@ def _prune_wanda_forwards_(model, calib, sparsity, dtype, batch_size):
             w.masked_fill_(wanda_mask(w, sumsq[n].sqrt(), sparsity), 0.0)
 
 
+# the longest default window: the usual 2,048 of LLM perplexity tables, so that models whose
+# max_position_embeddings is 32k-128k are not evaluated on a handful of huge windows
+MAX_DEFAULT_WINDOW = 2048
+
+
+def window_length(args, source):
+    """--block_size, else the model's block size up to MAX_DEFAULT_WINDOW."""
+    return args.block_size or min(source.block_size, MAX_DEFAULT_WINDOW)
+
+
 def calibration_windows(tokens, n_windows, block_size, seed=0):
     """(n_windows, block_size) int64 windows at random (seeded) offsets of a calibration token stream."""
     n = len(tokens)  # a memory-mapped token file is only read where the windows are
@@ -474,7 +484,7 @@ def parse_args(argv):
     p.add_argument("--calib_text_file", help="wanda calibration text file")
     p.add_argument("--calib_windows", type=int, default=32, help="wanda calibration windows of one block each (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows")
-    p.add_argument("--block_size", type=int, default=None, help="window length (default: each model's block size)")
+    p.add_argument("--block_size", type=int, default=None, help=f"window length (default: each model's block size, at most {MAX_DEFAULT_WINDOW})")
     p.add_argument("--stride", type=int, default=None, help="sliding windows scoring the last STRIDE tokens of each")
     p.add_argument("--batch_size", type=int, default=None, help="windows per forward (default: 16 on GPU, 2 on CPU at T=1024)")
     p.add_argument("--device", default="auto")
@@ -577,7 +587,7 @@ def main(argv=None):
         tokens = tokens[:args.max_tokens]
         data_desc += f", first {tokens.size} tokens"
     for s in sources:
-        T = args.block_size or s.block_size
+        T = window_length(args, s)
         if T > s.block_size:
             raise UserError(f"--block_size {T} exceeds the block size {s.block_size} of {s.checkpoint}")
         make_windows(tokens.size, T, args.stride)
@@ -600,7 +610,7 @@ def main(argv=None):
     rows = []
     for s in sources:
         base = build_model(s, device, args.attn_backend)
-        T = args.block_size or s.block_size
+        T = window_length(args, s)
         row = {"name": s.name, "checkpoint": s.checkpoint, "attention": s.attention, "iter_num": s.iter_num,
                "dtype": DTYPE_NAMES[dtype], "device": str(device), "ppl": {}, "nll": {}, "seconds": {},
                "eval": None, "settings": settings, "metadata": metadata, "head_tied": head_is_tied(base)}

@@ -90,10 +90,6 @@ Supported / limits
   that allocate like the real ones, so ``torch.compile(model, fullgraph=True)``
   traces the model with no graph break; the kernels run as opaque calls inside the
   compiled graph.
-* ``sigmoid=True`` with fp16/bf16 inputs on an NVIDIA GPU computes sigmoid as
-  0.5 tanh.approx(z / 2) + 0.5 (inline PTX, max relative error about 2^-11, below
-  the rounding of P to 16 bits); fp32 inputs and the interpreter use the exact
-  formula.
 * Probabilities and dS are cast to the input dtype before the second matmul, as
   in FlashAttention; accumulation is float32.
 """
@@ -152,10 +148,9 @@ def _flags(sink, sigmoid):
 
 
 # ----------------------------------------------------------------------------
-# Triton kernels.  Softmax scores are kept in base 2: qk2 = q.k * qk_scale with
-# qk_scale = sm_scale * log2(e), LSE is stored as log2(sum exp2(qk2)).  Sigmoid
-# scores are half logits, zh = q.k * qk_scale + score_bias with qk_scale =
-# sm_scale / 2 and score_bias = b / 2 (sigmoid(z) = 0.5 tanh(z / 2) + 0.5).
+# Triton kernels.  Scores are kept in base 2: qk2 = q.k * qk_scale + score_bias with
+# qk_scale = sm_scale * log2(e) (score_bias = b * log2(e) for sigmoid, 0 otherwise);
+# LSE is stored as log2(sum exp2(qk2)).
 # ----------------------------------------------------------------------------
 
 
@@ -183,17 +178,11 @@ def _rne(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _sigmoid_of_half(zh, FAST: tl.constexpr):
-    # sigmoid(z) from zh = z / 2.  FAST (16-bit inputs on NVIDIA GPUs): one SFU op,
-    # 0.5 tanh.approx(zh) + 0.5 (max relative error ~2^-11, below bf16's rounding of
-    # P before the PV product); otherwise the exact 1 / (1 + exp(-z)).
-    if FAST:
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [zh],
-                                      dtype=tl.float32, is_pure=True, pack=1)
-        p = 0.5 * t + 0.5
-    else:
-        p = 1.0 / (1.0 + tl.exp2(zh * -2.8853900817779268))  # exp(-2 zh) = exp2(-2 log2(e) zh)
-    return p
+def _sigmoid_base2(z2):
+    # sigmoid(z) from z2 = z log2(e).  Not 0.5 tanh.approx(z / 2) + 0.5: tanh.approx's
+    # error (~2^-11 of |tanh| ~ 1) is an absolute error of ~2e-4 on p, while sigmoid
+    # attention's weights are ~1/T (b = -ln T), so small weights would be far off.
+    return 1.0 / (1.0 + tl.exp2(-z2))
 
 
 @triton.jit
@@ -201,7 +190,7 @@ def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base,
     stride_kt, stride_kd, stride_vt, stride_vd,
     offs_m, offs_d, lo, hi, T, qk_scale, score_bias,
-    SIGMOID: tl.constexpr, FAST_SIGMOID: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    SIGMOID: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
@@ -216,7 +205,7 @@ def _fwd_inner(
             v = tl.load(v_ptrs)
         qk = _dot(q, kt, None, PREC, UPCAST)  # unscaled: the scale is folded into one FMA below
         if SIGMOID:
-            p = _sigmoid_of_half(qk * qk_scale + score_bias, FAST_SIGMOID)
+            p = _sigmoid_base2(qk * qk_scale + score_bias)
             if MASKED:
                 valid = (offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < T)
                 p = tl.where(valid, p, 0.0)
@@ -245,7 +234,7 @@ def _fwd_kernel(
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_kbh, stride_kbd, stride_vbh, stride_vbd,
     H, T, qk_scale, score_bias, T_BUCKET,
-    SIGMOID: tl.constexpr, FAST_SIGMOID: tl.constexpr, LEARNED_SINK: tl.constexpr,
+    SIGMOID: tl.constexpr, LEARNED_SINK: tl.constexpr,
     CONTEXT_SINK: tl.constexpr, ZERO_SINK: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -290,13 +279,13 @@ def _fwd_kernel(
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
         offs_m, offs_d, 0, start_m * BLOCK_M, T, qk_scale, score_bias,
-        SIGMOID, FAST_SIGMOID, BLOCK_N, False, PREC, UPCAST)
+        SIGMOID, BLOCK_N, False, PREC, UPCAST)
     # diagonal block: causal mask and key tail mask
     hi = tl.minimum((start_m + 1) * BLOCK_M, T)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
         offs_m, offs_d, start_m * BLOCK_M, hi, T, qk_scale, score_bias,
-        SIGMOID, FAST_SIGMOID, BLOCK_N, True, PREC, UPCAST)
+        SIGMOID, BLOCK_N, True, PREC, UPCAST)
 
     if LEARNED_SINK:
         vb = tl.load(VB + off_h * stride_vbh + offs_d * stride_vbd).to(tl.float32)
@@ -401,7 +390,7 @@ def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, LSE_row, DELTA_row,
     stride_qt, stride_qd, stride_dot, stride_dod,
     offs_n, offs_d, lo, hi, T, qk_scale, score_bias,
-    SIGMOID: tl.constexpr, FAST_SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+    SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
@@ -414,7 +403,7 @@ def _bwd_dkdv_inner(
                      mask=row_ok[:, None], other=0.0)
         qkt = _dot(k, qt, None, PREC, UPCAST)
         if SIGMOID:
-            pt = _sigmoid_of_half(qkt * qk_scale + score_bias, FAST_SIGMOID)
+            pt = _sigmoid_base2(qkt * qk_scale + score_bias)
         else:
             lse = tl.load(LSE_row + offs_m, mask=row_ok, other=0.0)
             pt = tl.exp2(qkt * qk_scale - lse[None, :])
@@ -441,7 +430,7 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     H, T, qk_scale, sm_scale, score_bias, T_BUCKET,
-    SIGMOID: tl.constexpr, FAST_SIGMOID: tl.constexpr, HEAD_D: tl.constexpr,
+    SIGMOID: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -472,13 +461,13 @@ def _bwd_dkdv_kernel(
         dk, dv, k, v, q_base, do_base, lse_row, delta_row,
         stride_qt, stride_qd, stride_dot, stride_dod,
         offs_n, offs_d, start_n, hi, T, qk_scale, score_bias,
-        SIGMOID, FAST_SIGMOID, BLOCK_M, True, PREC, UPCAST)
+        SIGMOID, BLOCK_M, True, PREC, UPCAST)
     # ... then every later query block (no causal mask)
     dk, dv = _bwd_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_row, delta_row,
         stride_qt, stride_qd, stride_dot, stride_dod,
         offs_n, offs_d, start_n + BLOCK_N, T, T, qk_scale, score_bias,
-        SIGMOID, FAST_SIGMOID, BLOCK_M, False, PREC, UPCAST)
+        SIGMOID, BLOCK_M, False, PREC, UPCAST)
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh
              + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
@@ -493,7 +482,7 @@ def _bwd_dq_inner(
     dq, q, do, lse, delta, k_base, v_base,
     stride_kt, stride_kd, stride_vt, stride_vd,
     offs_m, offs_d, lo, hi, T, qk_scale, score_bias,
-    SIGMOID: tl.constexpr, FAST_SIGMOID: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    SIGMOID: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
@@ -508,7 +497,7 @@ def _bwd_dq_inner(
             vt = tl.load(vt_ptrs)
         qk = _dot(q, kt, None, PREC, UPCAST)
         if SIGMOID:
-            p = _sigmoid_of_half(qk * qk_scale + score_bias, FAST_SIGMOID)
+            p = _sigmoid_base2(qk * qk_scale + score_bias)
         else:
             p = tl.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
@@ -533,7 +522,7 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     stride_kbh, stride_kbd,
     H, T, qk_scale, sm_scale, score_bias, T_BUCKET,
-    SIGMOID: tl.constexpr, FAST_SIGMOID: tl.constexpr, SINK_PARAMS: tl.constexpr, HEAD_D: tl.constexpr,
+    SIGMOID: tl.constexpr, SINK_PARAMS: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -564,12 +553,12 @@ def _bwd_dq_kernel(
     dq = _bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
         offs_m, offs_d, 0, start_m * BLOCK_M, T, qk_scale, score_bias,
-        SIGMOID, FAST_SIGMOID, BLOCK_N, False, PREC, UPCAST)
+        SIGMOID, BLOCK_N, False, PREC, UPCAST)
     hi = tl.minimum((start_m + 1) * BLOCK_M, T)
     dq = _bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
         offs_m, offs_d, start_m * BLOCK_M, hi, T, qk_scale, score_bias,
-        SIGMOID, FAST_SIGMOID, BLOCK_N, True, PREC, UPCAST)
+        SIGMOID, BLOCK_N, True, PREC, UPCAST)
     dq = dq * sm_scale
     if SINK_PARAMS:
         ds0 = tl.load(DS0 + row_idx, mask=row_ok, other=0.0)
@@ -660,7 +649,7 @@ def _candidates(kind: str, D: int, dtype: torch.dtype, arch=None):
         return list(_INTERP_TABLE[kind])
     if dtype == torch.float32:
         return list(_FP32_TABLE[kind])
-    if arch >= 90:
+    if 90 <= arch < 120:  # Hopper / datacenter Blackwell: ~228 KB of shared memory per SM
         return list(_SM90_TABLE[kind][max(D, 32)])
     return list(_SM8X_TABLE[kind][min(D, 128)])
 
@@ -676,9 +665,10 @@ _FORCE_ARCH = None
 _FORCE_CANDIDATE = None
 
 # the constexprs that select a kernel specialisation: part of the autotuning key
-_TUNE_KEY = ("HEAD_D", "PREC", "SIGMOID", "FAST_SIGMOID", "LEARNED_SINK", "CONTEXT_SINK", "ZERO_SINK",
+_TUNE_KEY = ("HEAD_D", "PREC", "SIGMOID", "LEARNED_SINK", "CONTEXT_SINK", "ZERO_SINK",
              "SINK_PARAMS", "T_BUCKET")
 _TUNERS: dict = {}
+_UNTUNABLE: set = set()  # launch keys whose autotuning failed to fit: the first candidate that fits is used
 
 
 def _autotune_enabled() -> bool:
@@ -751,9 +741,13 @@ def _launch(kind, kernel, q, T, BH, D, args, constexprs):
     cands = _candidates(kind, D, q.dtype, arch)
     if _FORCE_CANDIDATE is not None:
         cands = [cands[min(_FORCE_CANDIDATE, len(cands) - 1)]]
-    if not _INTERPRET and _autotune_enabled() and len(cands) > 1:
+    if not _INTERPRET and _autotune_enabled() and len(cands) > 1 and key not in _UNTUNABLE:
         tuner = _tuner(kind, kernel)
-        tuner[lambda meta: (BH, triton.cdiv(T, meta[tile]))](*args, bucket, **_LAUNCH_OPTS, **constexprs)
+        try:
+            tuner[lambda meta: (BH, triton.cdiv(T, meta[tile]))](*args, bucket, **_LAUNCH_OPTS, **constexprs)
+        except _FIT_ERRORS:  # pragma: no cover - GPU only: no candidate fits, try them one by one below
+            _UNTUNABLE.add(key)
+            return _launch(kind, kernel, q, T, BH, D, args, constexprs)
         cfg = _config_tuple(tuner.best_config)
         if _CHOSEN.get(key) != cfg:
             print(f"fused_attention: autotuned {kind} (D={D}, {str(q.dtype)[6:]}, {flags}, T<={bucket}, "
@@ -854,11 +848,8 @@ def _bwd_outputs(q, k, v, k_bias, v_bias):
 
 
 def _score_scale_bias(flags, sm_scale, sig_bias):
-    """Softmax cores work on base-2 logits (scale s log2 e); sigmoid on half logits, for
-    sigmoid(z) = 0.5 tanh(z / 2) + 0.5 (scale s / 2, bias b / 2)."""
-    if flags.SIGMOID:
-        return 0.5 * sm_scale, 0.5 * sig_bias
-    return sm_scale * _LOG2E, 0.0
+    """The kernels work on base-2 logits: scale s log2(e), and sigmoid's bias b log2(e)."""
+    return sm_scale * _LOG2E, (sig_bias * _LOG2E if flags.SIGMOID else 0.0)
 
 
 @torch.library.custom_op("outlier_gpt::attention_fwd", mutates_args=())
@@ -970,11 +961,8 @@ def _s2(t):
 
 
 def _precision(q):
-    """The dtype-dependent constexprs: dot precision, the interpreter's bf16 emulation, and the
-    tanh.approx sigmoid (NVIDIA GPUs, 16-bit inputs; inline PTX cannot run under the interpreter)."""
-    on_nvidia = q.is_cuda and not _INTERPRET and torch.version.hip is None
-    return dict(PREC=_dot_precision(q.dtype), UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
-                FAST_SIGMOID=on_nvidia and q.dtype in (torch.float16, torch.bfloat16))
+    """The dtype-dependent constexprs: dot precision and the interpreter's bf16 emulation."""
+    return dict(PREC=_dot_precision(q.dtype), UPCAST=_INTERPRET and q.dtype == torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------

@@ -31,12 +31,12 @@ FWD_FLAGS = {
     "learned sink": {"LEARNED_SINK": True},
     "context sink": {"CONTEXT_SINK": True},
     "zero sink": {"ZERO_SINK": True},
-    "sigmoid": {"SIGMOID": True, "FAST_SIGMOID": True},
+    "sigmoid": {"SIGMOID": True},
 }
 BWD_FLAGS = {
-    "dkdv": {"softmax": {}, "sigmoid": {"SIGMOID": True, "FAST_SIGMOID": True}},
+    "dkdv": {"softmax": {}, "sigmoid": {"SIGMOID": True}},
     "dq": {"softmax": {}, "sink params": {"SINK_PARAMS": True},
-           "sigmoid": {"SIGMOID": True, "FAST_SIGMOID": True}},
+           "sigmoid": {"SIGMOID": True}},
 }
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
 
@@ -86,7 +86,7 @@ def compile_usage(kernel, flags, cfg, head_dim, dtype, arch):
     import fused_attention as fa
 
     bm, bn, warps, stages = cfg
-    constexprs = dict(SIGMOID=False, FAST_SIGMOID=False, HEAD_D=head_dim, BLOCK_M=bm, BLOCK_N=bn,
+    constexprs = dict(SIGMOID=False, HEAD_D=head_dim, BLOCK_M=bm, BLOCK_N=bn,
                       PREC="tf32", UPCAST=False)
     names = inspect.signature(kernel.fn).parameters
     for name in ("LEARNED_SINK", "CONTEXT_SINK", "ZERO_SINK", "SINK_PARAMS"):
