@@ -266,13 +266,7 @@ def prune_wanda_(model, calib, sparsity=0.5, dtype=None, batch_size=8):
         linears = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
         sumsq = {n: torch.zeros(m.in_features, dtype=torch.float64, device=device) for n, m in linears}
 
-        def make_hook(name):
-            def hook(module, args):
-                x = args[0].float()
-                sumsq[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64)
-            return hook
-
-        handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears]
+        handles = [m.register_forward_pre_hook(_sumsq_hook(sumsq, n)) for n, m in linears]
         try:
             with autocast_context(device, dtype):
                 for x in inps:
@@ -284,6 +278,14 @@ def prune_wanda_(model, calib, sparsity=0.5, dtype=None, batch_size=8):
             m.weight.masked_fill_(wanda_mask(m.weight, sumsq[n].sqrt(), sparsity), 0.0)
         with autocast_context(device, dtype):
             inps = [block(x) for x in inps]
+
+
+def _sumsq_hook(sumsq, name):
+    """A forward pre-hook adding the squared input features of a Linear into sumsq[name] (float64)."""
+    def hook(module, args):
+        x = args[0].float()
+        sumsq[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64)
+    return hook
 
 
 @torch.no_grad()
@@ -298,16 +300,10 @@ def _prune_wanda_forwards_(model, calib, sparsity, dtype, batch_size):
         linears = [(n, m) for n, m in block.named_modules() if is_linear(m)]
         sumsq = {n: torch.zeros(in_features(m), dtype=torch.float64, device=device) for n, m in linears}
 
-        def make_hook(name):
-            def hook(module, args):
-                x = args[0].float()
-                sumsq[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64)
-            return hook
-
         def stop(module, args, output):
             raise _StopForward
 
-        handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears]
+        handles = [m.register_forward_pre_hook(_sumsq_hook(sumsq, n)) for n, m in linears]
         handles.append(block.register_forward_hook(stop))
         try:
             with autocast_context(device, dtype):
