@@ -254,12 +254,7 @@ def prune_wanda_(model, calib, sparsity=0.5, dtype=None, batch_size=8):
 
     handle = blocks[0].register_forward_pre_hook(grab)
     try:
-        with autocast_context(device, dtype):
-            for i in range(0, calib.shape[0], batch_size):
-                try:
-                    model(calib[i:i + batch_size].to(device))
-                except _StopForward:
-                    pass
+        _forwards_until_stopped(model, calib, batch_size, device, dtype)
     finally:
         handle.remove()
     for block in blocks:
@@ -278,6 +273,16 @@ def prune_wanda_(model, calib, sparsity=0.5, dtype=None, batch_size=8):
             m.weight.masked_fill_(wanda_mask(m.weight, sumsq[n].sqrt(), sparsity), 0.0)
         with autocast_context(device, dtype):
             inps = [block(x) for x in inps]
+
+
+def _forwards_until_stopped(model, calib, batch_size, device, dtype):
+    """Forward the calibration windows in batches; a hook raising _StopForward ends each forward early."""
+    with autocast_context(device, dtype):
+        for i in range(0, calib.shape[0], batch_size):
+            try:
+                model(calib[i:i + batch_size].to(device))
+            except _StopForward:
+                pass
 
 
 def _sumsq_hook(sumsq, name):
@@ -306,12 +311,7 @@ def _prune_wanda_forwards_(model, calib, sparsity, dtype, batch_size):
         handles = [m.register_forward_pre_hook(_sumsq_hook(sumsq, n)) for n, m in linears]
         handles.append(block.register_forward_hook(stop))
         try:
-            with autocast_context(device, dtype):
-                for i in range(0, calib.shape[0], batch_size):
-                    try:
-                        model(calib[i:i + batch_size].to(device))
-                    except _StopForward:
-                        pass
+            _forwards_until_stopped(model, calib, batch_size, device, dtype)
         finally:
             for h in handles:
                 h.remove()
