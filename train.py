@@ -41,6 +41,7 @@ whole run; a second training into the same directory stops at once with exit sta
 import contextlib
 import dataclasses
 import difflib
+import gc
 import io
 import json
 import math
@@ -597,6 +598,12 @@ class Trainer:
             if self.ddp and torch.distributed.is_initialized():
                 if self.failing_together:  # the others wait for rank 0's message and run.json: torchrun
                     torch.distributed.barrier()  # kills the remaining ranks as soon as one exits
+                # DDP's reducer holds the process group; freed last by the reducer (at interpreter exit, with
+                # the GIL held), gloo's destructor joins worker threads that wait for the GIL: a hang.
+                # Dropping DDP first leaves the last reference to destroy_process_group, which frees it
+                # without the GIL.
+                self.model = self.fwd_model = None
+                gc.collect()
                 torch.distributed.destroy_process_group()
 
     @contextlib.contextmanager
@@ -913,7 +920,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- training
 
     def loop(self, tokens_per_iter):
-        cfg, model, optimizer, scaler = self.cfg, self.model, self.optimizer, self.scaler
+        # self.model, never a local: a failure's traceback would keep the DDP wrapper alive past teardown
+        cfg, optimizer, scaler = self.cfg, self.optimizer, self.scaler
         self.saved_at = self.iter_num if cfg.init_from == "resume" else None
         last_log_time, last_log_iter = time.time(), self.iter_num
         while True:
@@ -959,10 +967,10 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device)
             for micro in range(self.local_accum):
                 last = micro == self.local_accum - 1
-                sync = contextlib.nullcontext() if (last or not self.ddp) else model.no_sync()
+                sync = contextlib.nullcontext() if (last or not self.ddp) else self.model.no_sync()
                 with sync:
                     with self.autocast:
-                        _, loss = model(X, Y)
+                        _, loss = self.model(X, Y)
                     loss_sum += loss.detach().float()
                     if not last:
                         X, Y = self.train_batches.get(offsets[micro + 1])  # prefetch while the GPU works

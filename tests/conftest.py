@@ -55,3 +55,25 @@ def needs_tokenizer():
         get_tokenizer()
     except UserError as e:
         pytest.skip(f"GPT-2 tokenizer unavailable offline: {e}")
+
+
+# --- two-process training runs ----------------------------------------------------------------------
+def run_torchrun(args, env, timeout=180, nproc=2):
+    """`torchrun --standalone --nproc_per_node=NPROC train.py ARGS` in its own session.
+
+    On timeout the whole process group is killed (torchrun's workers would otherwise outlive it and
+    load the machine for the rest of the suite) and the test fails with the tail of what it printed.
+    """
+    import signal
+    import subprocess
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "train.py", *args]
+    p = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"torchrun did not exit within {timeout} s\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)

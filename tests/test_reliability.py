@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, needs_tokenizer
+from conftest import REPO_ROOT, needs_tokenizer, run_torchrun
 
 import analyze_outliers
 import common
@@ -276,11 +276,9 @@ def train_diverges(tmp_path, capsys, trained, **_):
 @scenario
 def train_diverges_ddp(tmp_path, trained, **_):
     out = str(tmp_path / "run")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                        *TINY, f"--data_dir={trained['data']}", f"--out_dir={out}", "--max_iters=6",
-                        "--gradient_accumulation_steps=2", "--learning_rate=1e30", "--warmup_iters=0"],
-                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = run_torchrun([*TINY, f"--data_dir={trained['data']}", f"--out_dir={out}", "--max_iters=6",
+                      "--gradient_accumulation_steps=2", "--learning_rate=1e30", "--warmup_iters=0"],
+                     env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     # torchrun reports its workers' exit codes (and prints its own traceback): every rank stops with 3
     codes = re.findall(r"^\s+exitcode\s*:\s*(-?\d+)", p.stderr, re.M)
     # every rank decides to stop at the same step; torchrun may SIGTERM (-15) a rank that is still

@@ -24,6 +24,7 @@ if REPO not in sys.path:
 import train  # noqa: E402
 from common import UserError  # noqa: E402
 from attention_variants import VARIANTS  # noqa: E402
+from conftest import run_torchrun  # noqa: E402
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--vocab_size=50304",
         "--gradient_accumulation_steps=2", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2",
@@ -292,9 +293,8 @@ def test_ddp_two_processes_match_single_process(data_dir, tmp_path):
                      "--eval_interval=3", "--eval_iters=3"]
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
     run_train(common + [f"--out_dir={single}"])
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *common, f"--out_dir={ddp}"], cwd=REPO, env=_env(), capture_output=True,
-                       text=True, timeout=300)
+    # FAULTS: ddp_teardown_hang -- gloo's process group freed by DDP at exit hung about 1 run in 8
+    p = run_torchrun([*common, f"--out_dir={ddp}"], env=_env(), timeout=120)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     assert "world size 2, 2 micro-steps" in p.stdout
     # FAULTS: torchrun_setup_lines -- library setup lines (the optimizer's) once, not once per rank
