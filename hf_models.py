@@ -10,7 +10,9 @@ architecture. Capture is by forward hooks and pre-hooks on the model's own modul
     branches     output of the attention output projection and of the down projection: exactly what
                  each block adds to its residual stream (sequential or parallel residual alike)
     attention    the attention module's second output, the probabilities, which transformers returns
-                 under attn_implementation="eager" (GQA heads repeated, sliding windows masked by it)
+                 under eager attention (GQA heads repeated, sliding windows masked by it); for modules
+                 that call transformers' AttentionInterface, a registered attention function runs the
+                 family's own eager attention and also keeps its post-RoPE q, k and its v
     norms        outputs of each block's norms and of the final norm
 
 transformers is imported only when a Hugging Face model is loaded, so the GPT paths do not pay for it.
@@ -21,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -192,18 +196,52 @@ def _capture_record(view, fn):
             a.record, a.recorded = record, recorded
 
 
+RECORD_ATTENTION = "outlier_gpt_record"  # the attention function registered with transformers while recording
+_QKV = "_outlier_gpt_qkv"                 # where it leaves q, k, v on the module for the forward hook
+
+
+def _family_eager(module):
+    """The eager attention function of the module's own modeling file (None if it has none)."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def _record_attention(module, query, key, value, *args, **kwargs):
+    """The family's eager attention, keeping its post-RoPE q and k (GQA heads repeated, as the
+    probabilities) and its v on the module. q is stored times scaling * sqrt(d), so that q.k / sqrt(d) is
+    the logit the model used: OPT scales q before the call and passes scaling=1."""
+    out, probs = _family_eager(module)(module, query, key, value, *args, **kwargs)
+    d = query.shape[-1]
+    scaling = kwargs.get("scaling")
+    q = query.detach() * ((d ** -0.5 if scaling is None else scaling) * math.sqrt(d))
+    k = key.detach().repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, H, T, hs)
+    setattr(module, _QKV, {"q": q, "k": k, "v": value.detach()})
+    return out, probs
+
+
+def _register_record_attention():
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
+    AttentionInterface.register(RECORD_ATTENTION, _record_attention)
+    AttentionMaskInterface.register(RECORD_ATTENTION, eager_mask)  # the masks eager attention gets
+
+
 @contextlib.contextmanager
 def _capture_eager(view, fn):
     hf = view.model.hf
     before = hf.config._attn_implementation
-    if before != "eager":
-        hf.set_attn_implementation("eager")
+    # modules with an output_attentions argument (GPT-2, OPT, Falcon) return probabilities only when asked;
+    # those that do not call transformers' AttentionInterface (Falcon) give no q, k, v
+    asks = ["output_attentions" in inspect.signature(a.forward).parameters for a in view.attn]
+    records_qkv = all(_family_eager(a) is not None for a in view.attn)
+    if records_qkv:
+        _register_record_attention()
+    during = RECORD_ATTENTION if records_qkv else "eager"
+    if before != during:
+        hf.set_attn_implementation(during)
     handles = []
     try:
         for l, a in enumerate(view.attn):
-            if "output_attentions" in inspect.signature(a.forward).parameters:
-                # modules that do not follow transformers' AttentionInterface (Falcon) keep their implementation
-                # and return probabilities only when asked
+            if asks[l]:
                 handles.append(a.register_forward_pre_hook(
                     lambda module, args, kwargs: (args, {**kwargs, "output_attentions": True}), with_kwargs=True))
 
@@ -211,13 +249,15 @@ def _capture_eager(view, fn):
                 probs = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
                 if probs is None:
                     raise RuntimeError(f"layer {l}: the attention module returned no probabilities under eager attention")
-                fn(l, {"probs": probs.detach()})
+                fn(l, {"probs": probs.detach(), **module.__dict__.pop(_QKV, {})})
             handles.append(a.register_forward_hook(hook))
         yield
     finally:
         for h in handles:
             h.remove()
-        if before != "eager":
+        for a in view.attn:
+            a.__dict__.pop(_QKV, None)
+        if before != during:
             hf.set_attn_implementation(before)
 
 

@@ -979,8 +979,8 @@ class OutlierAnalyzer:
             hpos = find_activation_outliers(layer_input, self.tau_act).rows  # (B, T)
         else:
             hpos = self._hout[l - 1].rows
-        # Hugging Face attention returns only the probabilities: the q/k/v statistics (logits, q.k
-        # alignment, value norms) need this repo's recorded q, k, v
+        # the q/k/v statistics (logits, q.k alignment, value norms) need recorded q, k, v: Falcon's
+        # attention gives only the probabilities
         has_qkv = "q" in rec
         if has_qkv:
             q, k = rec["q"].float(), rec["k"].float()

@@ -129,6 +129,11 @@ def test_planted_outliers_found(family, tmp_path):
         assert "gate" in life[0]["mlp_drivers"][0] and "up" in life[0]["mlp_drivers"][0]
     # one normalization entry per norm, all of width C
     assert len(res["normalization"]) == len(view.norms)
+    # the q/k/v statistics, from the recorded q, k, v (Falcon's attention gives probabilities only)
+    att = res["attention"]
+    has_qkv = family != "falcon"
+    assert (att["value_norm"]["first"][0] is not None) == has_qkv
+    assert (att["mean_logit_other_keys"][0] is not None) == has_qkv
 
 
 def reference_cumulative_attention(hf, X):
@@ -149,6 +154,39 @@ def test_attention_probabilities_match_transformers(family, tmp_path):
     assert len(got) == L
     for l in range(L):
         torch.testing.assert_close(got[l], ref[l], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recorded_q_k_v_give_the_models_attention(family, tmp_path):
+    """The recorded post-RoPE q, k (GQA heads repeated, q scaled so that q.k/sqrt(d) is the logit) and v,
+    recomputed here in float64 with the causal (and sliding-window) mask, give transformers' own
+    probabilities and the attention output that reaches the output projection."""
+    model = hf_models.load_hf_causal_lm(build(family, tmp_path), device="cpu")
+    view = hf_models.model_view(model)
+    recs, branch_in = {}, {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, l=l: branch_in.__setitem__(l, args[0].double()))
+               for l, m in enumerate(view.attn_branch)]
+    X = tokens()
+    with outlier_stats.Probe(model, attention_fn=lambda l, rec, x: recs.__setitem__(l, rec)):
+        model(X)
+    for h in handles:
+        h.remove()
+    if family == "falcon":  # its attention does not call transformers' AttentionInterface: probabilities only
+        assert all(set(r) == {"probs"} for r in recs.values())
+        return
+    T = X.shape[1]
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = (j <= i) & (i - j < (getattr(model.hf.config, "sliding_window", None) or T))
+    for l in range(L):
+        q, k, v = (recs[l][n].double() for n in "qkv")
+        assert q.shape == k.shape == (2, NH, T, view.model.config.head_dim)
+        logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        torch.testing.assert_close(probs, recs[l]["probs"].double(), rtol=1e-5, atol=1e-6)
+        out = probs @ v.repeat_interleave(NH // v.shape[1], dim=1)  # (B, H, T, hs)
+        out = out.transpose(1, 2).reshape(2, T, -1)  # (B, T, H * hs)
+        torch.testing.assert_close(out, branch_in[l], rtol=1e-5, atol=1e-5)
+    assert model.hf.config._attn_implementation == "sdpa"  # restored after the probe
 
 
 # ----------------------------------------------------------------------------------------------
