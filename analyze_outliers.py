@@ -144,7 +144,7 @@ def model_and_info(args, path, device):
     info.update(attention=cfg.attention, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                 block_size=cfg.block_size, vocab_size=cfg.vocab_size, bias=cfg.bias,
                 family=getattr(cfg, "model_type", "outlier-gpt"), down_proj=view.down_name, d_ff=view.d_ff,
-                parallel_residual=view.family.parallel)
+                parallel_residual=view.parallel)
     return model, info
 
 

@@ -49,7 +49,7 @@ class Family:
     gate: str | None         # SwiGLU gate projection
     norms: tuple             # per-block norms, in block order
     final_norm: str
-    parallel: bool = False   # attention and MLP read the same block input
+    parallel: object = False  # attention and MLP read the same block input: a bool, or a function of the config
     fused_gate_up: bool = False
     capture: str = "eager"   # how attention probabilities are obtained: 'eager' or 'record' (this repo's GPT)
 
@@ -75,11 +75,12 @@ FAMILIES = {
     "falcon": Family(blocks="transformer.h", attn="self_attention", attn_branch="self_attention.dense",
                      mlp_branch="mlp.dense_4h_to_h", down="mlp.dense_4h_to_h", up="mlp.dense_h_to_4h", gate=None,
                      norms=("input_layernorm", "post_attention_layernorm", "ln_attn", "ln_mlp"),
-                     final_norm="transformer.ln_f", parallel=True),
+                     final_norm="transformer.ln_f",
+                     parallel=lambda cfg: bool(cfg.new_decoder_architecture or cfg.parallel_attn)),
     "gpt_neox": Family(blocks="gpt_neox.layers", attn="attention", attn_branch="attention.dense",
                        mlp_branch="mlp.dense_4h_to_h", down="mlp.dense_4h_to_h", up="mlp.dense_h_to_4h", gate=None,
                        norms=("input_layernorm", "post_attention_layernorm"), final_norm="gpt_neox.final_layer_norm",
-                       parallel=True),
+                       parallel=lambda cfg: bool(cfg.use_parallel_residual)),
     "gpt2": Family(blocks="transformer.h", attn="attn", attn_branch="attn.c_proj", mlp_branch="mlp.c_proj",
                    down="mlp.c_proj", up="mlp.c_fc", gate=None, norms=("ln_1", "ln_2"), final_norm="transformer.ln_f"),
 }
@@ -151,6 +152,7 @@ class ModelView:
         if final is not None:
             self.norms.append((family.final_norm.rsplit(".", 1)[-1], final))
         self.d_ff = weight_of(self.down[0]).shape[1]
+        self.parallel = bool(family.parallel(root.config) if callable(family.parallel) else family.parallel)
 
     def weight_names(self, gpt_names=None):
         """Relative names of the Linear (or Conv1D) modules of a block, in module order."""

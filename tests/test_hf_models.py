@@ -136,6 +136,37 @@ def test_planted_outliers_found(family, tmp_path):
     assert (att["mean_logit_other_keys"][0] is not None) == has_qkv
 
 
+@pytest.mark.parametrize("family, overrides, parallel", [
+    ("gpt_neox", {}, True), ("gpt_neox", {"use_parallel_residual": False}, False),
+    ("falcon", {}, True), ("falcon", {"parallel_attn": False}, False),
+    ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}, True),
+    ("phi", {}, True), ("llama", {}, False), ("opt", {}, False)])
+def test_parallel_residual_follows_the_config(family, overrides, parallel):
+    cfg = CONFIGS[family]()
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    model = hf_models.HFCausalLM(transformers.AutoModelForCausalLM.from_config(cfg).eval(), "test")
+    view = hf_models.model_view(model)
+    assert view.parallel is parallel
+    # the definition: in a parallel block the MLP reads the block input, so silencing the attention branch
+    # leaves layer 0's MLP output unchanged; in a sequential block the MLP reads input + attention
+    X = tokens()
+
+    def mlp_output(silence_attention):
+        got = []
+        hooks = [view.mlp_branch[0].register_forward_hook(lambda m, a, o: got.append(o.clone()))]
+        if silence_attention:
+            hooks.append(view.attn_branch[0].register_forward_hook(lambda m, a, o: torch.zeros_like(o)))
+        with torch.no_grad():
+            model(X)
+        for h in hooks:
+            h.remove()
+        return got[0]
+
+    unchanged = torch.equal(mlp_output(False), mlp_output(True))
+    assert unchanged is parallel
+
+
 def reference_cumulative_attention(hf, X):
     out = hf(input_ids=X, output_attentions=True, use_cache=False)
     return [a.double().sum(-2) for a in out.attentions]  # (B, H, T) per layer
