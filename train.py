@@ -51,6 +51,7 @@ import secrets
 import signal
 import sys
 import time
+import traceback
 import types
 import typing
 from dataclasses import dataclass
@@ -602,6 +603,8 @@ class Trainer:
                 # the GIL held), gloo's destructor joins worker threads that wait for the GIL: a hang.
                 # Dropping DDP first leaves the last reference to destroy_process_group, which frees it
                 # without the GIL.
+                # a failure's traceback (an interrupt inside DDP's forward, a no_sync context) holds DDP too
+                traceback.clear_frames(sys.exc_info()[2])
                 self.model = self.fwd_model = None
                 gc.collect()
                 torch.distributed.destroy_process_group()

@@ -61,8 +61,9 @@ def needs_tokenizer():
 def run_torchrun(args, env, timeout=180, nproc=2):
     """`torchrun --standalone --nproc_per_node=NPROC train.py ARGS` in its own session.
 
-    On timeout the whole process group is killed (torchrun's workers would otherwise outlive it and
-    load the machine for the rest of the suite) and the test fails with the tail of what it printed.
+    On timeout torchrun gets SIGTERM, which it passes on to its workers (each in a session of its own,
+    out of reach of a kill of torchrun's group), killing them after its shutdown timeout; the test then
+    fails with the tail of what was printed. Workers left running would load the rest of the suite.
     """
     import signal
     import subprocess
@@ -73,7 +74,11 @@ def run_torchrun(args, env, timeout=180, nproc=2):
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
+        p.terminate()
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = "", "(torchrun did not stop within 60 s of SIGTERM; killed it)"
         pytest.fail(f"torchrun did not exit within {timeout} s\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)

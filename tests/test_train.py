@@ -91,7 +91,7 @@ def numbers(records):
     (["config/does_not_exist.py"], "config file config/does_not_exist.py does not exist"),
 ])
 def test_config_errors_are_one_line_exit_2(args, expect):
-    p = run_train(args, check=False, timeout=120)
+    p = run_train(args, check=False, timeout=180)
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
@@ -273,7 +273,7 @@ def test_sigterm_checkpoints_and_resumes_exactly(data_dir, tmp_path):
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 0, stderr[-2000:]
     assert "received SIGTERM" in stderr and "stopped at iter" in stdout and "--init_from=resume" in stdout
     from checkpoint import load_checkpoint
@@ -294,7 +294,7 @@ def test_ddp_two_processes_match_single_process(data_dir, tmp_path):
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
     run_train(common + [f"--out_dir={single}"])
     # FAULTS: ddp_teardown_hang -- gloo's process group freed by DDP at exit hung about 1 run in 8
-    p = run_torchrun([*common, f"--out_dir={ddp}"], env=_env(), timeout=120)
+    p = run_torchrun([*common, f"--out_dir={ddp}"], env=_env(), timeout=180)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     assert "world size 2, 2 micro-steps" in p.stdout
     # FAULTS: torchrun_setup_lines -- library setup lines (the optimizer's) once, not once per rank
