@@ -2,10 +2,17 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Installing torch first, pinned, keeps pip from pulling a different build (several GB of CUDA
-# packages) for the `torch>=2.4` in requirements.txt. Override for your platform, e.g.
+# torch and triton first, pinned: that keeps pip from pulling a different torch build (several GB of CUDA
+# packages) for the `torch>=2.4` in requirements.txt, and fixes the triton whose interpreter the kernel
+# tests run in. On a CUDA machine pin torch alone and let it choose its triton, e.g.
 #   make TORCH_SPEC="torch==2.11.0" demo
-TORCH_SPEC ?= torch==2.13.0
+TORCH_SPEC ?= torch==2.13.0 triton==3.9.0
+# requirements.lock pins every other package `make install` installs, transitive ones included, to the
+# versions CI tested, so a fresh clone installs exactly those. LOCK=0 installs the newest releases
+# requirements.txt allows (`make test-latest` does so in .venv-latest); `make lock` rewrites the lock
+# from such an install once the suite passes on it.
+LOCK ?= 1
+CONSTRAINTS := $(if $(filter 1,$(LOCK)),-c requirements.lock,--upgrade --upgrade-strategy eager)
 
 # tiktoken downloads the GPT-2 BPE on first use; machines without network can use a cache
 ifneq ($(wildcard ../shared/tiktoken_cache),)
@@ -16,18 +23,36 @@ export PYTHONUNBUFFERED := 1
 
 DEMO_OUT := out/demo
 
-.PHONY: install test demo reproduce-tiny gpu-check clean
+.PHONY: install test test-latest lock demo reproduce-tiny gpu-check clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-test.txt
+# .installed records how the venv was installed (tests/test_lock.py reads it)
+$(VENV)/.installed: requirements.txt requirements-test.txt $(wildcard requirements.lock)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
-	touch $@
+	$(PY) -m pip install -q $(TORCH_SPEC) $(CONSTRAINTS)
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt $(CONSTRAINTS)
+	echo "lock=$(LOCK)" > $@
 
 test: install
 	$(PY) -m pytest -q --durations=15 tests
+
+# The suite on the newest releases requirements.txt allows, in .venv-latest: catches upstream changes
+# before they reach a fresh clone's CI.
+test-latest:
+	rm -f .venv-latest/.installed
+	$(MAKE) test VENV=.venv-latest LOCK=0
+
+# Regenerate requirements.lock: a fresh venv with the newest allowed releases, the suite run on it, then
+# its `pip freeze` (less torch, triton and the CUDA-only packages) written over the lock.
+lock:
+	rm -rf .venv-lock
+	$(MAKE) test VENV=.venv-lock LOCK=0
+	{ echo "# written by make lock on $$(date -u +%F) (Python $$(.venv-lock/bin/python -c 'import platform; print(platform.python_version())'), $(TORCH_SPEC)); do not edit"; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-[^=]*|cuda-[^=]*)==' \
+		| sort -f; } > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock
+	@echo "requirements.lock: $$(wc -l < requirements.lock) pins; commit it"
 
 # The main job end to end on a small built-in corpus (Python standard-library source; no download):
 # prepare tokens, train config/tiny.py (and a shorter attention_bias run for the comparison), analyse the
@@ -61,4 +86,4 @@ gpu-check:
 	$(GPU_PY) benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_OUT)_attention_bias out/reproduce_tiny .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock $(DEMO_OUT) $(DEMO_OUT)_attention_bias out/reproduce_tiny .pytest_cache

@@ -16,6 +16,7 @@ directory beside DIR renamed at the end; nothing is left behind on error).
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -72,6 +73,10 @@ def parse_args(argv):
     p.add_argument("--surface_layer", type=int, default=None, help="layer of the 3-D magnitude plot (default: largest top-1)")
     p.add_argument("--max_list", type=int, default=100, help="outliers kept in each list of outliers.json (largest first; totals are counted)")
     p.add_argument("--out", help="output directory (default: beside the checkpoint, or out/outliers_<name>)")
+    p.add_argument("--attention_capture", choices=["auto", "eager"], default="auto",
+                   help="Hugging Face models: 'auto' records q, k, v through transformers' AttentionInterface in the "
+                        "layers whose attention calls it (observed during the forward; value norms, logits, q/k "
+                        "alignment) and reports the others' probabilities only; 'eager': probabilities only")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     for name in ("tau_activation", "tau_weight", "tau_attention"):
@@ -186,7 +191,9 @@ def load_sequences(args, block_size, encode=None):
     return seqs, info
 
 
-def make_token_info():
+@functools.lru_cache(maxsize=None)
+def gpt2_token_info():
+    """Token strings through GPT-2 BPE (this repo's GPT); loaded once, and only for models that use it."""
     import outlier_stats
     try:
         from tokenizer import get_tokenizer
@@ -200,13 +207,15 @@ def make_token_info():
     return outlier_stats.TokenInfo(decode_one)
 
 
-def model_tokenization(model, args, token_info):
-    """(token info, encode) from a Hugging Face model's own tokenizer; this repo's GPT keeps GPT-2 BPE."""
+def model_tokenization(model, args):
+    """(token info, encode): a Hugging Face model's own tokenizer, or GPT-2 BPE for this repo's GPT (encode
+    None: load_sequences then uses tokenizer.py)."""
     import outlier_stats
-    from hf_models import tokenization
+    from hf_models import HFCausalLM, tokenization
+    if not isinstance(model, HFCausalLM):
+        return gpt2_token_info(), None
     encode, decode_one = tokenization(model, required=args.data is None)
-    return (token_info if decode_one is None and encode is None and not hasattr(model, "hf")
-            else outlier_stats.TokenInfo(decode_one)), encode
+    return outlier_stats.TokenInfo(decode_one), encode
 
 
 def batches(seqs, batch_size, device):
@@ -235,7 +244,7 @@ def analyse(args, model, seqs, device, dtype, token_info):
         model, tau_act=args.tau_activation, tau_weight=args.tau_weight, tau_attn=args.tau_attention,
         tau_channel=args.tau_channel, max_list=args.max_list, token_info=token_info, seq_len=seqs.shape[1] - 1,
         weight_rule=args.weight_rule, weight_share=args.weight_share, attention_rule=args.attention_rule,
-        attention_share=args.attention_share)
+        attention_share=args.attention_share, record_qkv=args.attention_capture == "auto")
     t0 = time.time()
     with progress(len(seqs), args.no_progress, "analysing") as bar:
         for X, _ in batches(seqs, bs, device):
@@ -780,6 +789,12 @@ def write_report(out_dir, doc):
     if "gate" in att:
         lines += [f"Gate: {att.get('gate_meaning', 'the variant output gate')}; shown at position 0, at tokens "
                   "that carry activation outliers in the layer input, and at the other tokens (mean over heads).", ""]
+    qkv = att.get("qkv")
+    if qkv and qkv["missing"]:
+        recorded = qkv["recorded_layers"]
+        lines += [f"q/k/v statistics (|v|, q.k, q/k alignment) are given for {len(recorded)} of {L} layers"
+                  + (f" ({_ranges(recorded)})" if recorded else "") + "; "
+                  + "; ".join(f"layers {_ranges(m['layers'])}: {m['reason']}" for m in qkv["missing"]) + ".", ""]
     if att["qk_alignment"]:
         top = sorted(att["qk_alignment"], key=lambda r: -r["n_keys"])[:6]
         lines += ["q/k alignment at attention-outlier keys: mean logit q.k/sqrt(d) they receive, and the dimensions "
@@ -940,14 +955,14 @@ def fig_loss_curves(out_dir, runs, name="compare_loss.png"):
     return _save(fig, out_dir, name)
 
 
-def run_compare(args, device, dtype, token_info):
+def run_compare(args, device, dtype):
     import torch
     import outlier_stats
     runs = []
     seqs, data_info = None, None
     for path in args.compare:
         model, info = model_and_info(args, path, device)
-        token_info, encode = model_tokenization(model, args, token_info)
+        token_info, encode = model_tokenization(model, args)
         if seqs is None:  # text: the first model's tokenizer; check_vocab refuses ids another model lacks
             seqs, data_info = load_sequences(args, model.config.block_size, encode)
         check_vocab(seqs, model.config.vocab_size, data_info["source"])
@@ -1020,12 +1035,11 @@ def main(argv=None):
     device = args.device_resolved = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
-    token_info = make_token_info()
     if args.compare:
-        return run_compare(args, device, dtype, token_info)
+        return run_compare(args, device, dtype)
     t_load = time.time()
     model, model_info = model_and_info(args, args.ckpt, device)
-    token_info, encode = model_tokenization(model, args, token_info)
+    token_info, encode = model_tokenization(model, args)
     if args.surface_layer is not None and not 0 <= args.surface_layer < model.config.n_layer:
         raise UserError(f"--surface_layer {args.surface_layer} is outside 0..{model.config.n_layer - 1}")
     seqs, data_info = load_sequences(args, model.config.block_size, encode)

@@ -172,14 +172,16 @@ class ModelView:
         return w, (weight_of(self.gate[l]).detach() if self.gate else None)
 
     @contextlib.contextmanager
-    def attention_capture(self, fn):
-        """Calls fn(l, {'probs': (B, H, T, T), ...}) after each attention layer, through the family's capture."""
-        with CAPTURES[self.family.capture](self, fn):
+    def attention_capture(self, fn, record_qkv=True):
+        """Calls fn(l, {'probs': (B, H, T, T), ...}) after each attention layer, through the family's capture.
+        Hugging Face models add their post-RoPE 'q', 'k' and 'v' where the attention ran the registered
+        recording function, else a 'qkv_missing' reason; record_qkv=False asks for probabilities only."""
+        with CAPTURES[self.family.capture](self, fn, record_qkv):
             yield
 
 
 @contextlib.contextmanager
-def _capture_record(view, fn):
+def _capture_record(view, fn, record_qkv=True):  # this repo's GPT always records its q, k, v
     saved = [(a.record, a.recorded) for a in view.attn]
     handles = []
     try:
@@ -200,6 +202,14 @@ def _capture_record(view, fn):
 
 RECORD_ATTENTION = "outlier_gpt_record"  # the attention function registered with transformers while recording
 _QKV = "_outlier_gpt_qkv"                 # where it leaves q, k, v on the module for the forward hook
+# why a layer's record holds no q, k, v (the "qkv_missing" entry the analysis reports)
+QKV_NOT_CALLED = ("the attention module did not call the registered attention function during the forward "
+                  "(transformers' AttentionInterface); probabilities only, from eager attention")
+QKV_NOT_REGISTERED = ("the model's attention modules have no eager attention function to record through, or "
+                      "transformers refused to switch to it; probabilities only, from eager attention")
+QKV_OFF = "q/k/v recording switched off (--attention_capture eager); probabilities only"
+QKV_ADDITIVE_MASK = ("the attention mask adds a bias to q.k (ALiBi): the logits are not q.k/sqrt(d); "
+                     "probabilities only")
 
 
 def _family_eager(module):
@@ -207,11 +217,23 @@ def _family_eager(module):
     return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
 
-def _record_attention(module, query, key, value, *args, **kwargs):
+def _is_pure_mask(mask):
+    """Whether an attention mask only hides keys (boolean, or 0 / a very negative number), so that the
+    logits the model used are q.k times its scaling; an additive bias (ALiBi) is not."""
+    if mask is None or mask.dtype == torch.bool:
+        return True
+    hidden = mask <= torch.finfo(mask.dtype).min / 2
+    return bool((mask.masked_fill(hidden, 0) == 0).all())
+
+
+def _record_attention(module, query, key, value, attention_mask=None, *args, **kwargs):
     """The family's eager attention, keeping its post-RoPE q and k (GQA heads repeated, as the
     probabilities) and its v on the module. q is stored times scaling * sqrt(d), so that q.k / sqrt(d) is
     the logit the model used: OPT scales q before the call and passes scaling=1."""
-    out, probs = _family_eager(module)(module, query, key, value, *args, **kwargs)
+    out, probs = _family_eager(module)(module, query, key, value, attention_mask, *args, **kwargs)
+    if not _is_pure_mask(attention_mask):
+        setattr(module, _QKV, {"qkv_missing": QKV_ADDITIVE_MASK})
+        return out, probs
     d = query.shape[-1]
     scaling = kwargs.get("scaling")
     q = query.detach() * ((d ** -0.5 if scaling is None else scaling) * math.sqrt(d))
@@ -220,26 +242,38 @@ def _record_attention(module, query, key, value, *args, **kwargs):
     return out, probs
 
 
-def _register_record_attention():
+def _use_record_attention(hf, attn_modules):
+    """Registers the recording attention function and switches the model to it; False (and the model
+    left as it was) when a module has no eager function to run or transformers refuses the switch."""
+    if not all(_family_eager(a) is not None for a in attn_modules):
+        return False
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import eager_mask
     AttentionInterface.register(RECORD_ATTENTION, _record_attention)
     AttentionMaskInterface.register(RECORD_ATTENTION, eager_mask)  # the masks eager attention gets
+    try:
+        hf.set_attn_implementation(RECORD_ATTENTION)
+    except (ValueError, ImportError, NotImplementedError):
+        return False
+    return True
 
 
 @contextlib.contextmanager
-def _capture_eager(view, fn):
+def _capture_eager(view, fn, record_qkv=True):
+    """Whether the recording function runs is observed per layer and per forward, not assumed per
+    family: a layer whose attention did not call it reports its probabilities with a `qkv_missing`
+    reason in place of q, k, v."""
     hf = view.model.hf
     before = hf.config._attn_implementation
-    # modules with an output_attentions argument (GPT-2, OPT, Falcon) return probabilities only when asked;
-    # those that do not call transformers' AttentionInterface (Falcon) give no q, k, v
+    # modules with an output_attentions argument (GPT-2, OPT, Falcon) return probabilities only when asked
     asks = ["output_attentions" in inspect.signature(a.forward).parameters for a in view.attn]
-    records_qkv = all(_family_eager(a) is not None for a in view.attn)
-    if records_qkv:
-        _register_record_attention()
-    during = RECORD_ATTENTION if records_qkv else "eager"
-    if before != during:
-        hf.set_attn_implementation(during)
+    recording = record_qkv and _use_record_attention(hf, view.attn)
+    if not recording and record_qkv:
+        missing = QKV_NOT_REGISTERED
+    else:
+        missing = QKV_NOT_CALLED if recording else QKV_OFF
+    if not recording:
+        hf.set_attn_implementation("eager")
     handles = []
     try:
         for l, a in enumerate(view.attn):
@@ -250,8 +284,11 @@ def _capture_eager(view, fn):
             def hook(module, inputs, output, l=l):
                 probs = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
                 if probs is None:
-                    raise RuntimeError(f"layer {l}: the attention module returned no probabilities under eager attention")
-                fn(l, {"probs": probs.detach(), **module.__dict__.pop(_QKV, {})})
+                    raise UserError(f"layer {l}: the attention module returned no probabilities (under "
+                                    f"{hf.config._attn_implementation!r} attention); analyse this model with "
+                                    f"--attention_capture eager")
+                qkv = module.__dict__.pop(_QKV, None) or {"qkv_missing": missing}
+                fn(l, {"probs": probs.detach(), **qkv})
             handles.append(a.register_forward_hook(hook))
         yield
     finally:
@@ -259,7 +296,7 @@ def _capture_eager(view, fn):
             h.remove()
         for a in view.attn:
             a.__dict__.pop(_QKV, None)
-        if before != during:
+        if hf.config._attn_implementation != before:
             hf.set_attn_implementation(before)
 
 

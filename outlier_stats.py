@@ -300,14 +300,16 @@ class Probe:
     `xdown[l]` the input of the MLP down projection, `up[l]` / `gate[l]` the SwiGLU up and gate
     projection outputs (where the family has a gate), `norm_out[i]` the outputs of `view.norms` (each
     block's norms, then the final norm), as requested. With `attention_fn`, calls
-    attention_fn(l, recorded, layer_input) right after each attention layer (recorded: 'probs', and for
-    this repo's GPT 'q', 'k', 'v' and the variant's records), so that only one layer's attention matrix
-    lives at a time. With `block_fn`, calls block_fn(l, h_l) as soon as block l has run (before the
+    attention_fn(l, recorded, layer_input) right after each attention layer (recorded: 'probs'; 'q', 'k',
+    'v' where they were recorded, else a 'qkv_missing' reason (hf_models); the variant's records for this
+    repo's GPT), so that only one layer's attention matrix lives at a time. `record_qkv=False` asks a
+    Hugging Face model for its probabilities only. With `block_fn`, calls block_fn(l, h_l) as soon as block l has run (before the
     next layer's attention). On exit removes every hook and restores the record flags and attention
     implementation; it never changes train/eval mode.
     """
 
-    def __init__(self, model, *, attention_fn=None, block_fn=None, branches=False, down_input=False, norms=False):
+    def __init__(self, model, *, attention_fn=None, block_fn=None, branches=False, down_input=False, norms=False,
+                 record_qkv=True):
         from hf_models import model_view
         self.model = model
         self.view = model_view(model)
@@ -315,6 +317,7 @@ class Probe:
         self.blocks = self.view.blocks
         self.L = len(self.blocks)
         self.attention_fn = attention_fn
+        self.record_qkv = record_qkv
         self.branches, self.down_input, self.norms = branches, down_input, norms
         self._handles = []
         self._stack = None
@@ -378,7 +381,7 @@ class Probe:
                 reg(module.register_forward_hook(store(self.norm_out, i)))
         if self.attention_fn is not None:
             self._stack.enter_context(view.attention_capture(
-                lambda l, recorded: self.attention_fn(l, recorded, self.layer_input(l))))
+                lambda l, recorded: self.attention_fn(l, recorded, self.layer_input(l)), self.record_qkv))
 
     def _tokens_first(self, x):
         """(B, T, ...) view of a tensor that the model flattened to (B*T, features) (OPT's MLP)."""
@@ -871,7 +874,7 @@ class OutlierAnalyzer:
     def __init__(self, model, *, tau_act=1000.0, tau_weight=1000.0, tau_attn=1000.0, tau_channel=10.0,
                  max_list=100, token_info=None, seq_len=1024, full=True, surface_tokens=64,
                  weight_rule="column", weight_share=WEIGHT_SHARE, attention_rule="authors",
-                 attention_share=ATTENTION_SHARE):
+                 attention_share=ATTENTION_SHARE, record_qkv=True):
         cfg = model.config
         self.model = model
         from hf_models import model_view
@@ -883,6 +886,7 @@ class OutlierAnalyzer:
         self.weight_rule, self.weight_share = weight_rule, weight_share
         self.attn_rule, self.attn_share = attention_rule, attention_share
         self.full = full
+        self.record_qkv = record_qkv
         self.token_info = token_info or TokenInfo()
         self.T = seq_len
         self.surface_tokens = surface_tokens
@@ -926,6 +930,8 @@ class OutlierAnalyzer:
         self.logit = np.zeros((L, 2, 2))  # mean q.k/sqrt(d) at attention-outlier keys vs other keys
         self.qk_sum = np.zeros((L, H, hs))
         self.qk_n = np.zeros((L, H), dtype=np.int64)
+        self.qkv_seqs = np.zeros(L, dtype=np.int64)  # sequences whose q, k, v were recorded, per layer
+        self.qkv_missing = {}  # why not: reason -> layers
         # consistency
         self.cons_attn = [0.0, 0, 0.0, 0]  # A-in-K sum, count, K-in-A sum, count
         self.cons_attn_layer = [[0.0, 0, 0.0, 0] for _ in range(L)]
@@ -943,7 +949,7 @@ class OutlierAnalyzer:
         if not self.full:
             return Probe(self.model, block_fn=self._block)
         return Probe(self.model, attention_fn=self._attention, block_fn=self._block, branches=True,
-                     down_input=True, norms=True)
+                     down_input=True, norms=True, record_qkv=self.record_qkv)
 
     def _block(self, l, h):
         tokens, cats, seq0 = self._batch
@@ -979,9 +985,13 @@ class OutlierAnalyzer:
             hpos = find_activation_outliers(layer_input, self.tau_act).rows  # (B, T)
         else:
             hpos = self._hout[l - 1].rows
-        # the q/k/v statistics (logits, q.k alignment, value norms) need recorded q, k, v: Falcon's
-        # attention gives only the probabilities
+        # the q/k/v statistics (logits, q.k alignment, value norms) need recorded q, k, v: whether a Hugging
+        # Face model's attention gave them is observed per forward (hf_models)
         has_qkv = "q" in rec
+        if has_qkv:
+            self.qkv_seqs[l] += B
+        else:
+            self.qkv_missing.setdefault(rec.get("qkv_missing", "not recorded"), set()).add(l)
         if has_qkv:
             q, k = rec["q"].float(), rec["k"].float()
             cs = q.cumsum(2)
@@ -1134,6 +1144,7 @@ class OutlierAnalyzer:
             "mean_logit_other_keys": _ratio_list(self.logit[:, 1]),
             "value_norm": {g: _ratio_list(self.vnorm[:, i]) for i, g in enumerate(("first", "h_outlier", "other"))},
             "qk_alignment": self._qk_alignment(),
+            "qkv": self._qkv_source(),
             "rule": self.attn_rule,
             "threshold": (self.att_thr / n).tolist(),
             "mean_outlier_count": self.avg_count.tolist(),
@@ -1156,6 +1167,12 @@ class OutlierAnalyzer:
         out["lifecycle"] = self.lifecycle.result(ti)
         out["normalization"] = self._normalization()
         return out
+
+    def _qkv_source(self):
+        """Which layers' q, k, v were recorded (their value norms, logits and q/k alignment are reported),
+        and why the others were not."""
+        return {"recorded_layers": [l for l in range(self.L) if 0 < self.qkv_seqs[l] == self.att_n[l]],
+                "missing": [{"reason": reason, "layers": sorted(layers)} for reason, layers in self.qkv_missing.items()]}
 
     def _qk_alignment(self):
         """Per (layer, head) with attention-outlier keys: the mean logit q.k/sqrt(d) they receive and the

@@ -129,11 +129,111 @@ def test_planted_outliers_found(family, tmp_path):
         assert "gate" in life[0]["mlp_drivers"][0] and "up" in life[0]["mlp_drivers"][0]
     # one normalization entry per norm, all of width C
     assert len(res["normalization"]) == len(view.norms)
-    # the q/k/v statistics, from the recorded q, k, v (Falcon's attention gives probabilities only)
+    # the q/k/v statistics exist exactly where the installed transformers' attention calls the interface
     att = res["attention"]
-    has_qkv = family != "falcon"
+    has_qkv = calls_attention_interface(model.hf, X)
     assert (att["value_norm"]["first"][0] is not None) == has_qkv
     assert (att["mean_logit_other_keys"][0] is not None) == has_qkv
+    assert bool(att["qk_alignment"]) == has_qkv
+    assert att["qkv"]["recorded_layers"] == (list(range(L)) if has_qkv else [])
+    assert bool(att["qkv"]["missing"]) != has_qkv
+
+
+def calls_attention_interface(hf, X):
+    """Whether every attention layer of `hf` calls transformers' AttentionInterface, observed here with a
+    counting function registered under a name of this test's own (independent of hf_models' recorder)."""
+    import sys
+    calls = []
+
+    def spy(module, *args, **kwargs):
+        calls.append(module)
+        return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
+    try:
+        transformers.AttentionInterface.register("test_spy", spy)
+        transformers.AttentionMaskInterface.register("test_spy", transformers.masking_utils.eager_mask)
+        before = hf.config._attn_implementation
+        hf.set_attn_implementation("test_spy")
+    except Exception:  # transformers refuses the name, or the module file has no eager function
+        return False
+    try:
+        with torch.no_grad():
+            hf(input_ids=X, use_cache=False)
+    except AttributeError:
+        return False
+    finally:
+        hf.set_attn_implementation(before)
+    return len(calls) == hf.config.num_hidden_layers
+
+
+def test_falcon_records_q_k_v_under_current_transformers(tmp_path):
+    """transformers 5.25 routes Falcon's attention through the AttentionInterface: its q/k/v statistics
+    are reported (5.23 and earlier did not; the per-family test covers either)."""
+    from packaging.version import Version
+    if Version(transformers.__version__) < Version("5.25"):
+        pytest.skip(f"transformers {transformers.__version__} predates Falcon's AttentionInterface path")
+    model = hf_models.load_hf_causal_lm(build("falcon", tmp_path), device="cpu")
+    an = outlier_stats.OutlierAnalyzer(model, tau_act=TAU, seq_len=32)
+    an.run_batch(tokens())
+    att = an.result()["attention"]
+    assert att["qkv"] == {"recorded_layers": list(range(L)), "missing": []}
+    assert all(v is not None for v in att["value_norm"]["first"] + att["mean_logit_other_keys"])
+
+
+def test_alibi_bias_gives_probabilities_only():
+    """Falcon with ALiBi adds its position bias through the mask: q.k/sqrt(d) is not the logit the model
+    used, so the logit statistics are withheld (with the reason) while the probabilities stay exact."""
+    cfg = CONFIGS["falcon"]()
+    cfg.alibi = True
+    model = hf_models.HFCausalLM(transformers.AutoModelForCausalLM.from_config(cfg).eval(), "test")
+    got, X = {}, tokens()
+    with outlier_stats.Probe(model, attention_fn=lambda l, rec, x: got.__setitem__(l, rec)):
+        model(X)
+    assert all(rec.get("qkv_missing") == hf_models.QKV_ADDITIVE_MASK and "q" not in rec for rec in got.values())
+    model.hf.set_attn_implementation("eager")
+    ref = reference_cumulative_attention(model.hf, X)
+    for l in range(L):
+        torch.testing.assert_close(got[l]["probs"].double().sum(-2), ref[l], rtol=1e-6, atol=1e-6)
+
+
+def ignore_recorder(monkeypatch):
+    """Simulates attention modules that never call the recording function: whatever hf_models registers
+    under its name, transformers gets the module file's plain eager attention instead."""
+    import sys
+    register = transformers.AttentionInterface.register
+
+    def plain_eager(module, *args, **kwargs):
+        return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
+
+    def register_plain(key, fn):
+        return register(key, plain_eager if key == hf_models.RECORD_ATTENTION else fn)
+    monkeypatch.setattr(transformers.AttentionInterface, "register", register_plain)
+
+
+@pytest.mark.parametrize("how", ["switched_off", "not_called"])
+def test_probabilities_only_fallback(how, tmp_path, monkeypatch):
+    """Forcing the interface off (record_qkv=False), or attention that does not call the recorder, leaves
+    the probabilities-only path: probabilities exact, q/k/v statistics absent, and the reason reported."""
+    model = hf_models.load_hf_causal_lm(build("llama", tmp_path), device="cpu")
+    if how == "not_called":
+        ignore_recorder(monkeypatch)
+    X = tokens()
+    an = outlier_stats.OutlierAnalyzer(model, tau_act=TAU, seq_len=32, record_qkv=how != "switched_off")
+    got = {}
+    with outlier_stats.Probe(model, record_qkv=how != "switched_off",
+                             attention_fn=lambda l, rec, x: got.__setitem__(l, rec)):
+        model(X)
+    reason = hf_models.QKV_OFF if how == "switched_off" else hf_models.QKV_NOT_CALLED
+    assert all(set(rec) == {"probs", "qkv_missing"} and rec["qkv_missing"] == reason for rec in got.values())
+    model.hf.set_attn_implementation("eager")
+    ref = reference_cumulative_attention(model.hf, X)
+    model.hf.set_attn_implementation("sdpa")
+    for l in range(L):
+        torch.testing.assert_close(got[l]["probs"].double().sum(-2), ref[l], rtol=1e-6, atol=1e-6)
+    an.run_batch(X)
+    att = an.result()["attention"]
+    assert att["qkv"] == {"recorded_layers": [], "missing": [{"reason": reason, "layers": list(range(L))}]}
+    assert att["value_norm"]["first"] == [None] * L and att["qk_alignment"] == []
+    assert model.hf.config._attn_implementation == "sdpa"  # restored
 
 
 @pytest.mark.parametrize("family, overrides, parallel", [
@@ -202,8 +302,8 @@ def test_recorded_q_k_v_give_the_models_attention(family, tmp_path):
         model(X)
     for h in handles:
         h.remove()
-    if family == "falcon":  # its attention does not call transformers' AttentionInterface: probabilities only
-        assert all(set(r) == {"probs"} for r in recs.values())
+    if not calls_attention_interface(model.hf, X):  # this transformers' attention bypasses the interface
+        assert all(set(r) == {"probs", "qkv_missing"} for r in recs.values())
         return
     T = X.shape[1]
     i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
@@ -305,6 +405,34 @@ def test_command_lines(family, tmp_path):
                                "--methods=fp,w8,sparse50,w8a8,wanda", f"--out={out}", "--no_progress"]) == 0
     row = json.loads((out / "results.json").read_text())[0]
     assert all(math.isfinite(v) for v in row["ppl"].values()) and len(row["ppl"]) == 5
+
+
+def test_forced_probabilities_only_is_reported_and_no_gpt2_tokenizer_is_loaded(tmp_path, monkeypatch, capsys):
+    """--attention_capture eager: report.md and outliers.json say why the q/k/v statistics are missing. A
+    non-GPT-2 model never loads the GPT-2 tokenizer (no misleading warning when it is unavailable)."""
+    import analyze_outliers
+    import tokenizer
+    from common import UserError
+
+    def no_gpt2_bpe():
+        raise UserError("cannot load the GPT-2 tokenizer (test)")
+    monkeypatch.setattr(tokenizer, "get_tokenizer", no_gpt2_bpe)
+    analyze_outliers.gpt2_token_info.cache_clear()
+    path, data = build("llama", tmp_path), token_file(tmp_path)
+    out = tmp_path / "eager"
+    assert analyze_outliers.main([f"--pretrained={path}", f"--data={data}", "--num_seqs=1", "--seq_len=32",
+                                  f"--tau={TAU}", "--attention_capture=eager", f"--out={out}", "--no_progress"]) == 0
+    assert "token strings unavailable" not in capsys.readouterr().err
+    doc = json.loads((out / "outliers.json").read_text())
+    assert doc["attention"]["qkv"]["missing"] == [{"reason": hf_models.QKV_OFF, "layers": list(range(L))}]
+    assert f"layers 0-{L - 1}: {hf_models.QKV_OFF}" in (out / "report.md").read_text()
+    # this repo's GPT does use GPT-2 BPE: there the warning is right
+    gpt2 = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(CONFIGS["gpt2"]()).save_pretrained(gpt2)
+    assert analyze_outliers.main([f"--pretrained={gpt2}", f"--data={data}", "--num_seqs=1", "--seq_len=32",
+                                  f"--out={tmp_path / 'gpt'}", "--no_progress"]) == 0
+    assert "token strings unavailable" in capsys.readouterr().err
+    analyze_outliers.gpt2_token_info.cache_clear()
 
 
 def save_word_tokenizer(path):
