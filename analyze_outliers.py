@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 
-from common import (UserError, atomic_directory, autocast_context, check_writable_dir, cli_main, json_safe,
-                    resolve_device, resolve_dtype, run_metadata)
+from common import (UserError, autocast_context, check_fits, check_output_dir, check_seed, cli_main, json_safe,
+                    output_set, read_jsonl_file, resolve_device, resolve_dtype, run_metadata)
 from data import check_vocab, input_tokens, read_text_file
 
 FORMAT = "outlier-gpt/outliers"
@@ -123,9 +123,25 @@ def validate_args(args):
             args.out = os.path.join("out", "outliers_" + os.path.basename(os.path.normpath(args.pretrained)))
         else:
             args.out = os.path.join("out", "outliers_compare")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} exists and is not a directory")
-    check_writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out's parent directory")  # before the analysis
+    check_seed(args.seed)
+    check_output_dir(args.out, *output_kind(args), inputs=input_paths(args))  # before the analysis
+
+
+# what each mode may write into --out (common.output_set replaces only these, and only its own)
+ANALYSIS_FILES = ("report.md", "outliers.json", "activation_h.png", "activation_xdown.png", "surface.png", "weights.png",
+                  "attention.png", "attention_heads.png", "token_categories.png", "lifecycle.png", "outlier_channels.png",
+                  "down_proj_weights.png", "attention_outlier_share.png", "weight_link.png", "lifecycle_cancellation.png")
+COMPARE_FILES = ("report.md", "compare.json", "compare_top1.png", "compare_top3.png", "compare_loss.png")
+
+
+def output_kind(args):
+    """(tool name in the output manifest, the files it may write)."""
+    return ("analyze_outliers.py --compare", COMPARE_FILES) if args.compare else ("analyze_outliers.py", ANALYSIS_FILES)
+
+
+def input_paths(args):
+    pretrained_dir = args.pretrained if args.pretrained and os.path.isdir(args.pretrained) else None
+    return [p for p in [args.ckpt, pretrained_dir, args.data, args.text_file, *(args.compare or [])] if p is not None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +181,12 @@ def load_sequences(args, block_size, encode=None):
         if len(tokens) < seq_len + 1:
             raise UserError(f"{args.data} holds {len(tokens)} tokens; a sequence needs seq_len + 1 = {seq_len + 1}: "
                             f"lower --seq_len")
+        windows = len(tokens) - seq_len
+        if args.num_seqs > windows:
+            raise UserError(f"--num_seqs {args.num_seqs:,} is more than the {windows:,} distinct windows of "
+                            f"{seq_len} + 1 tokens in {args.data}; use --num_seqs {windows:,} or less")
+        check_fits(args.num_seqs * (seq_len + 1) * 8, "cpu", f"--num_seqs {args.num_seqs:,} x {seq_len + 1} tokens",
+                   "lower --num_seqs")
         starts = rng.integers(0, len(tokens) - seq_len, size=args.num_seqs)
         seqs = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
         source = os.path.abspath(args.data)
@@ -228,10 +250,6 @@ def batches(seqs, batch_size, device):
 def progress(total, disable, desc):
     from tqdm import tqdm
     return tqdm(total=total, disable=disable, desc=desc, unit="seq", file=sys.stderr, mininterval=1.0)
-
-
-# ----------------------------------------------------------------------------------------------
-# atomic output directory: common.atomic_directory (umask modes, no leftovers of killed runs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -917,22 +935,16 @@ def _write_json(path, obj):
 
 def loss_curve(path):
     """Train and eval losses of a run's log.jsonl (train.py's records), or None without a log."""
-    import json
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         return None
     curve = {"iter": [], "loss": [], "eval_iter": [], "val_loss": []}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:  # a line cut short by a preempted run
-                continue
-            if rec.get("kind") == "train" and "loss" in rec:
-                curve["iter"].append(rec["iter"])
-                curve["loss"].append(rec["loss"])
-            elif rec.get("kind") == "eval" and "val_loss" in rec:
-                curve["eval_iter"].append(rec["iter"])
-                curve["val_loss"].append(rec["val_loss"])
+    for rec in read_jsonl_file(path, "training log"):  # a line cut short by a preempted run is skipped
+        if rec.get("kind") == "train" and "loss" in rec:
+            curve["iter"].append(rec["iter"])
+            curve["loss"].append(rec["loss"])
+        elif rec.get("kind") == "eval" and "val_loss" in rec:
+            curve["eval_iter"].append(rec["iter"])
+            curve["val_loss"].append(rec["val_loss"])
     return curve if curve["iter"] or curve["eval_iter"] else None
 
 
@@ -984,7 +996,7 @@ def run_compare(args, device, dtype):
         del model, an
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    with atomic_directory(args.out) as tmp:
+    with output_set(args.out, *output_kind(args), inputs=input_paths(args)) as tmp:
         plt = _plt()
         fig, ax = plt.subplots(figsize=(7.5, 4))
         for r in runs:
@@ -1051,7 +1063,7 @@ def main(argv=None):
     top1 = [t[0] for t in doc["activation"]["layer_output"]["top3"]]
     layer = args.surface_layer if args.surface_layer is not None else int(np.argmax(top1))
     doc["surface"] = {"layer": layer, "tokens": [token_info.text(t) for t in an.surface_tokens_ids]}
-    with atomic_directory(args.out) as tmp:
+    with output_set(args.out, *output_kind(args), inputs=input_paths(args)) as tmp:
         t_fig = time.time()
         doc["figures"] = make_figures(tmp, doc, an, layer)
         timing["figures_s"] = time.time() - t_fig

@@ -92,8 +92,14 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         have = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is not an outlier-gpt checkpoint: expected keys {list(REQUIRED_KEYS)}, found {have}")
+    _check_state_dict(path, ckpt["model"])
     _check_model_args(path, ckpt["model_args"])
     ckpt["model"] = strip_wrapper_prefixes(ckpt["model"])
+    _check_sizes_match(path, ckpt["model_args"], ckpt["model"])
+    if isinstance(ckpt["iter_num"], bool) or not isinstance(ckpt["iter_num"], int) or ckpt["iter_num"] < 0:
+        raise UserError(f"{path}: iter_num is {ckpt['iter_num']!r}, not a count of iterations")
+    if not isinstance(ckpt["config"], dict):
+        raise UserError(f"{path}: config is a {type(ckpt['config']).__name__}, not a dict")
     _check_finite(path, ckpt["model"])
     return ckpt
 
@@ -190,16 +196,82 @@ def _check_finite(path, state_dict):
                         + " holds NaN or inf: the run had diverged when it was written; use an earlier checkpoint")
 
 
+def _check_state_dict(path, state_dict):
+    """The model's weights as data: a dict of names to dense tensors that hold their values."""
+    if not isinstance(state_dict, dict):
+        raise UserError(f"{path}: model is a {type(state_dict).__name__}, not a dict of weights")
+    for key, value in state_dict.items():
+        where = f"{path}: model[{key!r}]"
+        if not isinstance(key, str):
+            raise UserError(f"{where}: weight names must be strings")
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{where} is a {type(value).__name__}, not a tensor")
+        if value.device.type == "meta":
+            raise UserError(f"{where} is on the meta device: the checkpoint holds no values for it")
+        if value.layout != torch.strided:
+            raise UserError(f"{where} is a {value.layout} tensor; checkpoints hold dense weights")
+
+
+# model_args fields that are sizes (positive integers) and other typed fields; bounds far above any
+# trained model, so that a damaged value is refused before anything is allocated
+_SIZES = {"block_size": 1 << 24, "vocab_size": 1 << 24, "n_layer": 1 << 12, "n_head": 1 << 12, "n_embd": 1 << 18}
+
+
 def _check_model_args(path, model_args):
     if not isinstance(model_args, dict):
         raise UserError(f"{path}: model_args is a {type(model_args).__name__}, not a dict")
     unknown = set(model_args) - set(config_fields())
     if unknown:
         raise UserError(f"{path}: model_args has unknown fields {sorted(unknown)}")
+    for key, value in model_args.items():
+        bad = _bad_model_arg(key, value)
+        if bad:
+            raise UserError(f"{path}: model_args[{key!r}] = {value!r} {bad}")
     attention = model_args.get("attention", "default")
     if attention not in REGISTRY:
         raise UserError(f"{path}: checkpoint uses attention variant {attention!r}, which this repo does not "
                         f"know (known: {', '.join(REGISTRY)})")
+    heads, width = model_args.get("n_head", 12), model_args.get("n_embd", 768)
+    if width % heads:
+        raise UserError(f"{path}: model_args n_embd {width} is not divisible by n_head {heads}")
+
+
+def _bad_model_arg(key, value):
+    """Why `value` cannot be model_args[key] (None when it can)."""
+    import math
+    if key in _SIZES:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "is not an integer"
+        return None if 1 <= value <= _SIZES[key] else f"is outside 1..{_SIZES[key]:,}"
+    if key == "dropout":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+        return None if ok else "is not a number in [0, 1)"
+    if key == "bias":
+        return None if isinstance(value, bool) else "is not true or false"
+    if key == "sigmoid_bias":
+        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        return None if ok else "is not a finite number or None"
+    if key in ("attention", "attn_backend", "gelu_approximate"):
+        return None if isinstance(value, str) else "is not a string"
+    return None
+
+
+def _check_sizes_match(path, model_args, state_dict):
+    """model_args against the weights' own sizes, so that no model is built (or allocated) from sizes the
+    weights do not have."""
+    wte, wpe = state_dict.get("transformer.wte.weight"), state_dict.get("transformer.wpe.weight")
+    implied = {}
+    if wte is not None and wte.ndim == 2:
+        implied.update(vocab_size=wte.shape[0], n_embd=wte.shape[1])
+    if wpe is not None and wpe.ndim == 2:
+        implied["block_size"] = wpe.shape[0]
+    layers = {int(k.split(".")[2]) for k in state_dict if k.startswith("transformer.h.") and k.split(".")[2].isdigit()}
+    if layers:
+        implied["n_layer"] = max(layers) + 1
+    for key, size in implied.items():
+        if key in model_args and model_args[key] != size:
+            raise UserError(f"{path}: model_args[{key!r}] = {model_args[key]!r}, but the weights have {key} {size}; "
+                            f"the checkpoint is inconsistent: use another copy or an earlier checkpoint")
 
 
 def load_state_dict_checked(model, state_dict, source="checkpoint"):

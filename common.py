@@ -135,37 +135,6 @@ def atomic_path(path):
         raise
 
 
-@contextlib.contextmanager
-def atomic_directory(path):
-    """Yield a temporary directory beside `path`; renamed to `path` on success (replacing an old
-    one), removed on failure. Mode and errors as for atomic_path."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        remove_stale_temps(parent, os.path.basename(path))
-        tmp = tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent)
-        os.chmod(tmp, 0o777 & ~umask())
-    except OSError as e:
-        raise write_error(path, e) from None
-    old = None
-    try:
-        yield tmp
-        if os.path.exists(path):
-            old = tmp[:-len(".tmp")] + ".old"
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException as e:
-        if old and not os.path.lexists(path):  # the new one did not land: put the previous one back
-            os.rename(old, path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise write_error(path, e) from None
-        raise
-
-
 def check_writable_dir(path, what="output directory"):
     """UserError now, before any long work, when no file can be written in directory `path`.
 
@@ -194,6 +163,258 @@ def check_writable_dir(path, what="output directory"):
             with contextlib.suppress(OSError):
                 os.rmdir(d)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- owned outputs
+# A script writes only its own files into an output directory and replaces only files it wrote there
+# before: OUTPUTS_MANIFEST names, per tool, the files it wrote. Anything else in the directory (a training
+# run, a user's notes, another tool's results) is never replaced or deleted; a collision is refused.
+OUTPUTS_MANIFEST = ".outlier-gpt-outputs.json"
+
+
+def read_manifest(directory):
+    """{tool: [file names]} of the outputs recorded in `directory` ({} when there is no manifest)."""
+    path = os.path.join(directory, OUTPUTS_MANIFEST)
+    if not os.path.lexists(path):
+        return {}
+    doc = read_json_file(path, "output manifest")
+    tools = doc.get("tools") if isinstance(doc, dict) else None
+    if not isinstance(tools, dict) or not all(isinstance(v, dict) and isinstance(v.get("files"), list)
+                                              for v in tools.values()):
+        raise UserError(f"{path} is not an outlier-gpt output manifest; move it away (the files it would name "
+                        f"are then treated as not written by these scripts)")
+    return {tool: [str(n) for n in entry["files"]] for tool, entry in tools.items()}
+
+
+def _write_manifest(directory, owned):
+    atomic_write_json(os.path.join(directory, OUTPUTS_MANIFEST),
+                      {"format": "outlier-gpt-outputs", "version": 1,
+                       "tools": {tool: {"files": sorted(files)} for tool, files in sorted(owned.items()) if files}})
+
+
+def check_output_dir(out, tool, names, inputs=(), flag="--out", may_replace=()):
+    """The absolute output directory, after checking (before any long work) that `tool` may write the files
+    `names` into it; else a one-line UserError naming the fix.
+
+    Refused: an empty path, the filesystem root, a path that is one of `inputs` (or whose outputs would
+    replace one), an existing file, a target that is a directory, and a target that exists but was not
+    written there by `tool` (unless it is in `may_replace`, which the user asked for, e.g. --overwrite).
+    """
+    if out is None or not str(out).strip():
+        raise UserError(f"{flag} is empty; name the output directory (a new one, or one this script wrote before)")
+    path = os.path.abspath(os.fspath(out))
+    if os.path.dirname(path) == path:
+        raise UserError(f"{flag} {out} is the filesystem root; name a directory of its own for the outputs")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {out} exists and is not a directory; choose a directory")
+    real = os.path.realpath(path)
+    targets = {os.path.realpath(os.path.join(path, n)): n for n in names}
+    for given in inputs:
+        if given is None:
+            continue
+        inp = os.path.realpath(os.fspath(given))
+        if inp == real:
+            raise UserError(f"{flag} {out} is one of the inputs ({given}); choose another output directory")
+        if inp in targets:
+            raise UserError(f"{flag} {out}: writing {targets[inp]} there would replace the input {given}; choose "
+                            f"another output directory")
+    owned = read_manifest(path) if os.path.isdir(path) else {}
+    mine = set(owned.get(tool, ()))
+    for name in names:
+        target = os.path.join(path, name)
+        if not os.path.lexists(target) or name in may_replace:
+            if os.path.isdir(target) and not os.path.islink(target):
+                raise UserError(f"{target} is a directory, where {tool} writes a file; move it away or choose "
+                                f"another {flag}")
+            continue
+        if os.path.isdir(target) and not os.path.islink(target):
+            raise UserError(f"{target} is a directory, where {tool} writes a file; move it away or choose another {flag}")
+        if name not in mine:
+            by = next((t for t, files in owned.items() if name in files), None)
+            what = f"was written by {by}" if by else f"was not written there by {tool}"
+            raise UserError(f"{target} exists and {what}; it is left alone: move it away, or choose another {flag} "
+                            f"(a new directory, or one {tool} wrote before)")
+    return check_writable_dir(path, flag)
+
+
+def _tool_slug(tool):
+    return re.sub(r"[^A-Za-z0-9-]+", "-", tool).strip("-") or "outputs"
+
+
+@contextlib.contextmanager
+def output_set(out, tool, names, inputs=(), flag="--out", may_replace=(), keep_previous=False):
+    """Yield a staging directory; the files written into it become `tool`'s outputs in `out`, all or none.
+
+    `names` are the files the tool may write (checked now, before the work, by check_output_dir); what is
+    staged must be among them. On success the staged files replace their targets by renames (in the order of
+    `names`), outputs of the tool's previous set that the new set lacks are removed, and the manifest records
+    the new set. If any rename fails, the previous files are put back: the previous set stays whole.
+    keep_previous=True adds the set to the tool's earlier outputs instead (results that accumulate, such as
+    the benchmarks' time-stamped files).
+    On any failure nothing in `out` changes, and a directory this call created is removed again.
+    """
+    path = check_output_dir(out, tool, names, inputs, flag, may_replace)
+    created = not os.path.lexists(path)
+    slug = _tool_slug(tool)
+    try:
+        os.makedirs(path, exist_ok=True)
+        remove_stale_temps(path, slug)
+        staging = tempfile.mkdtemp(prefix=_temp_prefix(os.path.join(path, slug)), suffix=".tmp", dir=path)
+    except OSError as e:
+        raise write_error(path, e) from None
+    try:
+        yield staging
+        present = os.listdir(staging)
+        staged = [n for n in names if n in present]  # in the declared order
+        unexpected = sorted(set(present) - set(names))
+        if unexpected:
+            raise ValueError(f"{tool} staged files it did not declare: {unexpected}")
+        check_output_dir(out, tool, staged, inputs, flag, may_replace)  # a collision may have appeared meanwhile
+        _commit_outputs(path, tool, staging, staged, keep_previous)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only when nothing landed
+
+
+def _commit_outputs(path, tool, staging, staged, keep_previous=False):
+    """Move the staged files into `path` in their declared order. The previous files are first moved
+    aside, then the new ones moved in: a crash midway leaves a file missing rather than an old file beside
+    new ones (prepare_data's meta.json, last, describes the .bin files)."""
+    backups = os.path.join(path, f"{_tool_slug(tool)}-previous-{HOST}-{os.getpid()}")
+    try:
+        for name in staged:  # durable before they replace anything
+            with open(os.path.join(staging, name), "rb") as f:
+                os.fsync(f.fileno())
+        # the previous files wait here until the new ones are in: a visible name that no clean-up removes,
+        # so that what a killed process leaves behind is never deleted unseen
+        os.makedirs(backups, exist_ok=True)
+    except OSError as e:
+        raise write_error(path, e) from None
+    had_manifest = os.path.lexists(os.path.join(path, OUTPUTS_MANIFEST))
+    before = read_manifest(path)
+    previous = set(before.get(tool, ()))
+    # record the union first: after a crash midway, every file of either set is still known as ours
+    _write_manifest(path, {**before, tool: sorted(previous | set(staged))})
+    aside, moved_in, target = [], [], path
+    try:
+        for name in staged:
+            target = os.path.join(path, name)
+            if os.path.lexists(target):
+                os.rename(target, os.path.join(backups, name))
+                aside.append(name)
+        for name in staged:
+            target = os.path.join(path, name)
+            os.rename(os.path.join(staging, name), target)
+            moved_in.append(name)
+    except BaseException as e:
+        kept = _put_back(path, backups, moved_in, aside)
+        with contextlib.suppress(UserError, OSError):
+            _write_manifest(path, before) if had_manifest else os.remove(os.path.join(path, OUTPUTS_MANIFEST))
+        if kept:
+            raise UserError(f"cannot write {target}: {_os_reason(e) if isinstance(e, OSError) else e}; the "
+                            f"previous {', '.join(kept)} could not be put back either and are kept in "
+                            f"{backups}: move them back by hand") from None
+        shutil.rmtree(backups, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(target, e) from None
+        raise
+    shutil.rmtree(backups, ignore_errors=True)
+    if keep_previous:
+        _write_manifest(path, {**before, tool: sorted(previous | set(staged))})
+        return
+    for name in previous - set(staged):  # the previous set's files the new one does not have
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(path, name))
+    _write_manifest(path, {**before, tool: staged})
+
+
+def _put_back(path, backups, moved_in, aside):
+    """Undo a partial commit: remove the new files moved in, return the previous ones. The names that could
+    not be returned are kept in `backups` (renamed to a name no clean-up removes) and returned."""
+    for name in moved_in:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(path, name))
+    stuck = []
+    for name in aside:
+        try:
+            os.rename(os.path.join(backups, name), os.path.join(path, name))
+        except OSError:
+            stuck.append(name)
+    return stuck
+
+
+# ---------------------------------------------------------------------------------------------- checked readers
+
+def read_json_file(path, what="file"):
+    """The parsed JSON of `path`; a one-line UserError naming the file when it cannot be read or parsed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a directory, not a JSON file; move it away") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}); it is damaged: restore it or move it "
+                        f"away") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); it is "
+                        f"truncated or damaged: restore it or move it away") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {_os_reason(e)}") from None
+
+
+def read_jsonl_file(path, what="log"):
+    """The records of a JSON-lines file, in order; a line that does not parse (the last one of a run killed
+    while writing) is skipped. A one-line UserError when the file cannot be read."""
+    records = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    rec = json.loads(line)
+                    if isinstance(rec, dict):
+                        records.append(rec)
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a directory, not a JSON-lines file; move it away") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {_os_reason(e)}") from None
+    return records
+
+
+def check_regular_file(path, what="file"):
+    """UserError when `path` exists but is not a regular file (a directory in its place, say)."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise UserError(f"{what} {path} is not a regular file (a directory?); move it away")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- argument checks
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes 32 bits; torch takes 64
+
+
+def check_seed(seed, flag="--seed"):
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise UserError(f"{flag} must be an integer from 0 to {SEED_MAX}, got {seed}")
+    return seed
+
+
+def memory_bytes(device):
+    """Total memory of `device` in bytes (the GPU's, or the machine's RAM), or None if unknown."""
+    if str(device).startswith("cuda"):
+        import torch
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def check_fits(nbytes, device, what, fix):
+    """UserError when `nbytes` (an estimate) exceeds the device's whole memory: the allocator would fail."""
+    total = memory_bytes(device)
+    if total is not None and nbytes > total:
+        raise UserError(f"{what} needs about {nbytes / 2**30:,.1f} GiB, more than the {total / 2**30:,.1f} GiB of "
+                        f"{'GPU' if str(device).startswith('cuda') else 'RAM'} memory here; {fix}")
 
 
 LOCK_NAME = "train.lock"
@@ -258,16 +479,6 @@ def json_text(obj):
 
 def atomic_write_json(path, obj):
     atomic_write_text(path, json_text(obj))
-
-
-def atomic_write_texts(files):
-    """Write {path: text} so that either every file is replaced or none is: all temporaries are
-    written before the first rename (a full disk stops the batch with the old files intact)."""
-    with contextlib.ExitStack() as stack:
-        for path, text in files.items():
-            tmp = stack.enter_context(atomic_path(path))
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
 
 
 def _json_default(x):
@@ -346,11 +557,20 @@ def resolve_device(device):
     import torch
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    if not (str(device) in ("cpu", "mps") or str(device).startswith("cuda")):
+    device = str(device)
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if m:
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        if m[1] is not None and int(m[1]) >= torch.cuda.device_count():
+            raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return device
+    if device == "mps":  # Apple GPUs: neither the Triton kernel nor these scripts are tested there
+        raise UserError("device 'mps' is not supported by these scripts; use --device cpu")
+    if device != "cpu":
         raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
-    return str(device)
+    return device
 
 
 def resolve_dtype(dtype, device):

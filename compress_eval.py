@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import (UserError, atomic_write_texts, autocast_context, check_writable_dir, cli_main, json_text,
-                    resolve_device, resolve_dtype, run_metadata)
+from common import (UserError, autocast_context, check_fits, check_output_dir, check_seed, cli_main, json_text,
+                    output_set, resolve_device, resolve_dtype, run_metadata)
 from data import WIKITEXT2, input_tokens, read_text_file
 from perplexity import evaluate_perplexity, load_eval_tokens, make_windows, text_ids, wikitext2_text
 
@@ -518,13 +518,33 @@ def validate_args(args):
         raise UserError(f"--stride must be a positive integer, got {args.stride}")
     if args.calib_data and args.calib_text_file:
         raise UserError("give at most one of --calib_data and --calib_text_file")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} exists and is not a directory")
     if not args.checkpoints and not args.pretrained:
         raise UserError("no checkpoints given: pass one or more checkpoint files (train.py writes OUT_DIR/ckpt.pt, "
                         "e.g. out/demo/ckpt.pt for config/tiny.py) or --pretrained gpt2")
-    check_writable_dir(args.out, "--out")  # now, not after every evaluation has run
+    check_seed(args.seed)
+    check_output_dir(args.out, TOOL, RESULT_FILES, inputs=input_paths(args))  # now, not after every evaluation
     return methods
+
+
+TOOL, RESULT_FILES = "compress_eval.py", ("results.md", "results.json", "results.csv")
+
+
+def input_paths(args):
+    return [*args.checkpoints, args.text_file, args.data, args.calib_data, args.calib_text_file]
+
+
+def check_calibration(calib, n_windows, sources, args):
+    """Wanda's calibration draw, checked before the first method runs: enough tokens for one window of every
+    model, no more windows than distinct ones, and memory for them."""
+    for s in sources:
+        T = window_length(args, s)
+        if len(calib) < T:
+            raise UserError(f"the calibration data has {len(calib)} tokens, fewer than one window of {T}")
+        distinct = len(calib) - T + 1
+        if n_windows > distinct:
+            raise UserError(f"--calib_windows {n_windows:,} is more than the {distinct:,} distinct windows of {T} "
+                            f"tokens in the calibration data; use --calib_windows {distinct:,} or less")
+        check_fits(n_windows * T * 8, "cpu", f"--calib_windows {n_windows:,} x {T} tokens", "lower --calib_windows")
 
 
 def text_encoder(sources, needed):
@@ -593,6 +613,8 @@ def main(argv=None):
     calib, calib_desc = (calibration_tokens(args, encode) if "wanda" in methods else (None, None))
     if calib is not None and calib.size and int(calib.max()) >= min(s.vocab_size for s in sources):
         raise UserError(f"the calibration tokens go up to id {int(calib.max())}, beyond the models' vocabulary")
+    if calib is not None:
+        check_calibration(calib, args.calib_windows, sources, args)
 
     headers = {m: method_header(m, args, dtype) for m in methods}
     settings = {"w8_granularity": args.w8_granularity, "quantize_head": args.quantize_head, "sparsity": args.sparsity,
@@ -648,9 +670,11 @@ def main(argv=None):
                 "embedding shares the head's weight, so it is quantized too.\n"
                 if args.quantize_head and any(r["head_tied"] for r in rows) else ""))
     print(table, end="")
-    atomic_write_texts({os.path.join(args.out, "results.md"): table + "\n" + notes,
-                        os.path.join(args.out, "results.json"): json_text(rows),
-                        os.path.join(args.out, "results.csv"): csv_text(rows, methods)})
+    with output_set(args.out, TOOL, RESULT_FILES, inputs=input_paths(args)) as tmp:
+        for name, text in (("results.md", table + "\n" + notes), ("results.json", json_text(rows)),
+                           ("results.csv", csv_text(rows, methods))):
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
     print(f"wrote {os.path.join(args.out, 'results.md')}, results.json, results.csv", file=sys.stderr)
     return 0
 

@@ -49,7 +49,8 @@ import urllib.request
 import numpy as np
 
 import tokenizer
-from common import UserError, atomic_path, atomic_write_json, check_writable_dir, cli_main, one_line, write_error
+from common import (UserError, atomic_path, check_output_dir, check_seed, cli_main, json_text, one_line, output_set,
+                    write_error)
 from data import (TOKEN_DTYPE, WIKITEXT2, check_token_range, import_datasets, load_hf_dataset, read_text_file,
                   wikitext2_split)
 
@@ -63,7 +64,8 @@ HF_DATASETS = {  # Hugging Face Hub ids (overridable with --hf_dataset, e.g. for
 OFFLINE_ALTERNATIVES = ("use --hf_dataset ID for another copy on the Hub, --dataset text --input FILES for local "
                         "text, or --dataset builtin offline")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")
+OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")  # one set, meta.json last (it describes the .bin files)
+TOOL = "prepare_data.py"
 FORMAT = "nanogpt-uint16"
 
 # A fixed list of pure-Python standard-library modules (paths relative to the stdlib directory); each
@@ -130,12 +132,16 @@ def main(argv=None):
 
     inputs = _expand_inputs(args.input) if args.input else None
     source = _source_spec(args, inputs, val_fraction)
+    check_seed(args.seed)
     _check_out_dir(out_dir, source, args.overwrite)
-    check_writable_dir(out_dir, "--out_dir")  # before the download and tokenization, not after
+    may_replace = _replaceable(out_dir, args.overwrite)
+    # before the download and tokenization, not after
+    check_output_dir(out_dir, TOOL, OUTPUT_FILES, inputs=inputs or (), flag="--out_dir", may_replace=may_replace)
 
     t0 = time.time()
     splits, split_rule = _load_splits(args, inputs, out_dir, val_fraction)
-    meta = write_splits(splits, out_dir, source, split_rule, num_proc=args.num_proc, overwrite=args.overwrite)
+    meta = write_splits(splits, out_dir, source, split_rule, num_proc=args.num_proc, overwrite=args.overwrite,
+                        may_replace=may_replace, inputs=inputs or ())
     print(f"wrote {out_dir}/train.bin ({meta['train_tokens']:,} tokens, {meta['train_documents']:,} documents), "
           f"{out_dir}/val.bin ({meta['val_tokens']:,} tokens, {meta['val_documents']:,} documents) and "
           f"{out_dir}/meta.json in {time.time() - t0:.1f} s")
@@ -192,6 +198,14 @@ def _check_out_dir(out_dir, source, overwrite):
     if old_source != source:
         what = f"data from {_describe(old_source)}" if old_source else f"{', '.join(present)} of unknown origin"
         raise UserError(f"{out_dir} already holds {what}; pass --overwrite to replace it, or choose another --out_dir")
+
+
+def _replaceable(out_dir, overwrite):
+    """Output files this script may replace though its manifest does not name them: with --overwrite, on
+    the user's word; else those of a data set whose meta.json says this script wrote it (directories
+    prepared before the manifest existed)."""
+    meta = _read_meta(out_dir)
+    return OUTPUT_FILES if overwrite or (isinstance(meta, dict) and meta.get("format") == FORMAT) else ()
 
 
 def _describe(source):
@@ -369,8 +383,8 @@ def _nproc(num_proc, n_rows):
     return n if n > 1 else None
 
 
-def write_splits(splits, out_dir, source, split_rule, num_proc=1, overwrite=False):
-    """Tokenize both splits and write train.bin, val.bin, meta.json atomically; return meta."""
+def write_splits(splits, out_dir, source, split_rule, num_proc=1, overwrite=False, may_replace=(), inputs=()):
+    """Tokenize both splits and write train.bin, val.bin, meta.json as one set (common.output_set); return meta."""
     tokenized = {}
     for part in ("train", "val"):
         tokenized[part] = splits[part].map(_tokenize_batch, batched=True, remove_columns=["text"],
@@ -384,13 +398,12 @@ def write_splits(splits, out_dir, source, split_rule, num_proc=1, overwrite=Fals
         "eot_token": tokenizer.EOT_TOKEN,
         "eot_after_each_document": True,
     }
-    paths = {part: os.path.join(out_dir, f"{part}.bin") for part in ("train", "val")}
-    with atomic_path(paths["train"]) as tmp_train, atomic_path(paths["val"]) as tmp_val:
-        for part, tmp in (("train", tmp_train), ("val", tmp_val)):
+    with output_set(out_dir, TOOL, OUTPUT_FILES, inputs, "--out_dir", may_replace) as tmp:
+        for part in ("train", "val"):
             try:
-                n_tokens, digest = _write_bin(tokenized[part], tmp, part)
-            except OSError as e:  # named here: the inner atomic_path would blame val.bin for train.bin
-                raise write_error(paths[part], e) from None
+                n_tokens, digest = _write_bin(tokenized[part], os.path.join(tmp, f"{part}.bin"), part)
+            except OSError as e:  # named after its destination, not the staging directory
+                raise write_error(os.path.join(out_dir, f"{part}.bin"), e) from None
             meta[f"{part}_tokens"] = n_tokens
             meta[f"{part}_documents"] = len(tokenized[part])
             meta[f"{part}_sha256"] = digest
@@ -400,15 +413,16 @@ def write_splits(splits, out_dir, source, split_rule, num_proc=1, overwrite=Fals
                             f"(did the input change?); pass --overwrite to replace it")
         meta.update(source=source, split=split_rule, python=sys.version.split()[0],
                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        # Remove the old meta.json first: a crash between the renames below leaves no meta.json, which
-        # train.py and this script treat as data of unknown origin rather than as a consistent set.
-        if os.path.exists(os.path.join(out_dir, "meta.json")):
-            os.remove(os.path.join(out_dir, "meta.json"))
-    atomic_write_json(os.path.join(out_dir, "meta.json"), meta)
+        try:
+            with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+                f.write(json_text(meta))
+        except OSError as e:
+            raise write_error(os.path.join(out_dir, "meta.json"), e) from None
     return meta
 
 
 def _read_meta(out_dir):
+    """meta.json's content, or None where there is none or it cannot be read (data of unknown origin)."""
     try:
         with open(os.path.join(out_dir, "meta.json"), encoding="utf-8") as f:
             return json.load(f)

@@ -21,7 +21,6 @@ run with other settings is an error (choose another --out), never silently mixed
 """
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -32,12 +31,17 @@ import sys
 import sysconfig
 import time
 
-from common import UserError, atomic_path, atomic_write_json, atomic_write_text, check_writable_dir, cli_main
+from common import (UserError, atomic_write_json, atomic_write_text, check_output_dir, check_seed, cli_main, json_text,
+                    output_set, read_json_file, read_jsonl_file, resolve_device)
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.normpath(os.path.join(REPO, "..", "shared"))
 FORMAT = "outlier-gpt/reproduce"
 FORMAT_VERSION = 1
+# what reproduce.py itself writes into --out, as one set (common.output_set); each stage's script owns its folder
+TOOL = "reproduce.py"
+REPORT_FILES = ("fig11_top1.png", "fig11_top3.png", "fig12_loss.png", "outlier_emergence.png", "reproduce.json",
+                "REPORT.md")
 METHODS = ("fp", "w8", "sparse50")
 
 # ------------------------------------------------------------------------------------------- scales
@@ -139,6 +143,7 @@ def parse_args(argv):
     if len(set(names)) != len(names):
         raise UserError("--variants names a variant twice")
     args.variant_list = names
+    check_seed(args.seed)
     for key in ("max_iters", "num_seqs", "max_tokens", "nproc_per_node"):
         value = getattr(args, key)
         if value is not None and value < 1:
@@ -277,27 +282,13 @@ class Plan:
 # ------------------------------------------------------------------------------------------- state
 
 def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}; remove it to have reproduce.py make it again") from None
+    """A JSON file a stage wrote, or None where there is none yet (common's checked reader otherwise)."""
+    return read_json_file(path) if os.path.lexists(path) else None
 
 
 def read_log(path):
     """train.py's log.jsonl records (a line cut short by a killed run is skipped)."""
-    records = []
-    if not os.path.isfile(path):
-        return records
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return records
+    return read_jsonl_file(path, "training log") if os.path.lexists(path) else []
 
 
 def _same(a, b):
@@ -608,10 +599,8 @@ def _plt():
 
 
 def _save(fig, out, name):
-    plt = _plt()
-    with atomic_path(os.path.join(out, name)) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    fig.savefig(os.path.join(out, name), format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
     return name
 
 
@@ -880,7 +869,8 @@ def main(argv=None):
     plan = Plan(args)
     print_only = args.dry_run or (args.scale == "paper" and not args.execute)
     if not print_only:
-        check_writable_dir(args.out, "--out")
+        resolve_device(args.device)  # every stage gets it: refuse an unusable one before the first
+        check_output_dir(args.out, TOOL, REPORT_FILES, inputs=[args.data_dir])
     runner = Runner(plan, dry_run=print_only)
     runner.say(f"scale {args.scale}: {plan.scale['what']}")
     runner.say(f"variants: {', '.join(args.variant_list)}; output {rel(args.out)}"
@@ -894,7 +884,20 @@ def main(argv=None):
 
     runs = [collect_run(plan, v, failed) for v in args.variant_list]
     env = environment(plan)
-    figs = make_figures(args.out, runs)
+    with output_set(args.out, TOOL, REPORT_FILES, inputs=[args.data_dir]) as tmp:
+        write_outputs(tmp, plan, runner, runs, env, t0)
+    runner.say(f"wrote {rel(os.path.join(args.out, 'REPORT.md'))} and reproduce.json in {time.time() - t0:.0f} s")
+    if failed:
+        raise UserError(f"{len(failed)} of {len(args.variant_list)} variants did not finish ("
+                        + "; ".join(f"{v}: {e}" for v, e in failed.items())
+                        + f"); the report covers the others; re-run the same command to continue")
+    return 0
+
+
+def write_outputs(out, plan, runner, runs, env, t0):
+    """The figures, reproduce.json and REPORT.md into `out` (a staging directory: they land as one set)."""
+    args = plan.args
+    figs = make_figures(out, runs)
     doc = {"format": FORMAT, "version": FORMAT_VERSION, "scale": args.scale, "variants": args.variant_list,
            "out": args.out, "corpus": plan.corpus, "data_dir": rel(plan.data_dir),
            "data_meta": {k: v for k, v in (read_json(os.path.join(plan.data_dir, "meta.json")) or {}).items()
@@ -905,14 +908,10 @@ def main(argv=None):
            "runs": runs, "figures": figs, "stages": runner.stages, "environment": env,
            "seconds": round(time.time() - t0, 1)}
     from common import json_safe
-    atomic_write_json(os.path.join(args.out, "reproduce.json"), json_safe(doc))
-    atomic_write_text(os.path.join(args.out, "REPORT.md"), write_report(plan, runner, runs, figs, env, "reproduce.json"))
-    runner.say(f"wrote {rel(os.path.join(args.out, 'REPORT.md'))} and reproduce.json in {time.time() - t0:.0f} s")
-    if failed:
-        raise UserError(f"{len(failed)} of {len(args.variant_list)} variants did not finish ("
-                        + "; ".join(f"{v}: {e}" for v, e in failed.items())
-                        + f"); the report covers the others; re-run the same command to continue")
-    return 0
+    with open(os.path.join(out, "reproduce.json"), "w", encoding="utf-8") as f:
+        f.write(json_text(json_safe(doc)))
+    with open(os.path.join(out, "REPORT.md"), "w", encoding="utf-8") as f:
+        f.write(write_report(plan, runner, runs, figs, env, "reproduce.json"))
 
 
 if __name__ == "__main__":

@@ -60,8 +60,9 @@ import numpy as np
 import torch
 
 import outlier_stats
-from common import (UserError, atomic_path, atomic_write_json, autocast_context, cli_main, directory_lock, json_safe,
-                    one_line, resolve_device, resolve_dtype, run_metadata, write_error)
+from common import (UserError, atomic_path, atomic_write_json, autocast_context, check_fits, check_regular_file, check_seed,
+                    cli_main, directory_lock, json_safe, one_line, read_json_file, resolve_device, resolve_dtype,
+                    run_metadata, write_error)
 from data import TOKEN_DTYPE, load_tokens
 
 
@@ -214,13 +215,20 @@ def _read_config_file(path):
             if os.path.isdir(here) else []
         hint = f" (available in config/: {', '.join(available)})" if available else ""
         raise UserError(f"config file {path} does not exist{hint}")
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
     namespace = {"__file__": os.path.abspath(path), "__name__": "__config__"}
     try:
         exec(compile(source, path, "exec"), namespace)
     except SyntaxError as e:
         raise UserError(f"config file {path}, line {e.lineno}: syntax error ({e.msg})") from None
+    except SystemExit as e:
+        raise UserError(f"config file {path} calls sys.exit({e.code!r}); a config file only sets keys") from None
     except UserError:
         raise
     except Exception as e:
@@ -301,6 +309,10 @@ def validate_config(cfg):
     need(cfg.backend in ("auto", "nccl", "gloo"), f"backend must be auto, nccl or gloo, not {cfg.backend!r}")
     need(cfg.dtype in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
          f"unknown dtype {cfg.dtype!r}; choose auto, float32, bfloat16 or float16")
+    need(cfg.out_dir.strip() != "", "out_dir is empty; name the run's directory, e.g. --out_dir=out/my_run")
+    need(os.path.dirname(os.path.abspath(cfg.out_dir)) != os.path.abspath(cfg.out_dir),
+         f"out_dir {cfg.out_dir} is the filesystem root; name a directory of the run's own")
+    check_seed(cfg.seed, "seed")
     need(cfg.init_from in ("scratch", "resume") + PRETRAINED or os.path.isdir(cfg.init_from),
          f"init_from must be scratch, resume, one of {', '.join(PRETRAINED)} or a Hugging Face GPT-2 "
          f"directory, not {cfg.init_from!r}")
@@ -383,11 +395,8 @@ def check_data(cfg, data_dir):
             what = "does not exist" if not os.path.isdir(data_dir) else f"has no {split}.bin"
             raise UserError(f"data directory {data_dir} {what}; make it with: {cmd}"
                             + ("" if cfg.data_dir else f" (or set --data_dir)"))
-    meta = {}
     meta_path = os.path.join(data_dir, "meta.json")
-    if os.path.isfile(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+    meta = read_meta(meta_path) if os.path.lexists(meta_path) else {}
     lengths = {s: len(load_tokens(os.path.join(data_dir, f"{s}.bin"))) for s in ("train", "val")}
     for split, n in lengths.items():
         if n <= cfg.block_size + 1:
@@ -404,9 +413,106 @@ def check_data(cfg, data_dir):
     return meta
 
 
+def read_meta(path):
+    """prepare_data.py's meta.json, checked: a dict whose vocab_size, when present, is a positive integer."""
+    meta = read_json_file(path, "data description")
+    fix = "prepare the data again with prepare_data.py (or remove meta.json to have the ids checked instead)"
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} holds a {type(meta).__name__}, not a data description; {fix}")
+    vocab = meta.get("vocab_size", 1)
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise UserError(f"{path}: vocab_size {vocab!r} is not a positive integer; {fix}")
+    return meta
+
+
 def _max_token(path, chunk=1 << 26):
     data = load_tokens(path)
     return int(max(data[i:i + chunk].max() for i in range(0, len(data), chunk)))
+
+
+# ================================================================================================ resume state
+
+RESUME_FIX = "it cannot be resumed exactly: restore it from a copy (its weights can still be analysed)"
+
+
+def check_resume_state(path, ckpt):
+    """The resume state of a checkpoint as data (optimizer structure, sampler, every rank's RNG), checked
+    before the launch writes anything; one line naming the key."""
+    opt = ckpt["optimizer"]
+    groups = opt.get("param_groups") if isinstance(opt, dict) else None
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(groups, list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        raise UserError(f"{path}: optimizer is not an optimizer state (a dict of 'state' and 'param_groups'); {RESUME_FIX}")
+    sampler = ckpt["sampler"]
+    try:
+        torch.Generator().set_state(sampler["generator"])
+        if isinstance(sampler["draws"], bool) or int(sampler["draws"]) < 0:
+            raise ValueError
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
+        raise UserError(f"{path}: sampler is not a data sampler state (its generator or draw count); {RESUME_FIX}") from None
+    rng = ckpt.get("rng")
+    if rng is not None and not isinstance(rng, list):
+        raise UserError(f"{path}: rng is a {type(rng).__name__}, not a list of per-rank RNG states; {RESUME_FIX}")
+    for rank, state in enumerate(rng or []):
+        try:
+            check_rng_state(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, OverflowError):
+            raise UserError(f"{path}: rng[{rank}] is not an RNG state (python, numpy, torch); {RESUME_FIX}") from None
+
+
+def check_rng_state(state):
+    """Apply `state` to throw-away generators: raises where set_rng_state would."""
+    py = state["python"]
+    random.Random().setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.RandomState().set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.Generator().set_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and not (isinstance(cuda, torch.Tensor) and cuda.dtype == torch.uint8):
+        raise TypeError("cuda state")
+
+
+def load_optimizer_state(optimizer, state, path):
+    """optimizer.load_state_dict, after checking that the saved groups and moment shapes fit the model's
+    parameters (torch checks the group sizes only; a wrong moment shape would fail at the first step)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sizes, saved = [len(g["params"]) for g in optimizer.param_groups], [len(g["params"]) for g in state["param_groups"]]
+    if sizes != saved:
+        raise UserError(f"{path}: the optimizer state has parameter groups of {saved} parameters, the model's optimizer "
+                        f"{sizes}; {RESUME_FIX}")
+    ids = [i for g in state["param_groups"] for i in g["params"]]
+    for param, pid in zip(params, ids):
+        moments = state["state"].get(pid, {})
+        for name, value in (moments.items() if isinstance(moments, dict) else [("", moments)]):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)  # a step count
+            if not (number or isinstance(value, torch.Tensor)) or (number is False and value.ndim
+                                                                   and value.shape != param.shape):
+                what = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+                raise UserError(f"{path}: optimizer['state'][{pid}][{name!r}] has {what}, but its parameter has shape "
+                                f"{tuple(param.shape)}; {RESUME_FIX}")
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: the optimizer state does not fit this model ({one_line(e, 120)}); {RESUME_FIX}") from None
+
+
+def read_run_record(path):
+    """run.json of earlier launches ({} where there is none), checked: a dict whose launches are a list."""
+    if not os.path.lexists(path):
+        return {}
+    record = read_json_file(path, "run record")
+    if not isinstance(record, dict) or not isinstance(record.get("launches", []), list):
+        raise UserError(f"run record {path} is not one train.py wrote (a dict with a list of launches); restore it "
+                        f"or move it away")
+    return record
+
+
+def training_bytes(cfg):
+    """A low estimate of training's memory: fp32 weights, gradients and AdamW moments, plus the activations
+    and logits one micro-batch keeps for the backward. Above the device's memory, the run cannot fit."""
+    n_params = 12 * cfg.n_layer * cfg.n_embd ** 2 + (cfg.vocab_size + cfg.block_size) * cfg.n_embd
+    tokens = cfg.batch_size * cfg.block_size
+    return 16 * n_params + tokens * (16 * cfg.n_layer * cfg.n_embd + 4 * cfg.vocab_size)
 
 
 # ================================================================================================ helpers
@@ -652,10 +758,22 @@ class Trainer:
                                 f" without the {' and '.join(missing)} state an exact resume "
                                 f"needs; resume from the ckpt.pt train.py wrote, or analyse this file with "
                                 f"analyze_outliers.py")
+            check_resume_state(ckpt_path, ckpt)
             self.check_resume_config(ckpt)
-        elif os.path.exists(ckpt_path) and not cfg.overwrite and not cfg.eval_only:
+        elif os.path.exists(ckpt_path) and not cfg.overwrite:
+            if cfg.eval_only:  # its log and run record would get an evaluation of other weights
+                raise UserError(f"{cfg.out_dir} holds a run ({ckpt_path}); --eval_only with --init_from="
+                                f"{cfg.init_from} would log an evaluation of other weights into it: evaluate the run "
+                                f"with --init_from=resume --eval_only=True, or choose another --out_dir")
             raise UserError(f"{cfg.out_dir} already holds a run ({ckpt_path}); continue it with --init_from=resume, "
                             f"or pass --overwrite=True to start over, or choose another --out_dir")
+        # every file of the run directory this launch reads or replaces, checked before anything is written
+        check_regular_file(self.log_path, "training log")
+        keeps_record = ckpt is not None or cfg.eval_only
+        self.previous_record = read_run_record(os.path.join(cfg.out_dir, "run.json")) if keeps_record else {}
+        check_fits(training_bytes(cfg), self.device,
+                   f"training {cfg.n_layer} layers of width {cfg.n_embd} on {cfg.batch_size} x {cfg.block_size} tokens",
+                   "lower --batch_size (and raise --gradient_accumulation_steps to keep the tokens per iteration)")
 
         meta = check_data(cfg, self.data_dir)
         self.log(format_config(cfg, self.origin))
@@ -685,9 +803,13 @@ class Trainer:
         self.iter_num, self.best_val_loss, self.last_eval_iter, self.last_telemetry_iter = 0, float("inf"), -1, -1
         wandb_id = None
         if ckpt is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(optimizer, ckpt["optimizer"], ckpt_path)
             if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
+                try:
+                    scaler.load_state_dict(ckpt["scaler"])
+                except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                    raise UserError(f"{ckpt_path}: scaler is not a grad scaler state ({one_line(e, 120)}); "
+                                    f"{RESUME_FIX}") from None
             self.iter_num = int(ckpt["iter_num"])
             self.best_val_loss = float(ckpt.get("best_val_loss", float("inf")))
             self.last_eval_iter = int(ckpt.get("last_eval_iter", -1))
@@ -823,10 +945,7 @@ class Trainer:
 
     def write_run_record(self, meta, model, tokens_per_iter, start):
         path = os.path.join(self.cfg.out_dir, "run.json")
-        record = {}
-        if not start and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                record = json.load(f)
+        record = {} if start else dict(self.previous_record)
         launch = {**run_metadata(self.device), "init_from": self.cfg.init_from, "start_iter": self.iter_num,
                   "world_size": self.world, "status": "running", "end_iter": None}
         record["config"] = dataclasses.asdict(self.cfg)

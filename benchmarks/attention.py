@@ -105,6 +105,7 @@ def main(argv=None):
     gpu = "cpu-interpreter" if args.interpret_smoke else torch.cuda.get_device_name()
     H, D = args.heads, args.head_dim
     meta = bench_utils.bench_metadata("attention", "benchmarks/attention.py", argv, device)
+    bench_utils.check_out_dir(args.out_dir, "attention")
 
     def sync():
         if device == "cuda":

@@ -88,6 +88,12 @@ def chosen_tile_configs():
     return rows
 
 
+def check_out_dir(out_dir, benchmark):
+    """--out-dir checked before the measurements (None: the default, chosen later)."""
+    if out_dir is not None:
+        common.check_output_dir(out_dir, f"benchmarks/{benchmark}", [], flag="--out-dir")
+
+
 def write_results(meta, results, table, out_dir, *, title, label, summary):
     """Write <out_dir>/<benchmark>_<label>_<time>.json (meta + results + tile configs + the
     markdown table) and the .md next to it; prints the table and the paths; returns the stem."""
@@ -97,14 +103,17 @@ def write_results(meta, results, table, out_dir, *, title, label, summary):
     meta["summary_markdown"] = table
     print()
     print(table)
-    os.makedirs(out_dir, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", str(label).lower()).strip("-")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = os.path.join(out_dir, f"{meta['benchmark']}_{slug}_{stamp}")
-    common.atomic_write_json(stem + ".json", meta)
-    common.atomic_write_text(
-        stem + ".md",
-        f"# {title}: {meta.get('gpu')}, {meta.get('date')}\n\n"
-        f"{summary}; commit {meta.get('git_commit')}; `{meta['command']}`\n\n{table}\n")
+    name = f"{meta['benchmark']}_{slug}_{stamp}"
+    # the pair lands together, beside the earlier results (never replacing a file the benchmarks did not write)
+    with common.output_set(out_dir, f"benchmarks/{meta['benchmark']}", [name + ".json", name + ".md"],
+                           flag="--out-dir", keep_previous=True) as tmp:
+        with open(os.path.join(tmp, name + ".json"), "w", encoding="utf-8") as f:
+            f.write(common.json_text(meta))
+        with open(os.path.join(tmp, name + ".md"), "w", encoding="utf-8") as f:
+            f.write(f"# {title}: {meta.get('gpu')}, {meta.get('date')}\n\n"
+                    f"{summary}; commit {meta.get('git_commit')}; `{meta['command']}`\n\n{table}\n")
+    stem = os.path.join(out_dir, name)
     print(f"\nwrote {stem}.json and {stem}.md")
     return stem

@@ -84,6 +84,7 @@ def main(argv=None):
     device = "cpu" if args.smoke else "cuda"
     gpu = "cpu-interpreter" if args.smoke else torch.cuda.get_device_name()
     meta = bench_utils.bench_metadata("train_throughput", "benchmarks/train_throughput.py", argv, device)
+    bench_utils.check_out_dir(args.out_dir, "train_throughput")
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

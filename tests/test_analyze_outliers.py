@@ -88,7 +88,10 @@ def check_png(path):
 
 
 def no_leftovers(parent, name):
-    return [p for p in os.listdir(parent) if p.startswith(f".{name}.")]
+    """Temporaries beside the output directory or inside it (a staging directory)."""
+    inside = os.path.join(parent, name)
+    return ([p for p in os.listdir(parent) if p.startswith(f".{name}.")]
+            + ([p for p in os.listdir(inside) if p.endswith((".tmp", ".old"))] if os.path.isdir(inside) else []))
 
 
 def test_end_to_end_planted_checkpoint(files, tmp_path):
@@ -190,7 +193,7 @@ def test_compare_and_replace_existing_output(files, tmp_path):
     rc = analyze_outliers.main(["--compare", ckpt_a, files["scaling"], "--data", files["bin"],
                                 "--num_seqs", "2", "--tau", "20", "--out", str(out), "--no_progress"])
     assert rc == 0
-    assert not (out / "stale.txt").exists()
+    assert (out / "stale.txt").read_text() == "old"  # not written by the comparison: left alone
     doc = json.loads((out / "compare.json").read_text())
     assert [r["model"]["attention"] for r in doc["runs"]] == ["default", "scaling"]
     assert all(len(r["top3"]) == 4 for r in doc["runs"])
@@ -205,6 +208,13 @@ def test_compare_and_replace_existing_output(files, tmp_path):
     assert same_image(out / "compare_loss.png", redraw / "compare_loss.png")
     assert "](compare_loss.png)" in (out / "report.md").read_text()
     assert "| checkpoint |" in (out / "report.md").read_text()
+    assert no_leftovers(tmp_path, "cmp") == []
+    # run again without the log: the comparison replaces its own set, and its loss figure goes with it
+    (run / "log.jsonl").unlink()
+    assert analyze_outliers.main(["--compare", ckpt_a, files["scaling"], "--data", files["bin"], "--num_seqs", "2",
+                                  "--tau", "20", "--out", str(out), "--no_progress"]) == 0
+    assert not (out / "compare_loss.png").exists() and (out / "stale.txt").read_text() == "old"
+    assert "loss" not in json.loads((out / "compare.json").read_text())["figures"]
     assert no_leftovers(tmp_path, "cmp") == []
 
 

@@ -66,7 +66,7 @@ def test_single_text_file_round_trip(tmp_path):
     p = run_cli(["--dataset", "text", "--input", str(src), "--out_dir", str(out), "--val_fraction", "0.2",
                  "--cache_dir", str(tmp_path / "hf"), "--num_proc", "1"])
     assert p.returncode == 0, p.stderr[-2000:]
-    assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(os.listdir(out)) == [".outlier-gpt-outputs.json", "meta.json", "train.bin", "val.bin"]
     # documented rule: one document, cut after the first line break at or after 80% of its characters
     cut = TEXT.index("\n", int(len(TEXT) * 0.8)) + 1
     enc = reference_encoding()
@@ -173,7 +173,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch, failure):
     with pytest.raises(expected, match=match):
         prepare_data.main(["--dataset", "text", "--input", str(src), "--out_dir", str(out),
                            "--cache_dir", str(tmp_path / "hf"), "--num_proc", "1"])
-    assert os.listdir(out) == []  # no half-written train.bin, no temporary files
+    assert not out.exists() or os.listdir(out) == []  # no half-written train.bin, no temporary files
 
 
 def test_existing_different_data_needs_overwrite(tmp_path):

@@ -184,6 +184,13 @@ def must_not_run(*args, **kwargs):
     raise AssertionError("the output location was not checked before the long work")
 
 
+def tree_bytes(root):
+    """{relative path: bytes} of every file below `root` (what must be byte-identical after a refusal)."""
+    root = str(root)
+    return {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read()
+            for d, _, files in os.walk(root) for n in files}
+
+
 def no_temporaries(*dirs):
     return [os.path.join(d, n) for d in dirs if os.path.isdir(d) for n in os.listdir(d) if n.endswith((".tmp", ".old"))]
 
@@ -463,7 +470,7 @@ def analyze_out_under_file(tmp_path, capsys, monkeypatch, **_):
     out = tmp_path / "file" / "sub" / "report"
     code, err = cli(analyze_outliers.main, [ckpt, "--data", eval_data(tmp_path), "--out", out, "--no_progress"],
                     capsys)
-    return code, err, {"parent": str(out.parent)}
+    return code, err, {"out": str(out), "parent": str(out.parent)}
 
 
 @scenario
@@ -484,8 +491,8 @@ def analyze_write_fails(tmp_path, capsys, monkeypatch, **_):
     out = tmp_path / "report"
     real_rename = os.rename
 
-    def read_only(src, dst):
-        if os.path.abspath(dst) == str(out):
+    def read_only(src, dst):  # moving a finished file into --out fails
+        if os.path.dirname(os.path.abspath(dst)) == str(out):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
         return real_rename(src, dst)
     monkeypatch.setattr(common.os, "rename", read_only)
@@ -498,14 +505,16 @@ def analyze_write_fails(tmp_path, capsys, monkeypatch, **_):
 @scenario
 def analyze_leftover_dirs(tmp_path, capsys, **_):
     ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
-    dead = tmp_path / f".report.{HOST}.999999.abcdefgh.tmp"
-    live = tmp_path / f".report.{HOST}.{os.getpid()}.abcdefgh.tmp"  # a concurrent analysis: not ours
+    out = tmp_path / "report"
+    out.mkdir()
+    dead = out / f".analyze-outliers-py.{HOST}.999999.abcdefgh.tmp"
+    live = out / f".analyze-outliers-py.{HOST}.{os.getpid()}.abcdefgh.tmp"  # a concurrent analysis: not ours
     for d in (dead, live):
         d.mkdir()
         (d / "report.md").write_text("partial")
-    code, err = cli(analyze_outliers.main, [ckpt, "--data", eval_data(tmp_path), "--out", tmp_path / "report",
+    code, err = cli(analyze_outliers.main, [ckpt, "--data", eval_data(tmp_path), "--out", out,
                                             "--no_progress", "--num_seqs", "1", "--tau", "4"], capsys)
-    assert not dead.exists() and live.exists() and (tmp_path / "report" / "report.md").exists()
+    assert not dead.exists() and live.exists() and (out / "report.md").exists()
     return code, err, {}
 
 
@@ -523,16 +532,21 @@ def compress_out_under_file(tmp_path, capsys, monkeypatch, **_):
 def compress_write_fails(tmp_path, capsys, monkeypatch, **_):
     ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
     out = tmp_path / "results"
-    real_replace = os.replace
+    argv = [ckpt, "--data", eval_data(tmp_path), "--out", out, "--no_progress", "--methods", "fp"]
+    assert cli(compress_eval.main, argv, capsys)[0] == 0
+    before = tree_bytes(out)
+    real_rename = os.rename
 
-    def full(src, dst):
-        if os.path.dirname(os.path.abspath(dst)) == str(out):
+    failed = []
+
+    def full(src, dst):  # the last file of the new set cannot be moved in (once): the others must go back
+        if os.path.abspath(dst) == str(out / "results.csv") and not failed:
+            failed.append(dst)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_replace(src, dst)
-    monkeypatch.setattr(common.os, "replace", full)
-    code, err = cli(compress_eval.main, [ckpt, "--data", eval_data(tmp_path), "--out", out, "--no_progress",
-                                         "--methods", "fp"], capsys)
-    assert not out.exists() or os.listdir(out) == []  # none of the three files, no temporaries
+        return real_rename(src, dst)
+    monkeypatch.setattr(common.os, "rename", full)
+    code, err = cli(compress_eval.main, argv + ["--max_tokens", "200"], capsys)
+    assert tree_bytes(out) == before  # the previous results, whole
     return code, err, {"out": str(out)}
 
 
@@ -577,11 +591,13 @@ def umask(tmp_path, capsys, trained, **_):
             d = tmp_path / f"m{mask:o}"
             save_model(d / "ckpt.pt", tiny_model())
             common.atomic_write_json(d / "x.json", {"a": 1})
-            with analyze_outliers.atomic_directory(d / "report") as tmp:
+            with common.output_set(d / "report", "a test", ["r.md"]) as tmp:
                 open(os.path.join(tmp, "r.md"), "w").write("x")
             data.write_tokens(d / "t.bin", [1, 2, 3])
-            modes = {n: os.stat(d / n).st_mode & 0o777 for n in ("ckpt.pt", "x.json", "t.bin", "report")}
-            assert modes == {"ckpt.pt": file_mode, "x.json": file_mode, "t.bin": file_mode, "report": dir_mode}, modes
+            names = ("ckpt.pt", "x.json", "t.bin", "report", "report/r.md")
+            modes = {n: os.stat(d / n).st_mode & 0o777 for n in names}
+            assert modes == {"ckpt.pt": file_mode, "x.json": file_mode, "t.bin": file_mode, "report": dir_mode,
+                             "report/r.md": file_mode}, modes
         finally:
             os.umask(old)
     # and what train.py wrote under the test run's umask
@@ -591,3 +607,524 @@ def umask(tmp_path, capsys, trained, **_):
     for name in ("ckpt.pt", "ckpt_2.pt", "run.json", "log.jsonl"):
         assert os.stat(os.path.join(trained["out"], name)).st_mode & 0o777 == expected, name
     return 0, "", {}
+
+
+# ------------------------------------------------------------------------------------------ output locations (A, B)
+# Scripts write only their own files into an output directory and replace only what they wrote there
+# (common.output_set and its manifest); everything else there is byte-identical afterwards.
+
+def analyze_args(ckpt, tmp_path, out):
+    return [ckpt, "--data", eval_data(tmp_path), "--out", out, "--no_progress", "--num_seqs", "1", "--seq_len", "8",
+            "--tau", "4"]
+
+
+@scenario
+def analyze_out_is_run_dir(tmp_path, capsys, trained, **_):
+    out, _ = run_copy(trained, tmp_path)
+    before = tree_bytes(out)
+    code, err = cli(analyze_outliers.main, analyze_args(os.path.join(out, "ckpt.pt"), tmp_path, out), capsys)
+    after = tree_bytes(out)
+    assert {k: after[k] for k in before} == before  # the run's checkpoint, snapshots and logs untouched
+    assert "report.md" in after and "outliers.json" in after
+    return code, err, {}
+
+
+@scenario
+def analyze_out_empty(tmp_path, capsys, monkeypatch, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    argv = analyze_args(ckpt, tmp_path, "")
+    monkeypatch.chdir(tmp_path)
+    before = tree_bytes(tmp_path)
+    monkeypatch.setattr(analyze_outliers, "model_and_info", must_not_run)
+    code, err = cli(analyze_outliers.main, argv, capsys)
+    assert tree_bytes(tmp_path) == before
+    return code, err, {}
+
+
+@scenario
+def analyze_out_root(tmp_path, capsys, monkeypatch, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    monkeypatch.setattr(analyze_outliers, "model_and_info", must_not_run)
+    code, err = cli(analyze_outliers.main, analyze_args(ckpt, tmp_path, "/"), capsys)
+    return code, err, {}
+
+
+@scenario
+def analyze_out_is_input(tmp_path, capsys, monkeypatch, **_):
+    from safetensors.torch import save_file
+    hf_dir = tmp_path / "hf_gpt2"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16,
+                                                    "n_positions": 32, "vocab_size": VOCAB}))
+    save_file({"wte.weight": torch.zeros(VOCAB, 16)}, str(hf_dir / "model.safetensors"))
+    before = tree_bytes(hf_dir)
+    monkeypatch.setattr(analyze_outliers, "model_and_info", must_not_run)
+    code, err = cli(analyze_outliers.main, ["--pretrained", hf_dir, "--data", eval_data(tmp_path), "--out", hf_dir,
+                                            "--no_progress"], capsys)
+    assert tree_bytes(hf_dir) == before
+    return code, err, {"out": str(hf_dir)}
+
+
+@scenario
+def analyze_out_foreign_file(tmp_path, capsys, monkeypatch, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "report.md").write_text("my own notes\n")
+    monkeypatch.setattr(analyze_outliers, "model_and_info", must_not_run)
+    code, err = cli(analyze_outliers.main, analyze_args(ckpt, tmp_path, out), capsys)
+    assert tree_bytes(out) == {"report.md": b"my own notes\n"}
+    return code, err, {"out": str(out)}
+
+
+@scenario
+def analyze_compare_into_analysis(tmp_path, capsys, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    out = tmp_path / "o"
+    assert cli(analyze_outliers.main, analyze_args(ckpt, tmp_path, out), capsys)[0] == 0
+    before = tree_bytes(out)
+    code, err = cli(analyze_outliers.main, ["--compare", ckpt, ckpt, "--data", eval_data(tmp_path), "--out", out,
+                                            "--no_progress", "--num_seqs", "1", "--seq_len", "8"], capsys)
+    assert tree_bytes(out) == before
+    return code, err, {"out": str(out)}
+
+
+@scenario
+def analyze_replaces_its_own(tmp_path, capsys, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    out = tmp_path / "o"
+    assert cli(analyze_outliers.main, analyze_args(ckpt, tmp_path, out), capsys)[0] == 0
+    (out / "my_notes.txt").write_text("kept\n")
+    first = json.loads((out / "outliers.json").read_text())
+    code, err = cli(analyze_outliers.main, analyze_args(ckpt, tmp_path, out) + ["--seed", "5"], capsys)
+    assert (out / "my_notes.txt").read_text() == "kept\n"
+    assert json.loads((out / "outliers.json").read_text())["data"]["seed"] == 5 != first["data"]["seed"]
+    return code, err, {}
+
+
+@scenario
+def compress_results_is_dir(tmp_path, capsys, monkeypatch, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    out = tmp_path / "results"
+    argv = [ckpt, "--data", eval_data(tmp_path), "--out", out, "--no_progress", "--methods", "fp"]
+    assert cli(compress_eval.main, argv, capsys)[0] == 0
+    (out / "results.md").unlink()
+    (out / "results.md").mkdir()
+    before = tree_bytes(out)
+    monkeypatch.setattr(compress_eval, "evaluate_perplexity", must_not_run)
+    code, err = cli(compress_eval.main, argv, capsys)
+    assert tree_bytes(out) == before  # results.json and results.csv of the first run, untouched
+    return code, err, {"out": str(out)}
+
+
+@scenario
+def compress_out_empty(tmp_path, capsys, monkeypatch, **_):
+    ckpt, val = save_model(tmp_path / "ckpt.pt", tiny_model()), eval_data(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = tree_bytes(tmp_path)
+    monkeypatch.setattr(compress_eval, "evaluate_perplexity", must_not_run)
+    code, err = cli(compress_eval.main, [ckpt, "--data", val, "--out", "", "--no_progress"], capsys)
+    assert tree_bytes(tmp_path) == before
+    return code, err, {}
+
+
+@scenario
+def compress_out_foreign_file(tmp_path, capsys, monkeypatch, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "results.csv").write_text("a,b\n1,2\n")
+    monkeypatch.setattr(compress_eval, "evaluate_perplexity", must_not_run)
+    code, err = cli(compress_eval.main, [ckpt, "--data", eval_data(tmp_path), "--out", out, "--no_progress"], capsys)
+    assert tree_bytes(out) == {"results.csv": b"a,b\n1,2\n"}
+    return code, err, {"out": str(out)}
+
+
+@scenario
+def prepare_meta_is_dir(tmp_path, capsys, monkeypatch, **_):
+    needs_tokenizer()
+    src = tmp_path / "in.txt"
+    src.write_text("some text\n" * 50)
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "meta.json").mkdir()
+    (out / "train.bin").write_bytes(b"\0\0")
+    monkeypatch.setattr(prepare_data, "_load_splits", must_not_run)
+    code, err = cli(prepare_data.main, ["--dataset", "text", "--input", src, "--out_dir", out, "--num_proc", "1",
+                                        "--overwrite"], capsys)
+    assert tree_bytes(out) == {"train.bin": b"\0\0"}
+    return code, err, {"out": str(out)}
+
+
+@scenario
+def prepare_out_is_input(tmp_path, capsys, monkeypatch, **_):
+    needs_tokenizer()
+    out = tmp_path / "data"
+    out.mkdir()
+    src = out / "train.bin"  # a text file that happens to carry an output's name
+    src.write_text("some text\n" * 50)
+    monkeypatch.setattr(prepare_data, "_load_splits", must_not_run)
+    code, err = cli(prepare_data.main, ["--dataset", "text", "--input", src, "--out_dir", out, "--num_proc", "1",
+                                        "--overwrite"], capsys)
+    assert src.read_text() == "some text\n" * 50
+    return code, err, {"out": str(out), "input": str(src)}
+
+
+@scenario
+def reproduce_out_foreign_report(tmp_path, capsys, monkeypatch, **_):
+    import reproduce
+    out = tmp_path / "repro"
+    out.mkdir()
+    (out / "REPORT.md").write_text("someone else's report\n")
+    monkeypatch.setattr(reproduce, "execute", must_not_run)
+    code, err = cli(reproduce.main, ["--scale", "tiny", "--variants", "default", "--out", out], capsys)
+    assert tree_bytes(out) == {"REPORT.md": b"someone else's report\n"}
+    return code, err, {"out": str(out)}
+
+
+# ------------------------------------------------------------------------------------------ checkpoint contents (C)
+
+def _edited_checkpoint(tmp_path, edit):
+    """A tiny checkpoint (valid CRCs) whose contents `edit` changed in memory before saving."""
+    model = tiny_model()
+    ckpt = {"model": model.state_dict(), "model_args": model_args_from(model.config), "iter_num": 3, "config": {}}
+    edit(ckpt)
+    path = str(tmp_path / "ckpt.pt")
+    torch.save(ckpt, path)
+    return path
+
+
+def _refused_by_analyze(tmp_path, capsys, edit):
+    ckpt = _edited_checkpoint(tmp_path, edit)
+    code, err = cli(analyze_outliers.main, analyze_args(ckpt, tmp_path, tmp_path / "o"), capsys)
+    assert not (tmp_path / "o").exists()
+    return code, err, {"ckpt": ckpt}
+
+
+def _refused_by_compress(tmp_path, capsys, edit):
+    ckpt = _edited_checkpoint(tmp_path, edit)
+    code, err = cli(compress_eval.main, [ckpt, "--data", eval_data(tmp_path), "--out", tmp_path / "o",
+                                         "--no_progress"], capsys)
+    assert not (tmp_path / "o").exists()
+    return code, err, {"ckpt": ckpt}
+
+
+@scenario
+def ckpt_model_is_list(tmp_path, capsys, **_):
+    return _refused_by_analyze(tmp_path, capsys, lambda c: c.update(model=list(c["model"].values())))
+
+
+@scenario
+def ckpt_weight_is_int(tmp_path, capsys, **_):
+    return _refused_by_compress(tmp_path, capsys, lambda c: c["model"].update({"transformer.h.0.ln_1.weight": 3}))
+
+
+@scenario
+def ckpt_weight_is_dict(tmp_path, capsys, **_):
+    return _refused_by_analyze(tmp_path, capsys, lambda c: c["model"].update({"transformer.h.1.mlp.c_fc.weight": {}}))
+
+
+@scenario
+def ckpt_weight_on_meta(tmp_path, capsys, **_):
+    return _refused_by_compress(tmp_path, capsys, lambda c: c["model"].update(
+        {"transformer.h.0.attn.c_proj.weight": torch.empty(32, 32, device="meta")}))
+
+
+@scenario
+def ckpt_n_layer_none(tmp_path, capsys, **_):
+    return _refused_by_analyze(tmp_path, capsys, lambda c: c["model_args"].update(n_layer=None))
+
+
+@scenario
+def ckpt_n_embd_huge(tmp_path, capsys, **_):
+    return _refused_by_compress(tmp_path, capsys, lambda c: c["model_args"].update(n_embd=2**20))
+
+
+@scenario
+def ckpt_n_embd_mismatch(tmp_path, capsys, **_):
+    return _refused_by_analyze(tmp_path, capsys, lambda c: c["model_args"].update(n_embd=64))
+
+
+@scenario
+def ckpt_dropout_text(tmp_path, capsys, **_):
+    return _refused_by_compress(tmp_path, capsys, lambda c: c["model_args"].update(dropout="0.1"))
+
+
+@scenario
+def ckpt_iter_num_text(tmp_path, capsys, **_):
+    return _refused_by_analyze(tmp_path, capsys, lambda c: c.update(iter_num="3"))
+
+
+def _resume_with(tmp_path, capsys, trained, edit):
+    """Resume a copy of the trained run from a checkpoint that `edit` changed; the run's files must be
+    byte-identical afterwards (nothing is written before the resume state is checked)."""
+    out, args = run_copy(trained, tmp_path)
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path)
+    edit(ckpt)
+    save_checkpoint(ckpt_path, ckpt)
+    before = tree_bytes(out)
+    code, err = cli(train.main, args + ["--max_iters=6", "--init_from=resume"], capsys)
+    assert tree_bytes(out) == before
+    return code, err, {"ckpt": ckpt_path, "out": out}
+
+
+@scenario
+def resume_optimizer_empty(tmp_path, capsys, trained, **_):
+    return _resume_with(tmp_path, capsys, trained, lambda c: c.update(optimizer={}))
+
+
+@scenario
+def resume_optimizer_wrong_shape(tmp_path, capsys, trained, **_):
+    def edit(c):
+        c["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3, 3)
+    return _resume_with(tmp_path, capsys, trained, edit)
+
+
+@scenario
+def resume_optimizer_groups(tmp_path, capsys, trained, **_):
+    def edit(c):
+        c["optimizer"]["param_groups"][0]["params"] = c["optimizer"]["param_groups"][0]["params"][:-1]
+    return _resume_with(tmp_path, capsys, trained, edit)
+
+
+@scenario
+def resume_sampler_bad(tmp_path, capsys, trained, **_):
+    return _resume_with(tmp_path, capsys, trained, lambda c: c["sampler"].update(generator=torch.zeros(7)))
+
+
+@scenario
+def resume_rng_bad(tmp_path, capsys, trained, **_):
+    return _resume_with(tmp_path, capsys, trained, lambda c: c["rng"][0].update(numpy=["MT19937", [1, 2], 0, 0, 0.0]))
+
+
+@scenario
+def resume_rng_not_list(tmp_path, capsys, trained, **_):
+    return _resume_with(tmp_path, capsys, trained, lambda c: c.update(rng={"python": None}))
+
+
+# ------------------------------------------------------------------------------------------ run directory and data files (D)
+
+def _train_with_meta(tmp_path, capsys, trained, text):
+    data_dir = tmp_path / "data"
+    shutil.copytree(trained["data"], data_dir)
+    (data_dir / "meta.json").write_text(text)
+    code, err = cli(train.main, TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}", "--max_iters=2"],
+                    capsys)
+    assert not (tmp_path / "o").exists()
+    return code, err, {"meta": str(data_dir / "meta.json")}
+
+
+@scenario
+def train_meta_truncated(tmp_path, capsys, trained, **_):
+    return _train_with_meta(tmp_path, capsys, trained, '{"vocab_size": 6')
+
+
+@scenario
+def train_meta_vocab_text(tmp_path, capsys, trained, **_):
+    return _train_with_meta(tmp_path, capsys, trained, '{"vocab_size": "lots"}')
+
+
+@scenario
+def train_meta_vocab_null(tmp_path, capsys, trained, **_):
+    return _train_with_meta(tmp_path, capsys, trained, '{"vocab_size": null}')
+
+
+@scenario
+def train_meta_is_dir(tmp_path, capsys, trained, **_):
+    data_dir = tmp_path / "data"
+    shutil.copytree(trained["data"], data_dir)
+    (data_dir / "meta.json").unlink()
+    (data_dir / "meta.json").mkdir()
+    code, err = cli(train.main, TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}", "--max_iters=2"],
+                    capsys)
+    return code, err, {"meta": str(data_dir / "meta.json")}
+
+
+@scenario
+def resume_run_json_truncated(tmp_path, capsys, trained, **_):
+    out, args = run_copy(trained, tmp_path)
+    path = os.path.join(out, "run.json")
+    with open(path, "r+") as f:
+        f.truncate(40)
+    before = tree_bytes(out)
+    code, err = cli(train.main, args + ["--max_iters=6", "--init_from=resume"], capsys)
+    assert tree_bytes(out) == before
+    return code, err, {"path": path}
+
+
+@scenario
+def resume_log_is_dir(tmp_path, capsys, trained, **_):
+    out, args = run_copy(trained, tmp_path)
+    log = os.path.join(out, "log.jsonl")
+    os.remove(log)
+    os.mkdir(log)
+    before = tree_bytes(out)
+    code, err = cli(train.main, args + ["--max_iters=6", "--init_from=resume"], capsys)
+    assert tree_bytes(out) == before
+    return code, err, {"log": log}
+
+
+@scenario
+def train_out_dir_empty(tmp_path, capsys, trained, monkeypatch, **_):
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", "--out_dir=", "--max_iters=2"], capsys)
+    assert os.listdir(tmp_path) == []
+    return code, err, {}
+
+
+@scenario
+def analyze_compare_log_is_dir(tmp_path, capsys, **_):
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = save_model(run / "ckpt.pt", tiny_model())
+    (run / "log.jsonl").mkdir()
+    code, err = cli(analyze_outliers.main, ["--compare", ckpt, ckpt, "--data", eval_data(tmp_path), "--out",
+                                            tmp_path / "cmp", "--no_progress", "--num_seqs", "1", "--seq_len", "8"],
+                    capsys)
+    assert not (tmp_path / "cmp").exists()
+    return code, err, {"log": str(run / "log.jsonl")}
+
+
+# ------------------------------------------------------------------------------------------ arguments (E)
+
+@scenario
+def train_seed_huge(tmp_path, capsys, trained, **_):
+    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}",
+                                        f"--seed={2**70}", "--max_iters=2"], capsys)
+    assert not (tmp_path / "o").exists()
+    return code, err, {"seed": 2**70}
+
+
+@scenario
+def train_seed_negative(tmp_path, capsys, trained, **_):
+    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}", "--seed=-3",
+                                        "--max_iters=2"], capsys)
+    return code, err, {}
+
+
+@scenario
+def train_batch_huge(tmp_path, capsys, trained, **_):
+    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}",
+                                        f"--batch_size={2**40}", "--max_iters=2"], capsys)
+    assert not (tmp_path / "o").exists()
+    return code, err, {}
+
+
+@scenario
+def analyze_seed_negative(tmp_path, capsys, monkeypatch, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    monkeypatch.setattr(analyze_outliers, "model_and_info", must_not_run)
+    code, err = cli(analyze_outliers.main, analyze_args(ckpt, tmp_path, tmp_path / "o") + ["--seed", "-1"], capsys)
+    return code, err, {}
+
+
+@scenario
+def compress_seed_negative(tmp_path, capsys, monkeypatch, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    monkeypatch.setattr(compress_eval, "evaluate_perplexity", must_not_run)  # not fp, not sparse50: nothing runs
+    code, err = cli(compress_eval.main, [ckpt, "--data", eval_data(tmp_path), "--out", tmp_path / "o", "--no_progress",
+                                         "--methods", "fp,sparse50,wanda", "--calib_data", eval_data(tmp_path),
+                                         "--seed", "-1"], capsys)
+    return code, err, {}
+
+
+@scenario
+def analyze_num_seqs_huge(tmp_path, capsys, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    code, err = cli(analyze_outliers.main, analyze_args(ckpt, tmp_path, tmp_path / "o") + ["--num_seqs", str(10**12)],
+                    capsys)
+    assert not (tmp_path / "o").exists()
+    return code, err, {"data": eval_data(tmp_path)}
+
+
+@scenario
+def compress_calib_windows_huge(tmp_path, capsys, monkeypatch, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    monkeypatch.setattr(compress_eval, "evaluate_perplexity", must_not_run)
+    code, err = cli(compress_eval.main, [ckpt, "--data", eval_data(tmp_path), "--out", tmp_path / "o", "--no_progress",
+                                         "--methods", "fp,wanda", "--calib_data", eval_data(tmp_path),
+                                         "--calib_windows", str(10**11)], capsys)
+    return code, err, {}
+
+
+@scenario
+def compress_calib_too_short(tmp_path, capsys, monkeypatch, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    short = tmp_path / "short.bin"
+    data.write_tokens(short, np.arange(10) % VOCAB)
+    monkeypatch.setattr(compress_eval, "evaluate_perplexity", must_not_run)
+    code, err = cli(compress_eval.main, [ckpt, "--data", eval_data(tmp_path), "--out", tmp_path / "o", "--no_progress",
+                                         "--methods", "fp,sparse50,wanda", "--calib_data", short], capsys)
+    return code, err, {}
+
+
+@scenario
+def train_device_mps(tmp_path, capsys, trained, **_):
+    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}",
+                                        "--device=mps", "--max_iters=2"], capsys)
+    assert not (tmp_path / "o").exists()
+    return code, err, {}
+
+
+@scenario
+def compress_device_mps(tmp_path, capsys, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    code, err = cli(compress_eval.main, [ckpt, "--data", eval_data(tmp_path), "--out", tmp_path / "o", "--no_progress",
+                                         "--device", "mps"], capsys)
+    return code, err, {}
+
+
+@scenario
+def analyze_device_mps(tmp_path, capsys, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    code, err = cli(analyze_outliers.main, analyze_args(ckpt, tmp_path, tmp_path / "o") + ["--device", "mps"], capsys)
+    return code, err, {}
+
+
+@scenario
+def reproduce_device_mps(tmp_path, capsys, monkeypatch, **_):
+    import reproduce
+    monkeypatch.setattr(reproduce, "execute", must_not_run)
+    code, err = cli(reproduce.main, ["--scale", "tiny", "--variants", "default", "--out", tmp_path / "r",
+                                     "--device", "mps"], capsys)
+    assert not (tmp_path / "r").exists()
+    return code, err, {}
+
+
+@scenario
+def train_device_gpu_index(tmp_path, capsys, trained, monkeypatch, **_):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}",
+                                        "--device=cuda:3", "--max_iters=2"], capsys)
+    return code, err, {}
+
+
+# ------------------------------------------------------------------------------------------ config files (F)
+
+@scenario
+def train_config_not_utf8(tmp_path, capsys, trained, **_):
+    cfg = tmp_path / "bad.py"
+    cfg.write_bytes(b"batch_size = 4  # caf\xff\n")
+    code, err = cli(train.main, [cfg] + TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}"], capsys)
+    return code, err, {"cfg": str(cfg)}
+
+
+@scenario
+def train_config_sys_exit(tmp_path, capsys, trained, **_):
+    cfg = tmp_path / "exits.py"
+    cfg.write_text("import sys\nsys.exit(5)\n")
+    code, err = cli(train.main, [cfg] + TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}"], capsys)
+    return code, err, {"cfg": str(cfg)}
+
+
+# ------------------------------------------------------------------------------------------ wrong behaviour (G)
+
+@scenario
+def train_eval_only_into_run(tmp_path, capsys, trained, **_):
+    out, args = run_copy(trained, tmp_path)
+    before = tree_bytes(out)
+    code, err = cli(train.main, args + ["--eval_only=True"], capsys)  # init_from=scratch: random weights
+    assert tree_bytes(out) == before
+    return code, err, {"out": out}
