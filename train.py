@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import outlier_stats
+from telemetry import training_telemetry
 from common import (UserError, atomic_path, atomic_write_json, autocast_context, check_fits, check_regular_file, check_seed,
                     cli_main, directory_lock, json_safe, one_line, read_json_file, resolve_device, resolve_dtype,
                     run_metadata, write_error)
@@ -825,7 +825,7 @@ class Trainer:
             self.model = DDP(self.fwd_model, device_ids=[self.local_rank] if self.device_type == "cuda" else None)
 
         # ---- outlier telemetry hook
-        self.telemetry = outlier_stats.training_telemetry if cfg.outlier_interval > 0 else None
+        self.telemetry = training_telemetry if cfg.outlier_interval > 0 else None
         val_b, val_offsets = self.eval_batches["val"]
         self.X_fixed = val_b.get(val_offsets[0])[0]
 
