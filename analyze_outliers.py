@@ -15,7 +15,6 @@ directory beside DIR renamed at the end; nothing is left behind on error).
 """
 
 import argparse
-import contextlib
 import functools
 import math
 import os
@@ -25,8 +24,10 @@ import time
 import numpy as np
 
 from common import (UserError, autocast_context, check_fits, check_output_dir, check_seed, cli_main, json_safe,
-                    output_set, read_jsonl_file, resolve_device, resolve_dtype, run_metadata)
+                    output_set, resolve_device, resolve_dtype, run_metadata)
 from data import check_vocab, input_tokens, read_text_file
+from reports import (layer_ranges, loss_curve, markdown_table, number, percent, plot_loss_curves, plot_top1, plot_top3,
+                     pyplot, read_training_log, save_figure, token_code)
 
 FORMAT = "outlier-gpt/outliers"
 FORMAT_VERSION = 1
@@ -256,9 +257,9 @@ def progress(total, disable, desc):
 # analysis
 
 def analyse(args, model, seqs, device, dtype, token_info):
-    import outlier_stats
+    from outlier_analysis import OutlierAnalyzer
     bs = args.batch_size or (8 if device.startswith("cuda") else 1)
-    an = outlier_stats.OutlierAnalyzer(
+    an = OutlierAnalyzer(
         model, tau_act=args.tau_activation, tau_weight=args.tau_weight, tau_attn=args.tau_attention,
         tau_channel=args.tau_channel, max_list=args.max_list, token_info=token_info, seq_len=seqs.shape[1] - 1,
         weight_rule=args.weight_rule, weight_share=args.weight_share, attention_rule=args.attention_rule,
@@ -279,11 +280,11 @@ def analyse(args, model, seqs, device, dtype, token_info):
 
 def intervene(args, model, seqs, bs, device, dtype, lifecycle, normalization):
     """Mean loss over the sequences without and with each intervention: massive activations removed at
-    each target of outlier_stats.Intervention, and the gamma-driven LayerNorm channels set to the median
+    each target of interventions.Intervention, and the gamma-driven LayerNorm channels set to the median
     gamma. All through the model's usual attention backend (the analysis pass runs the reference path,
     which differs slightly). The top-level fields are those of the 'generated' target."""
     import torch
-    import outlier_stats
+    from interventions import INTERVENTION_TARGETS, GammaIntervention, Intervention
 
     def mean_loss(desc):
         total = 0.0
@@ -300,18 +301,18 @@ def intervene(args, model, seqs, bs, device, dtype, lifecycle, normalization):
 
     base = mean_loss("loss")
     targets = {}
-    for target in outlier_stats.INTERVENTION_TARGETS:
+    for target in INTERVENTION_TARGETS:
         means = None
         if args.intervene == "mean":  # a generated value's own mean; carried copies: the mean of all massive ones
             means = lifecycle.generated_means() if target == "generated" else lifecycle.massive_means()
-        with outlier_stats.Intervention(model, args.tau_activation, args.intervene, means, target) as iv:
+        with Intervention(model, args.tau_activation, args.intervene, means, target) as iv:
             loss = mean_loss(f"loss, {target} massive activations set to {args.intervene}")
         targets[target] = {"activations_changed": iv.count, **changed(loss)}
     gamma = {n["module"]: n["gamma_driven"] for n in normalization if n["gamma_driven"]}
     gamma_result = {"channels": gamma, "count": sum(map(len, gamma.values())),
                     "loss_intervened": None, "perplexity_intervened": None, "loss_change": None}
     if gamma:
-        with outlier_stats.GammaIntervention(model, gamma):
+        with GammaIntervention(model, gamma):
             gamma_result.update(changed(mean_loss("loss, gamma-driven channels at the median gamma")))
     return {"mode": args.intervene, "loss": base, "perplexity": math.exp(min(base, 700)), **targets["generated"],
             "targets": targets, "gamma": gamma_result}
@@ -385,22 +386,8 @@ def build_json(args, model_info, data_info, an, res, timing):
 # ----------------------------------------------------------------------------------------------
 # figures
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, out_dir, name):
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, name), dpi=110)
-    _plt().close(fig)
-    return name
-
-
 def fig_activation(out_dir, acc, title, name):
-    plt = _plt()
+    plt = pyplot()
     top3, med = np.asarray(acc["top3"]), np.asarray(acc["median"])
     L = len(med)
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -414,11 +401,11 @@ def fig_activation(out_dir, acc, title, name):
     ax.set_title(title)
     ax.set_xticks(x)
     ax.legend(fontsize=8)
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def fig_surface(out_dir, surface, layer, token_text, name="surface.png"):
-    plt = _plt()
+    plt = pyplot()
     z = surface[layer]  # (S, C)
     S, C = z.shape
     step = max(1, math.ceil(C / 256))
@@ -433,11 +420,11 @@ def fig_surface(out_dir, surface, layer, token_text, name="surface.png"):
     ax.set_ylabel("token position")
     ax.set_zlabel("|h|")
     ax.set_title(f"layer {layer} output, first sequence, first {S} tokens")
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def fig_weights(out_dir, weight, name="weights.png"):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for module, res in weight.items():
         ax.plot(res["extremal_ratio"], marker="o", label=module)
@@ -446,11 +433,11 @@ def fig_weights(out_dir, weight, name="weights.png"):
     ax.set_ylabel("max over columns of max|w|/mean|w|")
     ax.set_title("weight extremal ratio by layer and module")
     ax.legend(fontsize=8)
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def fig_attention(out_dir, att, name="attention.png"):
-    plt = _plt()
+    plt = pyplot()
     top2, med = np.asarray(att["top2"]), np.asarray(att["median"])
     x = np.arange(len(med))
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -463,11 +450,11 @@ def fig_attention(out_dir, att, name="attention.png"):
     ax.set_ylabel("cumulative attention (head mean)")
     ax.set_title("cumulative attention per key: top-2 and median by layer")
     ax.legend(fontsize=8)
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def fig_heads(out_dir, att, name="attention_heads.png"):
-    plt = _plt()
+    plt = pyplot()
     ratio = np.asarray(att["head_top1"]) / np.maximum(np.asarray(att["head_median"]), 1e-12)
     fig, ax = plt.subplots(figsize=(7, 4))
     im = ax.imshow(np.log10(np.maximum(ratio, 1e-12)), aspect="auto", cmap="magma")
@@ -475,13 +462,12 @@ def fig_heads(out_dir, att, name="attention_heads.png"):
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title("per-head spread of cumulative attention")
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def fig_categories(out_dir, groups, name="token_categories.png"):
-    plt = _plt()
-    import outlier_stats
-    cats = outlier_stats.CATEGORIES
+    from outlier_stats import CATEGORIES as cats
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / max(len(groups), 1)
     for i, (label, counts) in enumerate(groups.items()):
@@ -492,11 +478,11 @@ def fig_categories(out_dir, groups, name="token_categories.png"):
     ax.set_ylabel("share of outlier tokens")
     ax.set_title("token categories of outlier-carrying tokens")
     ax.legend(fontsize=8)
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def fig_lifecycle(out_dir, lifecycle, name="lifecycle.png"):
-    plt = _plt()
+    plt = pyplot()
     entries = lifecycle[:3]
     fig, axes = plt.subplots(len(entries), 1, figsize=(7, 2.8 * len(entries)), squeeze=False)
     for ax, e in zip(axes[:, 0], entries):
@@ -512,12 +498,12 @@ def fig_lifecycle(out_dir, lifecycle, name="lifecycle.png"):
                      f"generated at layer {gen if gen is not None else '-'} by {e['generated_by'] or '-'}", fontsize=9)
         ax.set_xlabel("layer")
         ax.legend(fontsize=7)
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def fig_channel_scatter(out_dir, act, name="outlier_channels.png"):
     """Figures 3c / 4b-c: the channel index of activation outliers per layer (h and x_down)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
     for ax, (key, label) in zip(axes[0], (("layer_output", "layer outputs h"), ("down_input", "down-projection inputs x_down"))):
         pts = np.asarray(act[key]["channel_scatter"], dtype=float).reshape(-1, 3)
@@ -530,7 +516,7 @@ def fig_channel_scatter(out_dir, act, name="outlier_channels.png"):
         ax.set_xlabel("layer")
         ax.set_ylabel("channel")
         ax.set_title(f"{label}: outlier channels ({len(pts)})", fontsize=9)
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def down_proj_name(doc):
@@ -541,7 +527,7 @@ def down_proj_name(doc):
 def fig_down_weights(out_dir, weight, name="down_proj_weights.png", down="mlp.c_proj"):
     """Figures 5b-c: W_down magnitudes of the layer with the largest column extremal ratio: max |w| of
     every input column (= x_down channel), outlier columns marked, and |w| along the extremal column."""
-    plt = _plt()
+    plt = pyplot()
     w = weight[down]
     prof = w["profile"]
     l, j = prof["layer"], prof["column"]
@@ -562,15 +548,15 @@ def fig_down_weights(out_dir, weight, name="down_proj_weights.png", down="mlp.c_
     ax.bar([i], [col[i]], width=1.0, color="tab:red", label=f"row {i}")
     ax.set_xlabel("output row (h channel)")
     ax.set_ylabel(f"|w_i,{j}|")
-    ax.set_title(f"column {j} (extremal ratio {_f(w['extremal_ratio'][l])})", fontsize=9)
+    ax.set_title(f"column {j} (extremal ratio {number(w['extremal_ratio'][l])})", fontsize=9)
     ax.legend(fontsize=7)
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def fig_outlier_key_share(out_dir, att, name="attention_outlier_share.png"):
     """Figure 6c: per layer, the share of each head's attention taken by the outlier keys of the
     head-averaged score: mean over heads with the min-max range."""
-    plt = _plt()
+    plt = pyplot()
     share = np.asarray(att["outlier_key_share_by_head"])  # (L, H)
     x = np.arange(share.shape[0])
     mean, lo, hi = share.mean(1), share.min(1), share.max(1)
@@ -582,13 +568,13 @@ def fig_outlier_key_share(out_dir, att, name="attention_outlier_share.png"):
     ax.set_ylabel("attention share of outlier keys")
     ax.set_title("share of attention taken by attention-outlier keys", fontsize=9)
     ax.legend(fontsize=8)
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def fig_weight_link(out_dir, link, name="weight_link.png"):
     """Figure 7: MLP units of the layer with the most x_down spikes, c_fc row norm against W_down column
     max |w|; the units whose x_down spikes are marked."""
-    plt = _plt()
+    plt = pyplot()
     prof = link["profile"]
     norms, cols = np.asarray(prof["fc_row_norm"]), np.asarray(prof["down_column_max_abs"])
     units = prof["units"]
@@ -602,13 +588,13 @@ def fig_weight_link(out_dir, link, name="weight_link.png"):
     ax.set_ylabel("max |W_down column|")
     ax.set_title(f"layer {prof['layer']}: up-projection rows and down-projection columns of spiking units", fontsize=9)
     ax.legend(fontsize=7)
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def fig_cancellation(out_dir, lifecycle, name="lifecycle_cancellation.png"):
     """Figures 8-9: each branch output relative to the residual value it meets, for the largest massive
     activations; -1 cancels it, cancelled layers are marked with the sign of the cancelling branch."""
-    plt = _plt()
+    plt = pyplot()
     entries = lifecycle[:3]
     fig, axes = plt.subplots(len(entries), 1, figsize=(7, 2.6 * len(entries)), squeeze=False)
     for ax, e in zip(axes[:, 0], entries):
@@ -627,9 +613,9 @@ def fig_cancellation(out_dir, lifecycle, name="lifecycle_cancellation.png"):
         ax.set_xticks(x)
         ax.set_xlabel("layer")
         ax.set_title(f"position {e['position']} ({e['token']!r}), channel {e['channel']}: cancelled at "
-                     f"{_ranges(e['cancelled_at'])}", fontsize=9)
+                     f"{layer_ranges(e['cancelled_at'])}", fontsize=9)
         ax.legend(fontsize=7)
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def json_figures(out_dir, doc):
@@ -663,147 +649,125 @@ def make_figures(out_dir, doc, an, surface_layer):
 
 
 # ----------------------------------------------------------------------------------------------
-# report
-
-def _f(x, digits=3):
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        if x != x:
-            return "nan"
-        if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-3):
-            return f"{x:.{digits - 1}e}"
-        return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
-    return str(x)
-
-
-def _pct(x):
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
-def _table(header, rows):
-    lines = ["| " + " | ".join(h.replace("|", "\\|") for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", "\\n") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _tok(s):
-    return "`" + repr(s)[1:-1].replace("`", "'") + "`"
-
+# report: one function per section, each returning its lines
 
 def write_report(out_dir, doc):
-    m, d, t = doc["model"], doc["data"], doc["tau_by_type"]
-    act_h, act_x = doc["activation"]["layer_output"], doc["activation"]["down_input"]
-    att, figs = doc["attention"], doc["figures"]
-    L = m["n_layer"]
+    lines = []
+    for section in (report_header, report_activations, report_weights, report_attention, report_token_categories,
+                    report_consistency, report_lifecycle, report_normalization, report_intervention, report_footer):
+        lines += section(doc)
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+
+
+def report_header(doc):
+    m, d, t, th = doc["model"], doc["data"], doc["tau_by_type"], doc["thresholds"]
     kind = f"{m['attention']} attention" if m.get("family", "outlier-gpt") == "outlier-gpt" else m["family"]
     lines = [f"# Outlier analysis: {os.path.basename(str(m['source']))} ({kind})", ""]
     lines.append(f"Model: `{m['source']}`" + (f" (iter {m['iter_num']})" if m.get("iter_num") is not None else "")
                  + f", {m['n_layer']} layers, {m['n_head']} heads, n_embd {m['n_embd']}.  ")
     lines.append(f"Data: `{d['source']}`, {d['num_seqs']} sequences x {d['seq_len']} tokens.  ")
-    th = doc["thresholds"]
     lines += ["", "Thresholds (rule, and the absolute threshold it came to; `thresholds` in `outliers.json`):", "",
-              f"- activation: {th['activation']['rule']}, tau = {_f(th['activation']['tau'])}; |h| threshold per layer "
-              + ", ".join(_f(x) for x in th["activation"]["effective"]["layer_output"]) + ".",
+              f"- activation: {th['activation']['rule']}, tau = {number(th['activation']['tau'])}; |h| threshold per "
+              "layer " + ", ".join(number(x) for x in th["activation"]["effective"]["layer_output"]) + ".",
               f"- weight ({th['weight']['rule']}): {th['weight']['definition']}"
-              + ("; extremal-ratio threshold " + ", ".join(f"{k} {_f(v['extremal_ratio'])}" for k, v in th["weight"]["effective"].items())
+              + ("; extremal-ratio threshold " + ", ".join(f"{k} {number(v['extremal_ratio'])}"
+                                                           for k, v in th["weight"]["effective"].items())
                  if th["weight"]["rule"] == "column" else "") + f". Paper: {th['weight']['paper_formula']}.",
               f"- attention ({th['attention']['rule']}): {th['attention']['definition']}; Ahat threshold per layer "
-              + ", ".join(_f(x) for x in th["attention"]["effective"]) + f". Paper: {th['attention']['paper_formula']}.",
-              f"- channel: {th['channel']['rule']}, tau_channel = {_f(t['channel'])}.", "",
+              + ", ".join(number(x) for x in th["attention"]["effective"]) + f". Paper: {th['attention']['paper_formula']}.",
+              f"- channel: {th['channel']['rule']}, tau_channel = {number(t['channel'])}.", "",
               "Definitions: see `outlier_stats.py`; numbers: `outliers.json`."]
     if th["attention"]["rule"] == "paper" and t["attention"] >= d["seq_len"] and m["attention"] != "sigmoid":
         lines.append(f"\n> Note: with softmax the mean cumulative attention is 1, so no key can exceed tau_attention "
-                     f"{_f(t['attention'])} >= seq_len {d['seq_len']}; use a smaller --tau_attention.")
-    lines.append("")
+                     f"{number(t['attention'])} >= seq_len {d['seq_len']}; use a smaller --tau_attention.")
+    return lines + [""]
 
-    lines += ["## Activation outliers", "",
-              f"An activation is an outlier when |x| > tau x mean|x| of its (tokens x channels) matrix. "
-              f"Top-3 and median magnitudes are means over sequences.", ""]
-    for label, acc, fig in (("Layer outputs h", act_h, figs.get("activation_layer_output")),
-                            ("Down-projection inputs x_down", act_x, figs.get("activation_down_input"))):
+
+def report_activations(doc):
+    figs, L = doc["figures"], doc["model"]["n_layer"]
+    lines = ["## Activation outliers", "",
+             "An activation is an outlier when |x| > tau x mean|x| of its (tokens x channels) matrix. "
+             "Top-3 and median magnitudes are means over sequences.", ""]
+    for label, acc, fig in (("Layer outputs h", doc["activation"]["layer_output"], figs.get("activation_layer_output")),
+                            ("Down-projection inputs x_down", doc["activation"]["down_input"],
+                             figs.get("activation_down_input"))):
         lines += [f"### {label}", "", f"![{label}]({fig})", ""]
         rows = []
         for l in range(L):
             top = acc["top3"][l]
             chans = ", ".join(f"{c} ({n})" for c, n in acc["channels"][l][:3]) or "–"
             pos = ", ".join(f"{p} ({n})" for p, n in acc["positions"][l][:3]) or "–"
-            rows.append([l, _f(top[0]), _f(top[1]), _f(top[2]), _f(acc["median"][l]), _f(acc["ratio_top1_median"][l]),
-                         acc["count"][l], chans, pos])
-        lines += [_table(["layer", "top 1", "top 2", "top 3", "median", "top1/median", "# outliers",
-                          "channels (count)", "positions (count)"], rows), ""]
+            rows.append([l, number(top[0]), number(top[1]), number(top[2]), number(acc["median"][l]),
+                         number(acc["ratio_top1_median"][l]), acc["count"][l], chans, pos])
+        lines += [markdown_table(["layer", "top 1", "top 2", "top 3", "median", "top1/median", "# outliers",
+                                  "channels (count)", "positions (count)"], rows), ""]
         if acc["outliers_total"] == 0:
             lines += ["No activation outliers at this threshold.", ""]
         else:
-            toks = ", ".join(f"{_tok(x['token'])} ({x['count']})" for x in acc["tokens"][:8])
+            toks = ", ".join(f"{token_code(x['token'])} ({x['count']})" for x in acc["tokens"][:8])
             lines += [f"{acc['outliers_total']} outlier activations in total; carried by tokens: {toks}.", ""]
     if figs.get("outlier_channels"):
         lines += ["### Outlier channels per layer (Figures 3c, 4b-c)", "", f"![outlier channels]({figs['outlier_channels']})", ""]
     if figs.get("surface"):
         lines += [f"### Magnitudes of layer {doc['surface']['layer']} (Figure 1 style)", "", f"![surface]({figs['surface']})", ""]
+    return lines
 
-    lines += ["## Weight outliers", "",
-              f"Outliers: {doc['thresholds']['weight']['definition']} (W in nn.Linear (out, in) layout). "
-              "Extremal ratio: max over input columns j of max_i|w_ij| / mean_i|w_ij|.", "",
-              f"![weights]({figs.get('weights')})", ""]
+
+def report_weights(doc):
+    figs, L = doc["figures"], doc["model"]["n_layer"]
+    lines = ["## Weight outliers", "",
+             f"Outliers: {doc['thresholds']['weight']['definition']} (W in nn.Linear (out, in) layout). "
+             "Extremal ratio: max over input columns j of max_i|w_ij| / mean_i|w_ij|.", "",
+             f"![weights]({figs.get('weights')})", ""]
     modules = list(doc["weight"])
-    rows = []
-    for l in range(L):
-        row = [l]
-        for mod in modules:
-            w = doc["weight"][mod]
-            row.append(f"{_f(w['extremal_ratio'][l])} (col {w['extremal_channel'][l]}; {w['outlier_count'][l]} outl.)")
-        rows.append(row)
-    lines += [_table(["layer"] + [f"{mod}: extremal ratio (column; # outliers)" for mod in modules], rows), ""]
+    rows = [[l] + [f"{number(w['extremal_ratio'][l])} (col {w['extremal_channel'][l]}; {w['outlier_count'][l]} outl.)"
+                   for w in (doc["weight"][mod] for mod in modules)] for l in range(L)]
+    lines += [markdown_table(["layer"] + [f"{mod}: extremal ratio (column; # outliers)" for mod in modules], rows), ""]
     wd = doc["weight"].get(down_proj_name(doc))
     if wd and wd["top_entries"]:
         score = "column share |w|/sum|w|" if doc["thresholds"]["weight"]["rule"] == "column" else "|w|/row-mean"
         lines += [f"Largest {score} entries of {down_proj_name(doc)} (W_down): " + ", ".join(
-            f"L{e[0]} out {e[1]} in {e[2]}: {_f(e[3])}" for e in wd["top_entries"][:5]) + ".", ""]
-
+            f"L{e[0]} out {e[1]} in {e[2]}: {number(e[3])}" for e in wd["top_entries"][:5]) + ".", ""]
     if figs.get("down_proj_weights"):
         lines += ["### Down-projection magnitudes (Figures 5b-c)", "", f"![down projection]({figs['down_proj_weights']})", ""]
-    link = doc["weight_link"]
-    if link["units"]:
-        lines += ["### Weight-outlier link (Figure 7)", "",
-                  "MLP units whose output x_down spikes: their c_fc row (L2 norm over the median row; largest entry) "
-                  "and W_down column (extremal ratio; share and row of its largest entry).", ""]
-        if figs.get("weight_link"):
-            lines += [f"![weight link]({figs['weight_link']})", ""]
-        gated = any("gate_row_norm_ratio" in u for u in link["units"])  # SwiGLU: c_fc is the up projection
-        rows = [[u["layer"], u["unit"], u["spikes"], _f(u["fc_row_norm_ratio"]), f"{u['fc_top_input']} ({_f(u['fc_top_weight'])})"]
-                + ([_f(u.get("gate_row_norm_ratio")), f"{u.get('gate_top_input')} ({_f(u.get('gate_top_weight'))})"] if gated else [])
-                + [_f(u["down_extremal_ratio"]), f"{_pct(u['down_top_share'])} (row {u['down_top_output']})"] for u in link["units"]]
-        lines += [_table(["layer", "unit", "x_down outliers", "c_fc row norm / median", "c_fc top input (w)"]
-                         + (["gate row norm / median", "gate top input (w)"] if gated else [])
-                         + ["W_down col. extremal ratio", "W_down top share (row)"], rows), ""]
+    return lines + report_weight_link(doc)
 
-    lines += ["## Attention outliers", "",
-              f"Cumulative attention of key j: Ahat_j = sum over queries of A_ij. Outlier: "
-              f"{doc['thresholds']['attention']['definition']}. '# outlier keys' counts (sequence, head, key) triples; "
-              "'head-avg keys' the outlier keys of the head-averaged score. Top-2 and median are over keys of the "
-              "head-averaged score.", "",
-              f"![attention]({figs.get('attention')})", "", f"![heads]({figs.get('attention_heads')})", ""]
-    rows = []
-    for l in range(L):
-        keys = sum(att["head_outlier_keys"][l])
-        pos = ", ".join(f"{p} ({n})" for p, n in att["positions"][l][:3]) or "–"
-        extra = []
-        if "sink_share" in att:
-            extra.append(_f(att["sink_share"][l]))
-        if "gate" in att:
-            g = att["gate"]
-            extra += [_f(g["first"][l]), _f(g["h_outlier"][l]), _f(g["other"][l])]
-        rows.append([l, _f(att["top2"][l][0]), _f(att["top2"][l][1]), _f(att["median"][l]), keys, att["mean_outlier_count"][l], pos,
-                     _f(att["first_token_mass"][l]), _f(att["value_norm"]["first"][l]), _f(att["value_norm"]["other"][l]),
-                     _f(att["mean_logit_outlier_keys"][l]), _f(att["mean_logit_other_keys"][l])] + extra)
-    header = ["layer", "top 1", "top 2", "median", "# outlier keys", "head-avg keys", "key positions (count)", "attn to pos 0",
-              "|v| pos 0", "|v| others", "q.k outlier keys", "q.k other keys"]
-    if "sink_share" in att:
-        header.append("sink share")
-    if "gate" in att:
-        header += ["gate pos 0", "gate h-outlier tok.", "gate others"]
-    lines += [_table(header, rows), ""]
+
+def report_weight_link(doc):
+    link, figs = doc["weight_link"], doc["figures"]
+    if not link["units"]:
+        return []
+    lines = ["### Weight-outlier link (Figure 7)", "",
+             "MLP units whose output x_down spikes: their c_fc row (L2 norm over the median row; largest entry) "
+             "and W_down column (extremal ratio; share and row of its largest entry).", ""]
+    if figs.get("weight_link"):
+        lines += [f"![weight link]({figs['weight_link']})", ""]
+    gated = any("gate_row_norm_ratio" in u for u in link["units"])  # SwiGLU: c_fc is the up projection
+    rows = [[u["layer"], u["unit"], u["spikes"], number(u["fc_row_norm_ratio"]),
+             f"{u['fc_top_input']} ({number(u['fc_top_weight'])})"]
+            + ([number(u.get("gate_row_norm_ratio")), f"{u.get('gate_top_input')} ({number(u.get('gate_top_weight'))})"]
+               if gated else [])
+            + [number(u["down_extremal_ratio"]), f"{percent(u['down_top_share'])} (row {u['down_top_output']})"]
+            for u in link["units"]]
+    return lines + [markdown_table(["layer", "unit", "x_down outliers", "c_fc row norm / median", "c_fc top input (w)"]
+                                   + (["gate row norm / median", "gate top input (w)"] if gated else [])
+                                   + ["W_down col. extremal ratio", "W_down top share (row)"], rows), ""]
+
+
+def report_attention(doc):
+    att, figs, L = doc["attention"], doc["figures"], doc["model"]["n_layer"]
+    lines = ["## Attention outliers", "",
+             f"Cumulative attention of key j: Ahat_j = sum over queries of A_ij. Outlier: "
+             f"{doc['thresholds']['attention']['definition']}. '# outlier keys' counts (sequence, head, key) triples; "
+             "'head-avg keys' the outlier keys of the head-averaged score. Top-2 and median are over keys of the "
+             "head-averaged score.", "",
+             f"![attention]({figs.get('attention')})", "", f"![heads]({figs.get('attention_heads')})", ""]
+    header = ["layer", "top 1", "top 2", "median", "# outlier keys", "head-avg keys", "key positions (count)",
+              "attn to pos 0", "|v| pos 0", "|v| others", "q.k outlier keys", "q.k other keys"]
+    header += ["sink share"] if "sink_share" in att else []
+    header += ["gate pos 0", "gate h-outlier tok.", "gate others"] if "gate" in att else []
+    lines += [markdown_table(header, [attention_row(att, l) for l in range(L)]), ""]
     if "gate" in att:
         lines += [f"Gate: {att.get('gate_meaning', 'the variant output gate')}; shown at position 0, at tokens "
                   "that carry activation outliers in the layer input, and at the other tokens (mean over heads).", ""]
@@ -811,115 +775,133 @@ def write_report(out_dir, doc):
     if qkv and qkv["missing"]:
         recorded = qkv["recorded_layers"]
         lines += [f"q/k/v statistics (|v|, q.k, q/k alignment) are given for {len(recorded)} of {L} layers"
-                  + (f" ({_ranges(recorded)})" if recorded else "") + "; "
-                  + "; ".join(f"layers {_ranges(m['layers'])}: {m['reason']}" for m in qkv["missing"]) + ".", ""]
+                  + (f" ({layer_ranges(recorded)})" if recorded else "") + "; "
+                  + "; ".join(f"layers {layer_ranges(m['layers'])}: {m['reason']}" for m in qkv["missing"]) + ".", ""]
     if att["qk_alignment"]:
         top = sorted(att["qk_alignment"], key=lambda r: -r["n_keys"])[:6]
         lines += ["q/k alignment at attention-outlier keys: mean logit q.k/sqrt(d) they receive, and the dimensions "
                   "contributing most to it: " + "; ".join(
-                      f"L{r['layer']}h{r['head']} {_f(r['logit'])} (" + ", ".join(f"d{dd} {_f(v)}" for dd, v in r["dims"][:2]) + ")"
-                      for r in top) + ".", ""]
-
+                      f"L{r['layer']}h{r['head']} {number(r['logit'])} ("
+                      + ", ".join(f"d{dd} {number(v)}" for dd, v in r["dims"][:2]) + ")" for r in top) + ".", ""]
     if figs.get("attention_outlier_share"):
         lines += ["Share of each head's attention taken by the outlier keys of the head-averaged score (Figure 6c):", "",
                   f"![outlier key share]({figs['attention_outlier_share']})", ""]
+    return lines
 
-    lines += ["## Token categories", "", f"![categories]({figs.get('token_categories')})", ""]
-    import outlier_stats
-    cats = outlier_stats.CATEGORIES
-    rows = [[label] + [c[k] for k in cats] for label, c in (
-        ("h outliers", act_h["token_categories"]), ("x_down outliers", act_x["token_categories"]),
+
+def attention_row(att, l):
+    pos = ", ".join(f"{p} ({n})" for p, n in att["positions"][l][:3]) or "–"
+    row = [l, number(att["top2"][l][0]), number(att["top2"][l][1]), number(att["median"][l]),
+           sum(att["head_outlier_keys"][l]), att["mean_outlier_count"][l], pos, number(att["first_token_mass"][l]),
+           number(att["value_norm"]["first"][l]), number(att["value_norm"]["other"][l]),
+           number(att["mean_logit_outlier_keys"][l]), number(att["mean_logit_other_keys"][l])]
+    if "sink_share" in att:
+        row.append(number(att["sink_share"][l]))
+    if "gate" in att:
+        row += [number(att["gate"][g][l]) for g in ("first", "h_outlier", "other")]
+    return row
+
+
+def report_token_categories(doc):
+    from outlier_stats import CATEGORIES
+    act, att = doc["activation"], doc["attention"]
+    rows = [[label] + [c[k] for k in CATEGORIES] for label, c in (
+        ("h outliers", act["layer_output"]["token_categories"]), ("x_down outliers", act["down_input"]["token_categories"]),
         ("attention-outlier keys", att["token_categories"]))]
-    lines += [_table(["outlier type"] + list(cats), rows),
-              "", "Counts of (sequence, layer, position) triples that carry at least one outlier.", ""]
+    return ["## Token categories", "", f"![categories]({doc['figures'].get('token_categories')})", "",
+            markdown_table(["outlier type"] + list(CATEGORIES), rows),
+            "", "Counts of (sequence, layer, position) triples that carry at least one outlier.", ""]
 
+
+def report_consistency(doc):
     c = doc["consistency"]
-    lines += ["## Consistency (Table 1)", "",
-              "Overlap |A∩B|/|A| of the sets below, in both directions (definitions in `outliers.json` and `outlier_stats.py`).", ""]
-    rows = [[name, _pct(v["a_in_b"]), _pct(v["b_in_a"]), v["n_a"], v["n_b"], v["definition"]] for name, v in c.items()]
-    lines += [_table(["pair", "A in B", "B in A", "n A", "n B", "sets"], rows), ""]
+    rows = [[name, percent(v["a_in_b"]), percent(v["b_in_a"]), v["n_a"], v["n_b"], v["definition"]]
+            for name, v in c.items()]
     ha = c["h_vs_attention"]
-    rows = [[l, _pct(v["a_in_b"]), _pct(v["b_in_a"]), v["n_a"], v["n_b"]] for l, v in enumerate(ha["by_layer"])]
-    lines += ["Row 4 (h vs attention, Appendix B.2) per layer: the overall value averages over the (sample, layer, head) "
-              f"triples of layers {_ranges(ha['layers'])} (those whose output h_l has activation outliers).", "",
-              _table(["layer", "A in B", "B in A", "n A", "n B"], rows), ""]
+    by_layer = [[l, percent(v["a_in_b"]), percent(v["b_in_a"]), v["n_a"], v["n_b"]] for l, v in enumerate(ha["by_layer"])]
+    return ["## Consistency (Table 1)", "",
+            "Overlap |A∩B|/|A| of the sets below, in both directions (definitions in `outliers.json` and "
+            "`outlier_stats.py`).", "",
+            markdown_table(["pair", "A in B", "B in A", "n A", "n B", "sets"], rows), "",
+            "Row 4 (h vs attention, Appendix B.2) per layer: the overall value averages over the (sample, layer, head) "
+            f"triples of layers {layer_ranges(ha['layers'])} (those whose output h_l has activation outliers).", "",
+            markdown_table(["layer", "A in B", "B in A", "n A", "n B"], by_layer), ""]
 
-    lines += ["## Lifecycle of massive activations", ""]
-    if doc["lifecycle"]:
-        if figs.get("lifecycle"):
-            lines += [f"![lifecycle]({figs['lifecycle']})", ""]
-        rows = []
-        for e in doc["lifecycle"][:10]:
-            prop = [l for l, s in enumerate(e["status"]) if s == "propagated"]
-            drivers = ", ".join(f"{dd['down_input_channel']} ({_pct(dd['share'])}"
-                                + (f"; gate {_f(dd['gate'])}, up {_f(dd['up'])}" if "gate" in dd else "") + ")"
-                                for dd in e["mlp_drivers"]) or "–"
-            rows.append([e["position"], _tok(e["token"]), e["channel"], e["count"], _f(e["peak"]), e["first_massive_at"],
-                         e["generated_at"] if e["generated_at"] is not None else "–", e["generated_by"] or "–",
-                         _ranges(prop), _ranges(e["cancelled_at"]), drivers])
-        lines += ["Per (position, channel), over the sequences where it is massive: first massive layer; layer where a "
-                  "branch output is itself massive (generated) and which branch; layers where the residual stream only "
-                  "carries it (propagated); layers where it stops being massive (cancelled); the W_down input channels "
-                  "whose products w x x_down make up the generating MLP output.", "",
-                  _table(["position", "token", "channel", "sequences", "peak |h|", "massive from", "generated at", "by",
-                          "propagated in", "cancelled at", "W_down input channels driving it (share)"], rows), ""]
-        if figs.get("lifecycle_cancellation"):
-            lines += ["Branch outputs relative to the residual value they meet (Figures 8-9; -1 cancels it):", "",
-                      f"![cancellation]({figs['lifecycle_cancellation']})", ""]
-        rows = [[e["position"], e["channel"], c["layer"], c["branch"], _f(c["previous"]), _f(c["branch_output"]),
-                 "yes" if c["opposite_sign"] else "no"] for e in doc["lifecycle"] for c in e["cancellation"]]
-        if rows:
-            lines += [_table(["position", "channel", "cancelled at", "by", "h before", "branch output", "opposite sign"],
-                             rows), ""]
-    else:
-        lines += ["No massive activations at this threshold.", ""]
 
-    lines += ["## Normalization (channel-wise outliers)", "",
-              f"Channels whose mean |LayerNorm output| over tokens exceeds tau_channel ({_f(t['channel'])}) x the median "
-              "channel; 'before gamma' divides out the LayerNorm gain (a ratio near 1 there means the outlier "
-              "comes from gamma's rescaling). 'gamma-driven': outlier channels whose ratio before gamma is at most "
-              "tau_channel (gamma alone makes them outliers).", ""]
+def report_lifecycle(doc):
+    figs = doc["figures"]
+    lines = ["## Lifecycle of massive activations", ""]
+    if not doc["lifecycle"]:
+        return lines + ["No massive activations at this threshold.", ""]
+    if figs.get("lifecycle"):
+        lines += [f"![lifecycle]({figs['lifecycle']})", ""]
+    lines += ["Per (position, channel), over the sequences where it is massive: first massive layer; layer where a "
+              "branch output is itself massive (generated) and which branch; layers where the residual stream only "
+              "carries it (propagated); layers where it stops being massive (cancelled); the W_down input channels "
+              "whose products w x x_down make up the generating MLP output.", "",
+              markdown_table(["position", "token", "channel", "sequences", "peak |h|", "massive from", "generated at",
+                              "by", "propagated in", "cancelled at", "W_down input channels driving it (share)"],
+                             [lifecycle_row(e) for e in doc["lifecycle"][:10]]), ""]
+    if figs.get("lifecycle_cancellation"):
+        lines += ["Branch outputs relative to the residual value they meet (Figures 8-9; -1 cancels it):", "",
+                  f"![cancellation]({figs['lifecycle_cancellation']})", ""]
+    rows = [[e["position"], e["channel"], c["layer"], c["branch"], number(c["previous"]), number(c["branch_output"]),
+             "yes" if c["opposite_sign"] else "no"] for e in doc["lifecycle"] for c in e["cancellation"]]
+    if rows:
+        lines += [markdown_table(["position", "channel", "cancelled at", "by", "h before", "branch output",
+                                  "opposite sign"], rows), ""]
+    return lines
+
+
+def lifecycle_row(e):
+    prop = [l for l, s in enumerate(e["status"]) if s == "propagated"]
+    drivers = ", ".join(f"{dd['down_input_channel']} ({percent(dd['share'])}"
+                        + (f"; gate {number(dd['gate'])}, up {number(dd['up'])}" if "gate" in dd else "") + ")"
+                        for dd in e["mlp_drivers"]) or "–"
+    return [e["position"], token_code(e["token"]), e["channel"], e["count"], number(e["peak"]), e["first_massive_at"],
+            e["generated_at"] if e["generated_at"] is not None else "–", e["generated_by"] or "–",
+            layer_ranges(prop), layer_ranges(e["cancelled_at"]), drivers]
+
+
+def report_normalization(doc):
     rows = []
     for n in doc["normalization"]:
         top = n["top"][0]
         rows.append([n["module"], len(n["outlier_channels"]), ", ".join(map(str, n["outlier_channels"][:5])) or "–",
                      ", ".join(map(str, n["gamma_driven"][:5])) or "–",
-                     top["channel"], _f(top["ratio"]), _f(top["gamma"]), _f(top["ratio_before_gamma"])])
-    lines += [_table(["LayerNorm", "# outlier channels", "channels", "gamma-driven", "top channel", "ratio", "gamma",
-                      "ratio before gamma"], rows), ""]
+                     top["channel"], number(top["ratio"]), number(top["gamma"]), number(top["ratio_before_gamma"])])
+    return ["## Normalization (channel-wise outliers)", "",
+            f"Channels whose mean |LayerNorm output| over tokens exceeds tau_channel "
+            f"({number(doc['tau_by_type']['channel'])}) x the median "
+            "channel; 'before gamma' divides out the LayerNorm gain (a ratio near 1 there means the outlier "
+            "comes from gamma's rescaling). 'gamma-driven': outlier channels whose ratio before gamma is at most "
+            "tau_channel (gamma alone makes them outliers).", "",
+            markdown_table(["LayerNorm", "# outlier channels", "channels", "gamma-driven", "top channel", "ratio",
+                            "gamma", "ratio before gamma"], rows), ""]
 
+
+def report_intervention(doc):
     iv = doc.get("intervention")
-    if iv:
-        lines += ["## Intervention", "",
-                  f"Massive activations set to **{iv['mode']}**: where a branch output generates them (generated), "
-                  "only where the residual stream carries them (propagated), or everywhere (all); and the LayerNorm "
-                  "channels whose outlier comes from gamma alone set to the median gamma (gamma).", "",
-                  _table(["intervention", "activations / channels changed", "loss", "perplexity", "loss change"],
-                         [["none", "", _f(iv["loss"], 5), _f(iv["perplexity"], 5), ""]]
-                         + [[k, v["activations_changed"], _f(v["loss_intervened"], 5), _f(v["perplexity_intervened"], 5),
-                             _f(v["loss_change"], 4)] for k, v in iv["targets"].items()]
-                         + [["gamma", iv["gamma"]["count"], _f(iv["gamma"]["loss_intervened"], 5),
-                             _f(iv["gamma"]["perplexity_intervened"], 5), _f(iv["gamma"]["loss_change"], 4)]]), ""]
-    tm = doc["timing"]
-    lines += ["---", f"Analysis {tm.get('analysis_s', 0):.1f} s" + (f", intervention {tm['intervention_s']:.1f} s" if "intervention_s" in tm else "")
-              + f"; `{doc['meta']['command']}` at {doc['meta']['date']} (commit {doc['meta']['git_commit']}, {doc['meta']['gpu']}).", ""]
-    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    if not iv:
+        return []
+    rows = ([["none", "", number(iv["loss"], 5), number(iv["perplexity"], 5), ""]]
+            + [[k, v["activations_changed"], number(v["loss_intervened"], 5), number(v["perplexity_intervened"], 5),
+                number(v["loss_change"], 4)] for k, v in iv["targets"].items()]
+            + [["gamma", iv["gamma"]["count"], number(iv["gamma"]["loss_intervened"], 5),
+                number(iv["gamma"]["perplexity_intervened"], 5), number(iv["gamma"]["loss_change"], 4)]])
+    return ["## Intervention", "",
+            f"Massive activations set to **{iv['mode']}**: where a branch output generates them (generated), "
+            "only where the residual stream carries them (propagated), or everywhere (all); and the LayerNorm "
+            "channels whose outlier comes from gamma alone set to the median gamma (gamma).", "",
+            markdown_table(["intervention", "activations / channels changed", "loss", "perplexity", "loss change"],
+                           rows), ""]
 
 
-def _ranges(layers):
-    layers = sorted(layers)
-    if not layers:
-        return "–"
-    out, start, prev = [], layers[0], layers[0]
-    for l in layers[1:] + [None]:
-        if l is not None and l == prev + 1:
-            prev = l
-            continue
-        out.append(str(start) if start == prev else f"{start}-{prev}")
-        if l is not None:
-            start = prev = l
-    return ", ".join(out)
+def report_footer(doc):
+    tm, meta = doc["timing"], doc["meta"]
+    return ["---", f"Analysis {tm.get('analysis_s', 0):.1f} s"
+            + (f", intervention {tm['intervention_s']:.1f} s" if "intervention_s" in tm else "")
+            + f"; `{meta['command']}` at {meta['date']} (commit {meta['git_commit']}, {meta['gpu']}).", ""]
 
 
 def _write_json(path, obj):
@@ -933,43 +915,14 @@ def _write_json(path, obj):
 # ----------------------------------------------------------------------------------------------
 # compare (Figure 11)
 
-def loss_curve(path):
-    """Train and eval losses of a run's log.jsonl (train.py's records), or None without a log."""
-    if not os.path.exists(path):
-        return None
-    curve = {"iter": [], "loss": [], "eval_iter": [], "val_loss": []}
-    for rec in read_jsonl_file(path, "training log"):  # a line cut short by a preempted run is skipped
-        if rec.get("kind") == "train" and "loss" in rec:
-            curve["iter"].append(rec["iter"])
-            curve["loss"].append(rec["loss"])
-        elif rec.get("kind") == "eval" and "val_loss" in rec:
-            curve["eval_iter"].append(rec["iter"])
-            curve["val_loss"].append(rec["val_loss"])
-    return curve if curve["iter"] or curve["eval_iter"] else None
-
-
 def fig_loss_curves(out_dir, runs, name="compare_loss.png"):
-    """Figure 12: training (and validation) loss of several runs on one plot."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    for i, r in enumerate(runs):
-        c = r["loss_curve"]
-        if c is None:
-            continue
-        color = f"C{i}"
-        ax.plot(c["iter"], c["loss"], color=color, lw=1, label=f"{r['label']} train")
-        if c["eval_iter"]:
-            ax.plot(c["eval_iter"], c["val_loss"], color=color, ls="--", marker="o", ms=3, label=f"{r['label']} val")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax.set_title("training curves (Figure 12)")
-    ax.legend(fontsize=7)
-    return _save(fig, out_dir, name)
+    """Figure 12: training and validation loss of the compared runs (those with a log.jsonl)."""
+    return plot_loss_curves(out_dir, name, [(r["label"], r["loss_curve"]) for r in runs])
 
 
 def run_compare(args, device, dtype):
     import torch
-    import outlier_stats
+    from outlier_analysis import OutlierAnalyzer
     runs = []
     seqs, data_info = None, None
     for path in args.compare:
@@ -981,8 +934,8 @@ def run_compare(args, device, dtype):
         if seqs.shape[1] - 1 > model.config.block_size:
             raise UserError(f"{path} has block size {model.config.block_size}, below the seq_len {seqs.shape[1] - 1} "
                             f"used for {args.compare[0]}; pass --seq_len {model.config.block_size}")
-        an = outlier_stats.OutlierAnalyzer(model, tau_act=args.tau_activation, token_info=token_info,
-                                           seq_len=seqs.shape[1] - 1, full=False, max_list=args.max_list)
+        an = OutlierAnalyzer(model, tau_act=args.tau_activation, token_info=token_info, seq_len=seqs.shape[1] - 1,
+                             full=False, max_list=args.max_list)
         bs = args.batch_size or (8 if device.startswith("cuda") else 1)
         with progress(len(seqs), args.no_progress, os.path.basename(os.path.dirname(os.path.abspath(path))) or path) as bar:
             for X, _ in batches(seqs, bs, device):
@@ -992,46 +945,28 @@ def run_compare(args, device, dtype):
         kind = info["attention"] if info["family"] == "outlier-gpt" else info["family"]
         runs.append({"model": info, "label": f"{kind} ({os.path.relpath(path)})",
                      "top3": r["top3"], "median": r["median"], "count": r["count"],
-                     "loss_curve": loss_curve(os.path.join(os.path.dirname(os.path.abspath(path)), "log.jsonl"))})
+                     "loss_curve": loss_curve(read_training_log(os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                                             "log.jsonl")))})
         del model, an
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     with output_set(args.out, *output_kind(args), inputs=input_paths(args)) as tmp:
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(7.5, 4))
-        for r in runs:
-            ax.plot([t[0] for t in r["top3"]], marker="o", label=r["label"])
-        ax.set_yscale("log")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("top-1 |h| (mean over sequences)")
-        ax.set_title("largest activation per layer (Figure 11)")
-        ax.legend(fontsize=7)
-        fig_name = _save(fig, tmp, "compare_top1.png")
-        fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.2), squeeze=False, sharey=True)
-        for ax, r in zip(axes[0], runs):
-            top3 = np.asarray(r["top3"])
-            for k in range(3):
-                ax.plot(top3[:, k], marker="os^"[k], label=f"top {k + 1}")
-            ax.plot(r["median"], marker="x", color="gray", label="median")
-            ax.set_yscale("log")
-            ax.set_title(r["model"]["attention"], fontsize=9)
-            ax.set_xlabel("layer")
-        axes[0, 0].legend(fontsize=7)
-        fig3 = _save(fig, tmp, "compare_top3.png")
+        fig_name = plot_top1(tmp, "compare_top1.png", [(r["label"], r["top3"]) for r in runs])
+        fig3 = plot_top3(tmp, "compare_top3.png", [(r["model"]["attention"], r["top3"], r["median"]) for r in runs])
         fig_loss = fig_loss_curves(tmp, runs) if any(r["loss_curve"] for r in runs) else None
         doc = {"format": FORMAT + "-compare", "version": FORMAT_VERSION, "data": data_info,
                "tau": args.tau_activation, "runs": runs, "meta": run_metadata(device),
                "figures": {"top1": fig_name, "top3": fig3, **({"loss": fig_loss} if fig_loss else {})}}
         _write_json(os.path.join(tmp, "compare.json"), doc)
         L = max(len(r["top3"]) for r in runs)
-        rows = [[r["label"]] + [_f(r["top3"][l][0]) if l < len(r["top3"]) else "" for l in range(L)]
-                + [_f(max(t[0] for t in r["top3"]))] for r in runs]
+        rows = [[r["label"]] + [number(r["top3"][l][0]) if l < len(r["top3"]) else "" for l in range(L)]
+                + [number(max(t[0] for t in r["top3"]))] for r in runs]
         lines = ["# Top activation per layer across checkpoints (Figure 11)", "",
                  f"Data: `{data_info['source']}`, {data_info['num_seqs']} x {data_info['seq_len']} tokens. "
                  f"Values: largest |h| of each layer's output, mean over sequences.", "",
                  f"![top-1]({fig_name})", "", f"![top-3]({fig3})", "",
                  *([f"![loss curves]({fig_loss})", ""] if fig_loss else ["No log.jsonl beside the checkpoints: no loss curves.", ""]),
-                 _table(["checkpoint"] + [f"L{l}" for l in range(L)] + ["max"], rows), ""]
+                 markdown_table(["checkpoint"] + [f"L{l}" for l in range(L)] + ["max"], rows), ""]
         with open(os.path.join(tmp, "report.md"), "w", encoding="utf-8") as f:
             f.write("\n".join(lines))
     print(f"wrote {args.out}/report.md")
