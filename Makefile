@@ -77,13 +77,16 @@ demo: install
 reproduce-tiny: install
 	$(PY) reproduce.py --scale tiny --out out/reproduce_tiny
 
-# Every GPU measurement (kernel tests, attention and training benchmarks, analysis/compression timings)
-# into benchmarks/results/gpu-check.json and the GPU section of benchmarks/RESULTS.md; about 15 min on
-# one H100. Needs no install or network on a GPU machine whose python3 has torch and triton (the
-# .venv is used when present); exits 2 without CUDA.
+# Every GPU measurement (attention and training benchmarks, analysis/compression timings, host overhead,
+# kernel tests) into benchmarks/results/gpu-check.json and the GPU section of benchmarks/RESULTS.md,
+# both rewritten after every step; at most 8 minutes on one H100/H200 from a bare machine, each step
+# under its own time limit (GPU_CHECK_BUDGET=300 for a shorter plan; `python benchmarks/gpu_check.py
+# --plan` prints it). Needs no install or network on a GPU machine whose python3 has torch and triton
+# (the .venv is used when present); exits 2 without CUDA.
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_CHECK_BUDGET ?= 480
 gpu-check:
-	$(GPU_PY) benchmarks/gpu_check.py
+	$(GPU_PY) benchmarks/gpu_check.py --budget-s $(GPU_CHECK_BUDGET)
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-lock $(DEMO_OUT) $(DEMO_OUT)_attention_bias out/reproduce_tiny .pytest_cache
