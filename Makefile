@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED := 1
 
 DEMO_OUT := out/demo
 
-.PHONY: install test test-latest lock demo reproduce-tiny gpu-check clean
+.PHONY: install test test-latest lock demo reproduce-tiny gpu-check gpu-data clean
 
 install: $(VENV)/.installed
 
@@ -87,6 +87,18 @@ GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 GPU_CHECK_BUDGET ?= 480
 gpu-check:
 	$(GPU_PY) benchmarks/gpu_check.py --budget-s $(GPU_CHECK_BUDGET)
+
+# What a bare, offline GPU machine (no `datasets`, no network) needs, in the git-ignored ./shared that the
+# device call carries: the tiktoken cache, WikiText-2, and the pysource corpus of reproduce.py --scale gpu
+# prepared here (train.bin/val.bin/meta.json, ~30 MB). README: "On a lent GPU machine".
+gpu-data: install
+	$(PY) reproduce.py --scale gpu --prepare_only --out out/gpu_data
+	mkdir -p shared/data
+	rm -rf shared/data/pysource
+	cp -R --no-preserve=mode out/gpu_data/data/pysource shared/data/pysource
+	if [ -d ../shared/tiktoken_cache ]; then rm -rf shared/tiktoken_cache; cp -R --no-preserve=mode ../shared/tiktoken_cache shared/; fi
+	if [ -d ../shared/data/wikitext-2 ]; then rm -rf shared/data/wikitext-2; cp -R --no-preserve=mode ../shared/data/wikitext-2 shared/data/; fi
+	du -sh shared
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-lock $(DEMO_OUT) $(DEMO_OUT)_attention_bias out/reproduce_tiny .pytest_cache

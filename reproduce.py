@@ -168,7 +168,7 @@ GPU_ASSUMED = {
     "save_s": 5,               # per ckpt.pt: 124M weights + AdamW moments, about 1.5 GB
     "telemetry_s": 0.25,       # per telemetry record: one forward of the fixed batch on the reference attention path
     "data_copy_s": 5,          # reading a prepared copy of the corpus
-    "data_prepare_s": 60,      # preparing pysource on the machine (needs the `datasets` package)
+    "data_prepare_s": 20,      # preparing pysource here (needs `datasets`; 6 s on a 2-core CPU, measured)
     "analysis_s": 20,          # per variant: analyze_outliers.py start-up and num_seqs x 1024 tokens
     "compress_s": 15,          # compress_eval.py start-up ...
     "compress_per_variant_s": 10,  # ... and fp / W8 / 50% sparse over max_tokens per checkpoint
@@ -297,6 +297,15 @@ def shared(*parts):
     return None
 
 
+def can_prepare():
+    """Whether prepare_data.py can run here: it needs the `datasets` package."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec("datasets") is not None
+    except (ImportError, ValueError):  # a broken install, or one blocked through sys.modules
+        return False
+
+
 def prepared_copy(corpus):
     """A prepared copy of `corpus` (train.bin, val.bin, meta.json) in shared/data/<corpus>, or None: how an
     offline GPU machine without the `datasets` package gets its data (make gpu-data writes ./shared)."""
@@ -323,9 +332,10 @@ class Plan:
             # OpenWebText is ~17 GB of tokens: kept where every other command expects it, shared by runs
             self.data_dir = os.path.join(REPO, "data", "openwebtext")
             self.prepare = self.prepare_command()
-        elif self.corpus == "pysource" and prepared_copy("pysource") and not args.prepare_only:
+        elif self.corpus == "pysource" and not args.prepare_only and not can_prepare() and prepared_copy("pysource"):
+            # this Python cannot prepare it (a bare GPU image has no `datasets`): the copy carried in shared/
             self.data_dir, self.prepare = prepared_copy("pysource"), None
-            self.data_note = "a prepared copy (make gpu-data)"
+            self.data_note = "prepared copy from make gpu-data"
         else:
             self.data_dir = os.path.join(self.out, "data", self.corpus)
             self.prepare = self.prepare_command()
@@ -444,7 +454,7 @@ def gpu_estimate(plan, iters):
         extra = a["train_start_s"] + evals * a["eval_s"] + (evals - 1) * a["save_s"] + records * a["telemetry_s"]
         rows.append({"stage": f"train {v}", "tokens": tokens, "tokens_per_s": tok_s, "train_s": round(train_s, 1),
                      "seconds": round(train_s + extra, 1),
-                     "what": f"{tokens / tok_s / a['train_efficiency']:.0f} s of steps + {extra:.0f} s start-up, "
+                     "what": f"{tokens / tok_s / a['train_efficiency']:.0f} s of steps + {extra:.0f} s for start-up, "
                              f"{evals} evaluations, {evals - 1} checkpoint(s), {records} telemetry records"})
     n = len(plan.args.variant_list)
     rows.append({"stage": "analyses", "what": f"{n} x analyze_outliers.py", "seconds": n * a["analysis_s"]})
@@ -602,8 +612,13 @@ class Runner:
         print(f"[reproduce] {text}", flush=True)
 
     def progress(self):
-        if self.on_progress is not None and not self.dry_run:
+        """Rewrite the partial report; a failure to do so is said and never stops the pipeline."""
+        if self.on_progress is None or self.dry_run:
+            return
+        try:
             self.on_progress()
+        except Exception as e:  # e.g. a full disk: the stages' own outputs matter more than the report
+            self.say(f"could not rewrite the partial report: {type(e).__name__}: {e}")
 
     def skip(self, name, cmd, why, status="skipped"):
         self.stages.append({"stage": name, "command": show(cmd), "status": status, "why": why, "seconds": 0.0})
@@ -675,7 +690,7 @@ class Runner:
                 proc.send_signal(signal.SIGTERM)
                 limited, kill_at = True, now + STAGE_GRACE_S
             if self.on_progress is not None and now >= next_refresh:
-                self.on_progress()
+                self.progress()
                 next_refresh = time.time() + REFRESH_S
 
 
@@ -761,8 +776,7 @@ def stage_deadlines(plan, t0):
 
 def check_can_prepare(plan):
     """Preparing a corpus needs the `datasets` package (prepare_data.py): say so before anything runs."""
-    import importlib.util
-    if plan.prepare is None or data_ready(plan) or importlib.util.find_spec("datasets") is not None:
+    if plan.prepare is None or data_ready(plan) or can_prepare():
         return
     raise UserError(f"preparing the {plan.corpus} corpus needs the `datasets` package, which this Python lacks; "
                     f"prepare it where it is installed (`make gpu-data` writes shared/data/pysource) and copy the "

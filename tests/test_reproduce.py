@@ -153,6 +153,8 @@ def test_gpu_dry_run_prints_tokens_per_variant_and_an_estimate_within_540_s(flag
 def test_budget_sizes_the_gpu_plan(monkeypatch, tmp_path):
     def plan(*extra):
         return reproduce.Plan(reproduce.parse_args(["--scale", "gpu", "--out", str(tmp_path / "o"), *extra]))
+    monkeypatch.setattr(reproduce, "SHARED_DIRS", (str(tmp_path / "shared"),))
+    monkeypatch.setattr(reproduce, "can_prepare", lambda: True)
     full, short = plan(), plan("--budget-s", "420")
     assert short.train_settings["max_iters"] < full.train_settings["max_iters"]
     for p in (full, short):
@@ -165,7 +167,8 @@ def test_budget_sizes_the_gpu_plan(monkeypatch, tmp_path):
     copy.mkdir(parents=True)
     for f in ("train.bin", "val.bin", "meta.json"):
         (copy / f).write_text("x")
-    monkeypatch.setattr(reproduce, "SHARED_DIRS", (str(tmp_path / "shared"),))
+    assert plan().prepare is not None  # where it can be prepared, it is (the copy may be stale)
+    monkeypatch.setattr(reproduce, "can_prepare", lambda: False)  # a bare GPU image: no `datasets`
     carried = plan()
     assert carried.data_dir == str(copy) and carried.prepare is None
     assert carried.train_settings["max_iters"] > full.train_settings["max_iters"]
@@ -197,9 +200,10 @@ def test_gpu_scales_refuse_without_cuda_in_one_line(scale, tmp_path):
 
 def test_preparing_without_the_datasets_package_is_refused_up_front(monkeypatch, tmp_path):
     import importlib.util
-    plan = reproduce.Plan(reproduce.parse_args(["--scale", "gpu", "--out", str(tmp_path / "o")]))
+    monkeypatch.setattr(reproduce, "SHARED_DIRS", (str(tmp_path / "shared"),))  # no prepared copy either
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
+    plan = reproduce.Plan(reproduce.parse_args(["--scale", "gpu", "--out", str(tmp_path / "o")]))
     with pytest.raises(UserError, match="needs the `datasets` package.*make gpu-data"):
         reproduce.check_can_prepare(plan)
 
@@ -288,6 +292,52 @@ def test_partial_report_from_the_telemetry_alone(tmp_path):
         assert tele["default"]["by_layer"]["ratio_h"][2][3] == 160 and len(tele["default"]["by_layer"]["first_attn"][0]) == 12
         assert tele["default"]["mean_first_attn"] == pytest.approx([0.01, 0.2, 0.5, 0.7])
         assert tele["softmax1"]["iter"] == []
+
+
+def test_a_budgeted_run_stops_a_training_at_its_deadline_and_analyses_it(tmp_path):
+    """The gpu scale's machinery end to end on a CPU: its plan with a 2-layer model and short stage deadlines.
+    The real train.py is stopped through its SIGTERM handler, saves, and is analysed as far as it got; the
+    partial report is written while it trains."""
+    needs_tokenizer()
+    data = tmp_path / "data"
+    prep = subprocess.run([sys.executable, "prepare_data.py", "--dataset", "builtin", "--out_dir", str(data)], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert prep.returncode == 0, prep.stderr
+    out = tmp_path / "out"
+    args = reproduce.parse_args(["--scale", "gpu", "--variants", "default", "--data_dir", str(data), "--out", str(out),
+                                 "--num_seqs", "2", "--max_tokens", "1024", "--max_iters", "5000", "--device", "cpu"])
+    plan = reproduce.Plan(args)
+    plan.train_settings.update(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=4, eval_iters=2,
+                               outlier_interval=5, log_interval=5)
+    t0 = time.time()
+    # 30 s for the training: several times train.py's start-up here, far short of 5,000 iterations
+    rows = [("data", 0), ("train default", 30), ("analyses", 60), ("compression table", 60), ("reports", 10)]
+    plan.budget_s = 160.0
+    plan.estimate = {"iters": 5000, "tokens_per_variant": 5000 * 256, "total_s": 160.0,
+                     "rows": [{"stage": n, "seconds": sec, "what": ""} for n, sec in rows]}
+    outcome = reproduce.Outcome()
+    calls = []
+
+    def progress():
+        calls.append(time.time())
+        reproduce.write_outputs(plan, runner, outcome, t0, {"date": "d", "gpu": "cpu"}, partial=True)
+    runner = reproduce.Runner(plan, dry_run=False, on_progress=progress)
+    reproduce.execute(plan, runner, outcome, t0)
+    reproduce.write_outputs(plan, runner, outcome, t0, {"date": "d", "gpu": "cpu"}, partial=False)
+    assert time.time() - t0 < 160
+    train = next(s for s in runner.stages if s["stage"].startswith("train default"))
+    assert train["status"] == "stopped at its deadline" and train["time_limited"]
+    it = outcome.truncated["default"]["iter"]
+    assert 0 < it < 5000 and outcome.failed == {}
+    from checkpoint import load_checkpoint
+    assert load_checkpoint(str(out / "runs" / "default" / "ckpt.pt"))["iter_num"] == it
+    with open(out / "runs" / "default" / "outliers" / "outliers.json", encoding="utf-8") as f:
+        assert json.load(f)["model"]["iter_num"] == it  # analysed as far as it got
+    assert len(calls) >= 3  # after the training, the analysis and the compression at least
+    report = (out / "REPORT.md").read_text()
+    assert f"`default` at iter {it} of 5000" in report and "Partial report" not in report
+    doc = json.loads((out / "reproduce.json").read_text())
+    assert doc["runs"][0]["truncated"] == {"iter": it, "max_iters": 5000} and doc["runs"][0]["ppl"]["fp"] > 1
 
 
 # ------------------------------------------------------------------------------------------- findings
