@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED := 1
 
 DEMO_OUT := out/demo
 
-.PHONY: install test test-latest lock demo reproduce-tiny gpu-check clean
+.PHONY: install test test-latest lock demo reproduce-tiny gpu-check gpu-data clean
 
 install: $(VENV)/.installed
 
@@ -77,13 +77,28 @@ demo: install
 reproduce-tiny: install
 	$(PY) reproduce.py --scale tiny --out out/reproduce_tiny
 
-# Every GPU measurement (kernel tests, attention and training benchmarks, analysis/compression timings)
-# into benchmarks/results/gpu-check.json and the GPU section of benchmarks/RESULTS.md; about 15 min on
-# one H100. Needs no install or network on a GPU machine whose python3 has torch and triton (the
-# .venv is used when present); exits 2 without CUDA.
+# Every GPU measurement (attention and training benchmarks, analysis/compression timings, host overhead,
+# kernel tests) into benchmarks/results/gpu-check.json and the GPU section of benchmarks/RESULTS.md,
+# both rewritten after every step; at most 8 minutes on one H100/H200 from a bare machine, each step
+# under its own time limit (GPU_CHECK_BUDGET=300 for a shorter plan; `python benchmarks/gpu_check.py
+# --plan` prints it). Needs no install or network on a GPU machine whose python3 has torch and triton
+# (the .venv is used when present); exits 2 without CUDA.
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_CHECK_BUDGET ?= 480
 gpu-check:
-	$(GPU_PY) benchmarks/gpu_check.py
+	$(GPU_PY) benchmarks/gpu_check.py --budget-s $(GPU_CHECK_BUDGET)
+
+# What a bare, offline GPU machine (no `datasets`, no network) needs, in the git-ignored ./shared that the
+# device call carries: the tiktoken cache, WikiText-2, and the pysource corpus of reproduce.py --scale gpu
+# prepared here (train.bin/val.bin/meta.json, ~30 MB). README: "On a lent GPU machine".
+gpu-data: install
+	$(PY) reproduce.py --scale gpu --prepare_only --out out/gpu_data
+	mkdir -p shared/data
+	rm -rf shared/data/pysource
+	cp -R --no-preserve=mode out/gpu_data/data/pysource shared/data/pysource
+	if [ -d ../shared/tiktoken_cache ]; then rm -rf shared/tiktoken_cache; cp -R --no-preserve=mode ../shared/tiktoken_cache shared/; fi
+	if [ -d ../shared/data/wikitext-2 ]; then rm -rf shared/data/wikitext-2; cp -R --no-preserve=mode ../shared/data/wikitext-2 shared/data/; fi
+	du -sh shared
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-lock $(DEMO_OUT) $(DEMO_OUT)_attention_bias out/reproduce_tiny .pytest_cache

@@ -71,6 +71,12 @@ def markdown_table(header, rows, align=None):
 
 # ---------------------------------------------------------------------------------------------- figures
 
+def have_matplotlib():
+    """Whether figures can be drawn (a bare GPU image may lack matplotlib: reports then give numbers only)."""
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def pyplot():
     import matplotlib
     matplotlib.use("Agg")

@@ -1,5 +1,7 @@
-"""reproduce.py: the plan of every scale, one end-to-end tiny run (with a resumed training), skipping on
-re-run, refusal of a run directory trained with other settings, and the report's statements.
+"""reproduce.py: the plan of every scale, the gpu scale's budgeted plan and time estimate (from the H200
+throughput measurements), its stage deadlines and partial reports, one end-to-end tiny run (with a resumed
+training), skipping on re-run, refusal of a run directory trained with other settings, and the report's
+statements.
 
 The end-to-end checks compare reproduce.json with independent reads of each run's own artifacts
 (ckpt.pt, log.jsonl, outliers.json, results.json), never with reproduce.py's own helpers.
@@ -7,8 +9,11 @@ The end-to-end checks compare reproduce.json with independent reads of each run'
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -46,7 +51,7 @@ def read_jsonl(path):
 
 # ------------------------------------------------------------------------------------------- plans
 
-@pytest.mark.parametrize("scale", ["tiny", "gpu", "paper"])
+@pytest.mark.parametrize("scale", ["tiny", "gpu-long", "paper"])
 def test_dry_run_prints_every_command_and_writes_nothing(scale, tmp_path):
     out = tmp_path / "out"
     nproc = ["--nproc_per_node", "8"] if scale == "paper" else []  # (paper's default: this node's GPUs)
@@ -70,7 +75,7 @@ def test_dry_run_prints_every_command_and_writes_nothing(scale, tmp_path):
         assert "--execute" in r.stdout and "resumable" in r.stdout
     else:
         assert all(": python train.py" in l for l in trains)
-    if scale == "gpu":
+    if scale == "gpu-long":
         assert all("--compile=True" in l and "--n_layer=12" in l for l in trains)
         assert any("--dataset text --input" in l for l in lines)
     assert not out.exists()
@@ -89,6 +94,9 @@ def test_paper_scale_only_prints_without_execute(tmp_path):
     (["--scale", "tiny", "--variants", "default,nope"], "unknown nope"),
     (["--scale", "tiny", "--variants", "default,default"], "twice"),
     (["--scale", "tiny", "--max_iters", "0"], "--max_iters must be at least 1"),
+    (["--scale", "tiny", "--budget-s", "100"], "--budget_s applies to --scale gpu"),
+    (["--scale", "gpu", "--budget-s", "0"], "--budget_s must be positive"),
+    (["--scale", "gpu", "--recipe", "2b"], "--recipe applies to --scale gpu-long"),
 ])
 def test_bad_arguments_are_user_errors(args, message):
     with pytest.raises(UserError, match=message):
@@ -99,6 +107,237 @@ def test_bad_arguments_exit_2_with_one_line():
     r = run_reproduce(["--scale", "tiny", "--variants", "nope", "--dry_run"], timeout=120)
     assert r.returncode == 2
     assert r.stderr.startswith("error: --variants: unknown nope") and r.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------- gpu scale
+
+MEASURED = os.path.join(REPO, "..", "shared", "gpu-measurements", "2026-12-04-h200",
+                        "train_throughput_nvidia-h200_20261204-021013.json")
+
+
+def _estimate_lines(stdout):
+    rows = {}
+    for line in stdout.splitlines():
+        m = re.search(r"\]\s+train (\w+)\s+([\d,]+)\s+([\d,]+)\s+(\d+)\s", line)
+        if m:
+            rows[m.group(1)] = tuple(int(x.replace(",", "")) for x in m.groups()[1:])
+    total = re.search(r"estimated total: (\d+) s of the (\d+) s budget", stdout)
+    return rows, (int(total.group(1)), int(total.group(2))) if total else None
+
+
+@pytest.mark.parametrize("flag", ["--dry-run", "--dry_run"])
+def test_gpu_dry_run_prints_tokens_per_variant_and_an_estimate_within_540_s(flag, tmp_path):
+    out = tmp_path / "out"
+    r = run_reproduce(["--scale", "gpu", "--out", str(out), flag], timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows, total = _estimate_lines(r.stdout)
+    assert total is not None and total[1] == 540 and 0 < total[0] <= 540
+    assert list(rows) == ["default", "attention_bias", "softmax1"]  # default and two designs
+    tokens = {t for t, _, _ in rows.values()}
+    assert len(tokens) == 1 and tokens.pop() >= 200 * 16 * 1024  # the same tokens for every variant
+    assert rows["default"][1] == 353_890 and rows["attention_bias"][1] == 313_085 and rows["softmax1"][1] == 333_154
+    # each training's seconds cover at least its tokens at the measured rate
+    assert all(sec >= tok / rate for tok, rate, sec in rows.values())
+    trains = [l for l in r.stdout.splitlines() if ": python train.py" in l]
+    assert len(trains) == 3
+    for line in trains:
+        for setting in ("--n_layer=12", "--n_head=12", "--n_embd=768", "--block_size=1024", "--batch_size=16",
+                        "--gradient_accumulation_steps=1", "--compile=False", "--outlier_interval=40",
+                        "--learning_rate=0.0006", "--min_lr=0.0006"):
+            assert setting in line
+    iters = int(re.search(r"--max_iters=(\d+)", trains[0]).group(1))
+    assert iters * 16 * 1024 == rows["default"][0]
+    assert not out.exists()
+
+
+def test_budget_sizes_the_gpu_plan(monkeypatch, tmp_path):
+    def plan(*extra):
+        return reproduce.Plan(reproduce.parse_args(["--scale", "gpu", "--out", str(tmp_path / "o"), *extra]))
+    monkeypatch.setattr(reproduce, "SHARED_DIRS", (str(tmp_path / "shared"),))
+    monkeypatch.setattr(reproduce, "can_prepare", lambda: True)
+    full, short = plan(), plan("--budget-s", "420")
+    assert short.train_settings["max_iters"] < full.train_settings["max_iters"]
+    for p in (full, short):
+        assert p.estimate["total_s"] <= reproduce.PLAN_SHARE * p.budget_s
+        # one more step of iterations would not have fitted
+        bigger = reproduce.gpu_estimate(p, p.train_settings["max_iters"] + reproduce.GPU_ITERS_STEP)
+        assert bigger["total_s"] > reproduce.PLAN_SHARE * p.budget_s
+    # a prepared copy of the corpus (carried to an offline GPU machine) saves the preparation: more iterations
+    copy = tmp_path / "shared" / "data" / "pysource"
+    copy.mkdir(parents=True)
+    for f in ("train.bin", "val.bin", "meta.json"):
+        (copy / f).write_text("x")
+    assert plan().prepare is not None  # where it can be prepared, it is (the copy may be stale)
+    monkeypatch.setattr(reproduce, "can_prepare", lambda: False)  # a bare GPU image: no `datasets`
+    carried = plan()
+    assert carried.data_dir == str(copy) and carried.prepare is None
+    assert carried.train_settings["max_iters"] > full.train_settings["max_iters"]
+    assert carried.estimate["rows"][0]["seconds"] == reproduce.GPU_ASSUMED["data_copy_s"]
+    with pytest.raises(UserError, match="--max_iters"):
+        plan("--max_iters", "100000")
+    with pytest.raises(UserError, match="--budget_s 200 is too small for 3 variants"):
+        plan("--budget-s", "200")
+
+
+@pytest.mark.skipif(not os.path.isfile(MEASURED), reason="needs ../shared/gpu-measurements")
+def test_h200_throughput_table_is_the_measurement():
+    with open(MEASURED, encoding="utf-8") as f:
+        doc = json.load(f)
+    measured = {r["variant"]: round(r["tokens_per_s"]) for r in doc["results"] if r["backend"] == "triton"}
+    assert reproduce.H200_TOKENS_PER_S == measured
+    assert doc["batch_size"] == 16 and doc["block_size"] == 1024 and doc["git_commit"].startswith("c99af85")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("scale", ["gpu", "gpu-long"])
+def test_gpu_scales_refuse_without_cuda_in_one_line(scale, tmp_path):
+    out = tmp_path / "out"
+    r = run_reproduce(["--scale", scale, "--out", str(out)], timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"error: --scale {scale} needs a CUDA GPU") and r.stderr.count("\n") == 1
+    assert not out.exists()
+
+
+def test_preparing_without_the_datasets_package_is_refused_up_front(monkeypatch, tmp_path):
+    import importlib.util
+    monkeypatch.setattr(reproduce, "SHARED_DIRS", (str(tmp_path / "shared"),))  # no prepared copy either
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
+    plan = reproduce.Plan(reproduce.parse_args(["--scale", "gpu", "--out", str(tmp_path / "o")]))
+    with pytest.raises(UserError, match="needs the `datasets` package.*make gpu-data"):
+        reproduce.check_can_prepare(plan)
+
+
+def test_stage_deadlines_fill_the_budget_in_stage_order(tmp_path):
+    plan = reproduce.Plan(reproduce.parse_args(["--scale", "gpu", "--out", str(tmp_path / "o")]))
+    d = reproduce.stage_deadlines(plan, 1000.0)
+    order = ["data"] + [(k, v) for k in ("train", "analyse") for v in plan.args.variant_list] + ["compress"]
+    times = [d[k] for k in order]
+    assert times == sorted(times) and times[0] > 1000.0
+    # the reports' share stays after the last stage's deadline, within the budget
+    assert d["compress"] < 1000.0 + plan.budget_s
+    assert d["compress"] == pytest.approx(1000.0 + plan.budget_s * (1 - reproduce.GPU_ASSUMED["report_s"]
+                                                                    / plan.estimate["total_s"]))
+    assert reproduce.stage_deadlines(reproduce.Plan(reproduce.parse_args(["--scale", "tiny"])), 0.0) == {}
+
+
+STOPPABLE = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: (print('saving', flush=True), sys.exit(0)))\n"
+             "time.sleep(60)\n")
+STUBBORN = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n"
+
+
+def test_a_stage_past_its_deadline_is_stopped_like_a_preempted_training(monkeypatch, tmp_path):
+    monkeypatch.setattr(reproduce, "REFRESH_S", 0.2)
+    monkeypatch.setattr(reproduce, "STAGE_GRACE_S", 1.0)
+    plan = reproduce.Plan(reproduce.parse_args(["--scale", "tiny", "--out", str(tmp_path / "o")]))
+    calls = []
+    runner = reproduce.Runner(plan, dry_run=False, on_progress=lambda: calls.append(time.time()))
+    t0 = time.time()
+    rc = runner.run("train stub", [sys.executable, "-c", STOPPABLE], deadline=time.time() + 1.0)
+    assert rc == 0 and time.time() - t0 < 20
+    assert runner.stages[-1]["status"] == "stopped at its deadline" and runner.stages[-1]["time_limited"]
+    assert len(calls) >= 2  # the partial report was rewritten while it ran
+    rc = runner.run("stubborn", [sys.executable, "-c", STUBBORN], deadline=time.time() + 0.5)
+    assert rc == -signal.SIGKILL and runner.stages[-1]["status"] == f"stopped at its deadline (exit {rc})"
+    rc = runner.run("quick", [sys.executable, "-c", "pass"], deadline=time.time() + 30)
+    assert rc == 0 and runner.stages[-1]["status"] == "ran" and not runner.stages[-1]["time_limited"]
+
+
+def _telemetry_log(path, ratios, first_attn, n_layer=12, every=40):
+    with open(path, "w", encoding="utf-8") as f:
+        for k, (ratio, attn) in enumerate(zip(ratios, first_attn)):
+            it = k * every
+            rec = {"kind": "outliers", "iter": it}
+            for l in range(n_layer):
+                r = ratio if l == 3 else 5.0
+                rec.update({f"outlier/top1_h/L{l}": r * 0.5, f"outlier/median_h/L{l}": 0.5,
+                            f"outlier/ratio_h/L{l}": r, f"outlier/first_attn/L{l}": attn})
+            rec.update({"outlier/max_top1_h": max(ratio, 5.0) * 0.5, "outlier/max_ratio_h": max(ratio, 5.0),
+                        "outlier/max_first_attn": attn})
+            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps({"kind": "train", "iter": it, "loss": 10.0 - k}) + "\n")
+
+
+def test_partial_report_from_the_telemetry_alone(tmp_path):
+    out, report_dir = tmp_path / "out", tmp_path / "copy"
+    args = reproduce.parse_args(["--scale", "gpu", "--out", str(out), "--data_dir", str(tmp_path / "data"),
+                                 "--report_dir", str(report_dir)])
+    plan = reproduce.Plan(args)
+    for v in args.variant_list:
+        os.makedirs(plan.run_dir(v))
+    _telemetry_log(os.path.join(plan.run_dir("default"), "log.jsonl"), [5, 40, 160, 900], [0.01, 0.2, 0.5, 0.7])
+    _telemetry_log(os.path.join(plan.run_dir("attention_bias"), "log.jsonl"), [5, 6, 7], [0.01, 0.02, 0.03])
+    os.makedirs(report_dir)
+    outcome = reproduce.Outcome()
+    outcome.truncated["attention_bias"] = {"iter": 80, "max_iters": plan.train_settings["max_iters"]}
+    runner = reproduce.Runner(plan, dry_run=False)
+    runner.stages.append({"stage": "train default [1/3]", "command": "python train.py", "status": "ran",
+                          "why": "", "seconds": 1.0})
+    reproduce.write_outputs(plan, runner, outcome, time.time(), {"date": "today", "gpu": "test"}, partial=True)
+    for d in (out, report_dir):
+        report = (d / "REPORT.md").read_text()
+        assert "**Partial report**" in report
+        assert "**Emergence:** `default`'s largest activation first reached 100x its layer median at iter 80 " \
+               "(1,310,720 tokens; 160x)" in report
+        assert "First-token attention" in report and "`default` 0.01 -> 0.7 (iter 120)" in report
+        assert "`attention_bias` at iter 80 of" in report
+        assert "Plan: " in report and "tokens) per variant" in report
+        for name in ("outlier_emergence.png", "emergence_by_layer.png", "fig12_loss.png"):
+            assert os.path.getsize(d / name) > 1000 and f"]({name})" in report
+        doc = json.loads((d / "reproduce.json").read_text())
+        assert doc["partial"] is True and doc["plan"]["iters"] == plan.train_settings["max_iters"]
+        tele = {r["attention"]: r["telemetry"] for r in doc["runs"]}
+        assert tele["default"]["iter"] == [0, 40, 80, 120]
+        assert tele["default"]["by_layer"]["ratio_h"][2][3] == 160 and len(tele["default"]["by_layer"]["first_attn"][0]) == 12
+        assert tele["default"]["mean_first_attn"] == pytest.approx([0.01, 0.2, 0.5, 0.7])
+        assert tele["softmax1"]["iter"] == []
+
+
+def test_a_budgeted_run_stops_a_training_at_its_deadline_and_analyses_it(tmp_path):
+    """The gpu scale's machinery end to end on a CPU: its plan with a 2-layer model and short stage deadlines.
+    The real train.py is stopped through its SIGTERM handler, saves, and is analysed as far as it got; the
+    partial report is written while it trains."""
+    needs_tokenizer()
+    data = tmp_path / "data"
+    prep = subprocess.run([sys.executable, "prepare_data.py", "--dataset", "builtin", "--out_dir", str(data)], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert prep.returncode == 0, prep.stderr
+    out = tmp_path / "out"
+    args = reproduce.parse_args(["--scale", "gpu", "--variants", "default", "--data_dir", str(data), "--out", str(out),
+                                 "--num_seqs", "2", "--max_tokens", "1024", "--max_iters", "5000", "--device", "cpu"])
+    plan = reproduce.Plan(args)
+    plan.train_settings.update(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=4, eval_iters=2,
+                               outlier_interval=5, log_interval=5)
+    t0 = time.time()
+    # 30 s for the training: several times train.py's start-up here, far short of 5,000 iterations
+    rows = [("data", 0), ("train default", 30), ("analyses", 60), ("compression table", 60), ("reports", 10)]
+    plan.budget_s = 160.0
+    plan.estimate = {"iters": 5000, "tokens_per_variant": 5000 * 256, "total_s": 160.0,
+                     "rows": [{"stage": n, "seconds": sec, "what": ""} for n, sec in rows]}
+    outcome = reproduce.Outcome()
+    calls = []
+
+    def progress():
+        calls.append(time.time())
+        reproduce.write_outputs(plan, runner, outcome, t0, {"date": "d", "gpu": "cpu"}, partial=True)
+    runner = reproduce.Runner(plan, dry_run=False, on_progress=progress)
+    reproduce.execute(plan, runner, outcome, t0)
+    reproduce.write_outputs(plan, runner, outcome, t0, {"date": "d", "gpu": "cpu"}, partial=False)
+    assert time.time() - t0 < 160
+    train = next(s for s in runner.stages if s["stage"].startswith("train default"))
+    assert train["status"] == "stopped at its deadline" and train["time_limited"]
+    it = outcome.truncated["default"]["iter"]
+    assert 0 < it < 5000 and outcome.failed == {}
+    from checkpoint import load_checkpoint
+    assert load_checkpoint(str(out / "runs" / "default" / "ckpt.pt"))["iter_num"] == it
+    with open(out / "runs" / "default" / "outliers" / "outliers.json", encoding="utf-8") as f:
+        assert json.load(f)["model"]["iter_num"] == it  # analysed as far as it got
+    assert len(calls) >= 3  # after the training, the analysis and the compression at least
+    report = (out / "REPORT.md").read_text()
+    assert f"`default` at iter {it} of 5000" in report and "Partial report" not in report
+    doc = json.loads((out / "reproduce.json").read_text())
+    assert doc["runs"][0]["truncated"] == {"iter": it, "max_iters": 5000} and doc["runs"][0]["ppl"]["fp"] > 1
 
 
 # ------------------------------------------------------------------------------------------- findings
