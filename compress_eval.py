@@ -36,6 +36,7 @@ from common import (UserError, autocast_context, check_fits, check_output_dir, c
                     output_set, resolve_device, resolve_dtype, run_metadata)
 from data import WIKITEXT2, input_tokens, read_text_file
 from perplexity import evaluate_perplexity, load_eval_tokens, make_windows, text_ids, wikitext2_text
+import reports
 
 METHODS = ("fp", "w8", "sparse50", "w8a8", "wanda")
 DEFAULT_METHODS = "fp,w8,sparse50"
@@ -433,12 +434,9 @@ def markdown_table(rows, methods, headers):
     cols = ["Model"] + [headers[m] for m in methods]
     degr = [m for m in methods if m != "fp"] if "fp" in methods else []
     cols += [f"Δ {SHORT[m]}" for m in degr]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(cols) - 1)) + "|"]
-    for r in rows:
-        cells = [r["name"]] + [fmt_ppl(r["ppl"][m]) for m in methods]
-        cells += [fmt_change(r["ppl"][m], r["ppl"]["fp"]) for m in degr]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    cells = [[r["name"]] + [fmt_ppl(r["ppl"][m]) for m in methods] + [fmt_change(r["ppl"][m], r["ppl"]["fp"]) for m in degr]
+             for r in rows]
+    return reports.markdown_table(cols, cells, align="l" + "r" * (len(cols) - 1)) + "\n"
 
 
 def csv_text(rows, methods):
@@ -591,8 +589,38 @@ def main(argv=None):
     dtype = table_dtype(args.dtype, device)
     from attention_variants import check_backend
     check_backend(args.attn_backend)
+    inputs = load_inputs(args, methods)  # everything that can be wrong with the input, before any evaluation
+    settings = {"w8_granularity": args.w8_granularity, "quantize_head": args.quantize_head, "sparsity": args.sparsity,
+                "prune_scope": args.prune_scope, "calibration": inputs.calib_desc,
+                "calib_windows": args.calib_windows if inputs.calib is not None else None,
+                "seed": args.seed if inputs.calib is not None else None}
+    print(f"evaluating {len(inputs.sources)} model(s) x {len(methods)} method(s) on {inputs.data_desc} "
+          f"({inputs.tokens.size:,} tokens), device {device}, dtype {DTYPE_NAMES[dtype]}", file=sys.stderr)
+    metadata = run_metadata(device)
+    rows = [evaluate_source(s, methods, inputs, args, device, dtype, settings, metadata) for s in inputs.sources]
+    table = markdown_table(rows, methods, {m: method_header(m, args, dtype) for m in methods})
+    print(table, end="")
+    with output_set(args.out, TOOL, RESULT_FILES, inputs=input_paths(args)) as tmp:
+        for name, text in (("results.md", table + "\n" + table_notes(rows, inputs, args, device, dtype)),
+                           ("results.json", json_text(rows)), ("results.csv", csv_text(rows, methods))):
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+    print(f"wrote {os.path.join(args.out, 'results.md')}, results.json, results.csv", file=sys.stderr)
+    return 0
 
-    # everything that can be wrong with the input is found before any evaluation or output
+
+@dataclass
+class Inputs:
+    """What every row of the table is evaluated on (and wanda calibrated on)."""
+    sources: list
+    tokens: np.ndarray
+    data_desc: str
+    calib: object = None                 # wanda's calibration tokens (a token array), or None
+    calib_desc: str = None
+
+
+def load_inputs(args, methods):
+    """The models and the evaluation / calibration tokens, each checked against every model."""
     sources = load_sources(args.checkpoints, args.pretrained, args.attn_backend)
     check_vocabularies(sources)
     if args.data is None and args.text_file is None and args.dataset is None:
@@ -615,68 +643,60 @@ def main(argv=None):
         raise UserError(f"the calibration tokens go up to id {int(calib.max())}, beyond the models' vocabulary")
     if calib is not None:
         check_calibration(calib, args.calib_windows, sources, args)
+    return Inputs(sources, tokens, data_desc, calib, calib_desc)
 
-    headers = {m: method_header(m, args, dtype) for m in methods}
-    settings = {"w8_granularity": args.w8_granularity, "quantize_head": args.quantize_head, "sparsity": args.sparsity,
-                "prune_scope": args.prune_scope, "calibration": calib_desc,
-                "calib_windows": args.calib_windows if calib is not None else None,
-                "seed": args.seed if calib is not None else None}
-    metadata = run_metadata(device)
-    print(f"evaluating {len(sources)} model(s) x {len(methods)} method(s) on {data_desc} ({tokens.size:,} tokens), "
-          f"device {device}, dtype {DTYPE_NAMES[dtype]}", file=sys.stderr)
 
-    rows = []
-    for s in sources:
-        base = build_model(s, device, args.attn_backend)
-        T = window_length(args, s)
-        row = {"name": s.name, "checkpoint": s.checkpoint, "attention": s.attention, "iter_num": s.iter_num,
-               "dtype": DTYPE_NAMES[dtype], "device": str(device), "ppl": {}, "nll": {}, "seconds": {},
-               "eval": None, "settings": settings, "metadata": metadata, "head_tied": head_is_tied(base)}
-        for m in methods:
-            t0 = time.perf_counter()
-            model = base if m == "fp" else copy.deepcopy(base)
-            if m in ("w8", "w8a8"):
-                quantize_weights_(model, args.w8_granularity, args.quantize_head)
-            if m == "w8a8":
-                add_activation_quantization(model, args.quantize_head)
-            if m == "sparse50":
-                prune_magnitude_(model, args.sparsity, args.prune_scope)
-            if m == "wanda":
-                windows = calibration_windows(calib, args.calib_windows, T, args.seed)
-                prune_wanda_(model, windows, args.sparsity, dtype, args.batch_size or 8)
-            res = evaluate_perplexity(model, tokens, block_size=T, stride=args.stride, batch_size=args.batch_size,
-                                      dtype=dtype, progress=not args.no_progress, desc=f"{s.name} [{m}]")
-            del model
-            row["ppl"][m] = res.ppl if math.isfinite(res.ppl) else None
-            row["nll"][m] = res.nll if math.isfinite(res.nll) else None
-            row["seconds"][m] = round(time.perf_counter() - t0, 3)
-            row["eval"] = {"data": data_desc, "tokens": res.n_tokens, "windows": res.n_windows,
-                           "block_size": res.block_size, "stride": res.stride}
-            print(f"{s.name} [{m}]: ppl {fmt_ppl(res.ppl)} ({res.n_tokens:,} tokens, {res.n_windows} windows, "
-                  f"{res.seconds:.1f} s)", file=sys.stderr)
-        del base
-        s.model = None
-        rows.append(row)
+def evaluate_source(s, methods, inputs, args, device, dtype, settings, metadata):
+    """One row of the table: the model's perplexity under every method (each on its own copy)."""
+    base = build_model(s, device, args.attn_backend)
+    T = window_length(args, s)
+    row = {"name": s.name, "checkpoint": s.checkpoint, "attention": s.attention, "iter_num": s.iter_num,
+           "dtype": DTYPE_NAMES[dtype], "device": str(device), "ppl": {}, "nll": {}, "seconds": {},
+           "eval": None, "settings": settings, "metadata": metadata, "head_tied": head_is_tied(base)}
+    for m in methods:
+        t0 = time.perf_counter()
+        model = base if m == "fp" else copy.deepcopy(base)
+        compress_(model, m, args, inputs.calib, T, dtype)
+        res = evaluate_perplexity(model, inputs.tokens, block_size=T, stride=args.stride, batch_size=args.batch_size,
+                                  dtype=dtype, progress=not args.no_progress, desc=f"{s.name} [{m}]")
+        del model
+        row["ppl"][m] = res.ppl if math.isfinite(res.ppl) else None
+        row["nll"][m] = res.nll if math.isfinite(res.nll) else None
+        row["seconds"][m] = round(time.perf_counter() - t0, 3)
+        row["eval"] = {"data": inputs.data_desc, "tokens": res.n_tokens, "windows": res.n_windows,
+                       "block_size": res.block_size, "stride": res.stride}
+        print(f"{s.name} [{m}]: ppl {fmt_ppl(res.ppl)} ({res.n_tokens:,} tokens, {res.n_windows} windows, "
+              f"{res.seconds:.1f} s)", file=sys.stderr)
+    s.model = None
+    return row
 
-    table = markdown_table(rows, methods, headers)
+
+def compress_(model, method, args, calib, T, dtype):
+    """Apply `method` to `model` in place ('fp' leaves it as it is)."""
+    if method in ("w8", "w8a8"):
+        quantize_weights_(model, args.w8_granularity, args.quantize_head)
+    if method == "w8a8":
+        add_activation_quantization(model, args.quantize_head)
+    if method == "sparse50":
+        prune_magnitude_(model, args.sparsity, args.prune_scope)
+    if method == "wanda":
+        windows = calibration_windows(calib, args.calib_windows, T, args.seed)
+        prune_wanda_(model, windows, args.sparsity, dtype, args.batch_size or 8)
+
+
+def table_notes(rows, inputs, args, device, dtype):
+    """The lines under the table: what was evaluated, how, and what Δ means."""
     ev = rows[0]["eval"]
-    notes = (f"Token-level perplexity on {data_desc}: {ev['tokens']:,} scored tokens, "
-             f"{'non-overlapping windows' if args.stride is None else f'sliding windows (stride {args.stride})'} of "
-             f"{ev['block_size']} tokens; device {device}, {DTYPE_NAMES[dtype]}. "
-             f"W8 granularity {args.w8_granularity}; sparsity {args.sparsity:g} ({args.prune_scope})"
-             + (f"; wanda calibration: {args.calib_windows} windows of {calib_desc}" if calib is not None else "")
-             + ". Δ = relative change of perplexity against the unquantized model.\n"
-             + ("--quantize_head on a tied head (" + ", ".join(r["name"] for r in rows if r["head_tied"]) + "): the token "
-                "embedding shares the head's weight, so it is quantized too.\n"
-                if args.quantize_head and any(r["head_tied"] for r in rows) else ""))
-    print(table, end="")
-    with output_set(args.out, TOOL, RESULT_FILES, inputs=input_paths(args)) as tmp:
-        for name, text in (("results.md", table + "\n" + notes), ("results.json", json_text(rows)),
-                           ("results.csv", csv_text(rows, methods))):
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
-    print(f"wrote {os.path.join(args.out, 'results.md')}, results.json, results.csv", file=sys.stderr)
-    return 0
+    windows = "non-overlapping windows" if args.stride is None else f"sliding windows (stride {args.stride})"
+    tied = [r["name"] for r in rows if r["head_tied"]]
+    return (f"Token-level perplexity on {inputs.data_desc}: {ev['tokens']:,} scored tokens, {windows} of "
+            f"{ev['block_size']} tokens; device {device}, {DTYPE_NAMES[dtype]}. "
+            f"W8 granularity {args.w8_granularity}; sparsity {args.sparsity:g} ({args.prune_scope})"
+            + (f"; wanda calibration: {args.calib_windows} windows of {inputs.calib_desc}"
+               if inputs.calib is not None else "")
+            + ". Δ = relative change of perplexity against the unquantized model.\n"
+            + ("--quantize_head on a tied head (" + ", ".join(tied) + "): the token embedding shares the head's "
+               "weight, so it is quantized too.\n" if args.quantize_head and tied else ""))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from common import (UserError, atomic_write_json, atomic_write_text, check_outpu
                     json_text, output_set, read_json_file, resolve_device)
 from reports import (have_matplotlib, markdown_table, number, plot_loss_curves, plot_top1, plot_top3, pyplot,
                      read_training_log, save_figure, signed_percent)
+from train_config import FREE_ON_RESUME
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # shared files: ../shared beside the repo, or a git-ignored ./shared copy carried to a GPU machine
@@ -519,9 +520,9 @@ def _same(a, b):
         return str(a) == str(b)
 
 
-# settings that do not change what a run computes (train.py's FREE_ON_RESUME, plus the stage's own)
-FREE_KEYS = {"init_from", "max_iters", "out_dir", "overwrite", "wandb_log", "compile", "device",
-             "log_interval", "snapshot_interval"}
+# settings a resume may change without changing what the run computes (train_config's), less the data, which
+# the plan fixes: a run directory trained on other data is another run
+FREE_KEYS = FREE_ON_RESUME - {"data_dir", "dataset"}
 
 
 def run_state(plan, variant):
@@ -773,10 +774,25 @@ def check_can_prepare(plan):
 
 def execute(plan, runner, outcome=None, t0=None):
     """Run (or, dry, print) every stage, recording into `outcome` (returned)."""
-    args = plan.args
     outcome = outcome or Outcome()
     deadlines = stage_deadlines(plan, time.time() if t0 is None else t0)
-    # ---- data
+    prepare_stage(plan, runner, deadlines)
+    if plan.args.prepare_only:
+        return outcome
+    runner.progress()
+    for i, v in enumerate(plan.args.variant_list, 1):  # one variant after another
+        train_stage(plan, runner, outcome, deadlines, v, i)
+        runner.progress()
+    done = [v for v in plan.args.variant_list if v not in outcome.failed]
+    for i, v in enumerate(done, 1):  # the analysis of every finished run
+        analysis_stage(plan, runner, outcome, deadlines, v, f"analyse {v} [{i}/{len(done)}]")
+        runner.progress()
+    compress_stage(plan, runner, outcome, deadlines)
+    outcome.done = True
+    return outcome
+
+
+def prepare_stage(plan, runner, deadlines):
     if plan.prepare is None:
         if not runner.dry_run and not all(os.path.isfile(os.path.join(plan.data_dir, f"{s}.bin")) for s in ("train", "val")):
             raise UserError(f"--data_dir {plan.data_dir} has no train.bin / val.bin; make it with prepare_data.py")
@@ -788,75 +804,67 @@ def execute(plan, runner, outcome=None, t0=None):
             gather_pysource(plan, runner)
         if runner.run("prepare data", plan.prepare, deadline=deadlines.get("data")) != 0:
             raise UserError(f"preparing the data failed (the error is above): {show(plan.prepare)}")
-    if args.prepare_only:
-        return outcome
-    runner.progress()
 
-    # ---- training, one variant after another
-    states, failed, truncated = outcome.states, outcome.failed, outcome.truncated
-    n = len(args.variant_list)
-    for i, v in enumerate(args.variant_list, 1):
-        state, it = run_state(plan, v)
-        name = f"train {v} [{i}/{n}]"
-        max_iters = plan.train_settings.get("max_iters")
-        deadline = deadlines.get(("train", v))
-        limited = False
-        if state == "done":
-            runner.skip(name, plan.train_command(v, resume=True), f"finished at iter {it}")
-        elif not runner.dry_run and deadline is not None and time.time() >= deadline:
-            runner.skip(name, plan.train_command(v, resume=state == "resume"), "no time left in --budget_s")
-            failed[v] = "not trained: the --budget_s plan ran out of time before it"
-            runner.progress()
-            continue
-        else:
-            why = "start" if state == "start" else f"resume from iter {it}"
-            rc = runner.run(name, plan.train_command(v, resume=state == "resume"),
-                            f"{why}" + (f" to iter {max_iters}" if max_iters else ""), deadline=deadline)
-            limited = bool(runner.stages and runner.stages[-1].get("time_limited"))
-            if rc != 0 and not limited:
-                failed[v] = f"training failed (exit {rc}); re-run reproduce.py to resume it"
-                runner.progress()
-                continue
-        if runner.dry_run:
-            states[v] = max_iters
-            continue
-        state, states[v] = run_state(plan, v)
-        if state != "done" and limited and states[v] > 0:
-            truncated[v] = {"iter": states[v], "max_iters": max_iters}  # analysed as far as it got
-        elif state != "done":  # e.g. stopped by a signal sent to train.py alone: it exits 0 after checkpointing
-            failed[v] = f"training stopped at iter {states[v]}; re-run reproduce.py to resume it"
-        runner.progress()
 
-    # ---- analysis of every finished run
-    done = [v for v in args.variant_list if v not in failed]
-    for i, v in enumerate(done, 1):
-        name = f"analyse {v} [{i}/{len(done)}]"
-        cmd = plan.analysis_command(v)
-        deadline = deadlines.get(("analyse", v))
-        if not runner.dry_run and analysis_current(plan, v, states[v]):
-            runner.skip(name, cmd, f"{rel(plan.analysis_dir(v))}/outliers.json covers iter {states[v]}")
-        elif not runner.dry_run and deadline is not None and time.time() >= deadline:
-            runner.skip(name, cmd, "no time left in --budget_s")
-            failed[v] = "not analysed: the --budget_s plan ran out of time (its telemetry is still reported)"
-        elif runner.run(name, cmd, deadline=deadline) != 0:
-            failed[v] = "analysis failed; re-run reproduce.py to retry"
-        runner.progress()
+def train_stage(plan, runner, outcome, deadlines, v, i):
+    """Train (or resume) variant v; a training cut at its deadline is analysed as far as it got."""
+    states, failed = outcome.states, outcome.failed
+    state, it = run_state(plan, v)
+    name = f"train {v} [{i}/{len(plan.args.variant_list)}]"
+    max_iters = plan.train_settings.get("max_iters")
+    deadline = deadlines.get(("train", v))
+    limited = False
+    if state == "done":
+        runner.skip(name, plan.train_command(v, resume=True), f"finished at iter {it}")
+    elif not runner.dry_run and deadline is not None and time.time() >= deadline:
+        runner.skip(name, plan.train_command(v, resume=state == "resume"), "no time left in --budget_s")
+        failed[v] = "not trained: the --budget_s plan ran out of time before it"
+        return
+    else:
+        why = "start" if state == "start" else f"resume from iter {it}"
+        rc = runner.run(name, plan.train_command(v, resume=state == "resume"),
+                        f"{why}" + (f" to iter {max_iters}" if max_iters else ""), deadline=deadline)
+        limited = bool(runner.stages and runner.stages[-1].get("time_limited"))
+        if rc != 0 and not limited:
+            failed[v] = f"training failed (exit {rc}); re-run reproduce.py to resume it"
+            return
+    if runner.dry_run:
+        states[v] = max_iters
+        return
+    state, states[v] = run_state(plan, v)
+    if state != "done" and limited and states[v] > 0:
+        outcome.truncated[v] = {"iter": states[v], "max_iters": max_iters}  # analysed as far as it got
+    elif state != "done":  # e.g. stopped by a signal sent to train.py alone: it exits 0 after checkpointing
+        failed[v] = f"training stopped at iter {states[v]}; re-run reproduce.py to resume it"
 
-    # ---- the compression table over all of them
-    done = [v for v in args.variant_list if v not in failed]
-    if done:
-        cmd = plan.compress_command(done)
-        deadline = deadlines.get("compress")
-        if not runner.dry_run and compress_current(plan, {v: states[v] for v in done}):
-            runner.skip("compression table", cmd, f"{rel(plan.compress_dir())}/results.json covers these checkpoints")
-        elif not runner.dry_run and deadline is not None and time.time() >= deadline:
-            runner.skip("compression table", cmd, "no time left in --budget_s")
-            outcome.notes.append("The compression table was not made: the --budget_s plan ran out of time.")
-        elif runner.run("compression table", cmd, deadline=deadline) != 0:
-            outcome.notes.append("The compression evaluation failed (its error is in the command output); "
-                                 "re-run reproduce.py to retry.")
-    outcome.done = True
-    return outcome
+
+def analysis_stage(plan, runner, outcome, deadlines, v, name):
+    cmd, states, failed = plan.analysis_command(v), outcome.states, outcome.failed
+    deadline = deadlines.get(("analyse", v))
+    if not runner.dry_run and analysis_current(plan, v, states[v]):
+        runner.skip(name, cmd, f"{rel(plan.analysis_dir(v))}/outliers.json covers iter {states[v]}")
+    elif not runner.dry_run and deadline is not None and time.time() >= deadline:
+        runner.skip(name, cmd, "no time left in --budget_s")
+        failed[v] = "not analysed: the --budget_s plan ran out of time (its telemetry is still reported)"
+    elif runner.run(name, cmd, deadline=deadline) != 0:
+        failed[v] = "analysis failed; re-run reproduce.py to retry"
+
+
+def compress_stage(plan, runner, outcome, deadlines):
+    """The compression table over every variant that was trained and analysed."""
+    done = [v for v in plan.args.variant_list if v not in outcome.failed]
+    if not done:
+        return
+    cmd = plan.compress_command(done)
+    deadline = deadlines.get("compress")
+    if not runner.dry_run and compress_current(plan, {v: outcome.states[v] for v in done}):
+        runner.skip("compression table", cmd, f"{rel(plan.compress_dir())}/results.json covers these checkpoints")
+    elif not runner.dry_run and deadline is not None and time.time() >= deadline:
+        runner.skip("compression table", cmd, "no time left in --budget_s")
+        outcome.notes.append("The compression table was not made: the --budget_s plan ran out of time.")
+    elif runner.run("compression table", cmd, deadline=deadline) != 0:
+        outcome.notes.append("The compression evaluation failed (its error is in the command output); "
+                             "re-run reproduce.py to retry.")
 
 
 # ------------------------------------------------------------------------------------------- collect
@@ -1166,13 +1174,16 @@ def findings(runs, plan):
 
 
 def write_report(plan, runner, runs, figs, env, doc_name, outcome, partial=False):
-    args = plan.args
-    out = []
-    out.append(f"# Reproducing the attention-variant comparison: `--scale {args.scale}`\n")
-    what = plan.scale["what"]
-    out.append(f"{what[0].upper() + what[1:]}. Generated by `reproduce.py` on {env['date']} "
-               f"({env['gpu']}). All numbers below are read from each run's own `log.jsonl`, "
-               f"`outliers/outliers.json` and the shared `compress/results.json`; `{doc_name}` holds them.\n")
+    return "\n".join(report_intro(plan, env, doc_name, partial) + report_findings(plan, runs, outcome)
+                     + report_table(plan, runs) + report_figures(figs) + report_provenance(plan, runner, env))
+
+
+def report_intro(plan, env, doc_name, partial):
+    args, what = plan.args, plan.scale["what"]
+    out = [f"# Reproducing the attention-variant comparison: `--scale {args.scale}`\n",
+           f"{what[0].upper() + what[1:]}. Generated by `reproduce.py` on {env['date']} "
+           f"({env['gpu']}). All numbers below are read from each run's own `log.jsonl`, "
+           f"`outliers/outliers.json` and the shared `compress/results.json`; `{doc_name}` holds them.\n"]
     if partial:
         out.append(f"> **Partial report**, rewritten while the pipeline runs ({time.strftime('%H:%M:%S')}); stages "
                    "done so far are listed under \"How it was made\". A run cut off here reports what it had seen.\n")
@@ -1188,8 +1199,11 @@ def write_report(plan, runner, runs, figs, env, doc_name, outcome, partial=False
         out.append("> This is the **tiny** scale: a 2-layer, 64-dimensional model trained for a few hundred "
                    "thousand tokens of Python source. It checks the pipeline end to end; it is far too small and "
                    "short for the paper's phenomena, and nothing below is evidence for or against the paper.\n")
-    out.append("## What this run shows\n")
-    out += [f"{line}\n" for line in findings(runs, plan)]
+    return out
+
+
+def report_findings(plan, runs, outcome):
+    out = ["## What this run shows\n"] + [f"{line}\n" for line in findings(runs, plan)]
     failed = [r for r in runs if r["status"] != "ok"]
     if failed:
         out.append("**Incomplete:** " + "; ".join(f"`{r['attention']}`: {r['error']}" for r in failed) + ".\n")
@@ -1198,59 +1212,69 @@ def write_report(plan, runner, runs, figs, env, doc_name, outcome, partial=False
         out.append("**Stopped at their stage deadline** (analysed as far as they got, so they are not compared at "
                    "equal length): " + "; ".join(f"`{r['attention']}` at iter {r['truncated']['iter']} of "
                                                  f"{r['truncated']['max_iters']}" for r in cut) + ".\n")
-    out += [f"{note}\n" for note in outcome.notes]
-    out.append("## Per variant\n")
-    header = ["variant", "iters", "final val loss", "max top-1 \\|h\\| (layer)", "top-1 / median",
+    return out + [f"{note}\n" for note in outcome.notes]
+
+
+def report_table(plan, runs):
+    header = ["variant", "iters", "final val loss", "max top-1 |h| (layer)", "top-1 / median",
               "activation outliers", "first-token attention", "sink share", "gate (first / other)",
               "PPL fp", "PPL W8 (Δ)", "PPL 50% sparse (Δ)"]
-    rows = []
-    for r in runs:
-        gate = r.get("gate")
-        ppl, ch = r.get("ppl") or {}, r.get("ppl_change") or {}
-        rows.append([f"`{r['attention']}`" + (" (failed)" if r["status"] != "ok" else ""), _num(r.get("iter_num")),
-                     _num(r.get("val_loss")),
-                     f"{_num(r.get('max_top1'))} (L{r['max_top1_layer']})" if r.get("max_top1") is not None else "–",
-                     _num(r.get("max_ratio")), _num(r.get("activation_outliers")), _num(r.get("first_token_attention"), 3),
-                     _num(r.get("sink_share"), 3),
-                     f"{_num(gate.get('first'), 3)} / {_num(gate.get('other'), 3)}" if gate else "–",
-                     _num(ppl.get("fp")), f"{_num(ppl.get('w8'))} ({signed_percent(ch.get('w8'))})" if ppl else "–",
-                     f"{_num(ppl.get('sparse50'))} ({signed_percent(ch.get('sparse50'))})" if ppl else "–"])
-    out.append(_md_table(header, rows) + "\n")
     ev = next((r.get("compress_eval") for r in runs if r.get("compress_eval")), None)
-    out.append("Columns: final val loss is train.py's last evaluation; |h| columns come from analyze_outliers.py "
-               f"({plan.analysis['num_seqs']} sequences of `{rel(os.path.join(plan.data_dir, 'val.bin'))}`; largest "
-               "|h| of a layer's output, mean over sequences; the ratio is to that layer's median |h|, maximum over "
-               "layers); activation outliers are |h| > tau x mean|h| of a sequence (tau in outliers.json); "
-               "first-token attention and sink share are means over layers and heads; the gate columns are "
-               "the variant's output gate at the first token and elsewhere (where the variant has one); "
-               "PPL from compress_eval.py"
-               + (f" on {ev['data']} ({ev['tokens']:,} scored tokens)" if ev else "")
-               + "; Δ is the change relative to fp.\n")
-    titles = {"fig11_top1": "Fig. 11: largest |h| per layer, all variants",
-              "fig11_top3": "Fig. 11: top-3 and median |h| per layer",
-              "fig12_loss": "Fig. 12: loss curves",
-              "outlier_emergence": "Outlier and attention-sink emergence over training (telemetry in log.jsonl)",
-              "emergence_by_layer": "Emergence per layer (telemetry)"}
-    out.append("## Figures\n")
-    for key, name in figs.items():
-        out.append(f"### {titles[key]}\n\n![{key}]({name})\n")
+    return ["## Per variant\n", _md_table(header, [variant_row(r) for r in runs]) + "\n",
+            "Columns: final val loss is train.py's last evaluation; |h| columns come from analyze_outliers.py "
+            f"({plan.analysis['num_seqs']} sequences of `{rel(os.path.join(plan.data_dir, 'val.bin'))}`; largest "
+            "|h| of a layer's output, mean over sequences; the ratio is to that layer's median |h|, maximum over "
+            "layers); activation outliers are |h| > tau x mean|h| of a sequence (tau in outliers.json); "
+            "first-token attention and sink share are means over layers and heads; the gate columns are "
+            "the variant's output gate at the first token and elsewhere (where the variant has one); "
+            "PPL from compress_eval.py"
+            + (f" on {ev['data']} ({ev['tokens']:,} scored tokens)" if ev else "")
+            + "; Δ is the change relative to fp.\n"]
+
+
+def variant_row(r):
+    gate = r.get("gate")
+    ppl, ch = r.get("ppl") or {}, r.get("ppl_change") or {}
+    return [f"`{r['attention']}`" + (" (failed)" if r["status"] != "ok" else ""), _num(r.get("iter_num")),
+            _num(r.get("val_loss")),
+            f"{_num(r.get('max_top1'))} (L{r['max_top1_layer']})" if r.get("max_top1") is not None else "–",
+            _num(r.get("max_ratio")), _num(r.get("activation_outliers")), _num(r.get("first_token_attention"), 3),
+            _num(r.get("sink_share"), 3),
+            f"{_num(gate.get('first'), 3)} / {_num(gate.get('other'), 3)}" if gate else "–",
+            _num(ppl.get("fp")), f"{_num(ppl.get('w8'))} ({signed_percent(ch.get('w8'))})" if ppl else "–",
+            f"{_num(ppl.get('sparse50'))} ({signed_percent(ch.get('sparse50'))})" if ppl else "–"]
+
+
+FIGURE_TITLES = {"fig11_top1": "Fig. 11: largest |h| per layer, all variants",
+                 "fig11_top3": "Fig. 11: top-3 and median |h| per layer",
+                 "fig12_loss": "Fig. 12: loss curves",
+                 "outlier_emergence": "Outlier and attention-sink emergence over training (telemetry in log.jsonl)",
+                 "emergence_by_layer": "Emergence per layer (telemetry)"}
+
+
+def report_figures(figs):
+    out = ["## Figures\n"] + [f"### {FIGURE_TITLES[key]}\n\n![{key}]({name})\n" for key, name in figs.items()]
     if not figs:
         out.append("No figures: " + ("matplotlib is not installed here; the numbers are in reproduce.json.\n"
                                      if not have_matplotlib() else "no run has been analysed or logged yet.\n"))
-    out.append("## How it was made\n")
-    out.append(f"Data: `{rel(plan.data_dir)}` (corpus `{plan.corpus}`"
-               + (", this Python installation's standard-library source, see `data/pysource_text/SOURCES.txt.json`"
-                  if plan.corpus == "pysource" else "") + "). Every variant trains with seed "
-               f"{args.seed}: the same initial-weight RNG stream and the same data order.\n")
-    out.append(f"Commands, run from the repo root (`{REPO}`) with `{sys.executable}`; `skipped` stages were "
-               "already done by an earlier invocation:\n")
-    out.append("```\n" + "\n".join(f"# {s['stage']}: {s['status']}" + (f" ({s['seconds']} s)" if s['seconds'] else "")
-                                   + f"\n{s['command']}" for s in runner.stages) + "\n```\n")
-    out.append(f"Whole pipeline: `{show([sys.executable, os.path.relpath(__file__, REPO)] + args.argv)}`\n")
-    out.append("Environment:\n")
+    return out
+
+
+def report_provenance(plan, runner, env):
+    args = plan.args
     keys = ("date", "git_commit", "python", "torch", "triton", "cuda", "gpu", "cpu_count", "platform", "hostname")
-    out.append("\n".join(f"- {k}: `{env.get(k)}`" for k in keys) + "\n")
-    return "\n".join(out)
+    return ["## How it was made\n",
+            f"Data: `{rel(plan.data_dir)}` (corpus `{plan.corpus}`"
+            + (", this Python installation's standard-library source, see `data/pysource_text/SOURCES.txt.json`"
+               if plan.corpus == "pysource" else "") + "). Every variant trains with seed "
+            f"{args.seed}: the same initial-weight RNG stream and the same data order.\n",
+            f"Commands, run from the repo root (`{REPO}`) with `{sys.executable}`; `skipped` stages were "
+            "already done by an earlier invocation:\n",
+            "```\n" + "\n".join(f"# {s['stage']}: {s['status']}" + (f" ({s['seconds']} s)" if s['seconds'] else "")
+                                 + f"\n{s['command']}" for s in runner.stages) + "\n```\n",
+            f"Whole pipeline: `{show([sys.executable, os.path.relpath(__file__, REPO)] + args.argv)}`\n",
+            "Environment:\n",
+            "\n".join(f"- {k}: `{env.get(k)}`" for k in keys) + "\n"]
 
 
 # ------------------------------------------------------------------------------------------- main

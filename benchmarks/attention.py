@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
@@ -78,6 +79,16 @@ def flops_fwd(B, H, T, D):
     return 4 * B * H * T * T * D / 2  # causal
 
 
+@dataclass
+class Setting:
+    """What every case of one invocation shares."""
+    args: argparse.Namespace
+    device: str
+    dtype: object        # a torch dtype
+    H: int
+    D: int
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -94,172 +105,16 @@ def main(argv=None):
     sys.path.insert(0, REPO_ROOT)
     sys.path.insert(0, BENCH_DIR)
     import triton
-    import torch.nn.functional as F
 
-    import attention_variants as av
     import bench_utils
     import fused_attention  # noqa: F401  (imported under the interpreter flag set above; its launch cache is recorded)
 
     device = "cpu" if args.interpret_smoke else "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    gpu = "cpu-interpreter" if args.interpret_smoke else torch.cuda.get_device_name()
-    H, D = args.heads, args.head_dim
+    s = Setting(args, device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype],
+                args.heads, args.head_dim)
     meta = bench_utils.bench_metadata("attention", "benchmarks/attention.py", argv, device)
     bench_utils.check_out_dir(args.out_dir, "attention")
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def bench(fn, grad_to_none):
-        """Median milliseconds of fn."""
-        if args.interpret_smoke:  # do_bench needs CUDA events; one timed call is enough here
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-        return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=grad_to_none,
-                                       return_mode="median")
-
-    def peak_mib(fn, leaves):
-        """Peak allocated memory of one call of fn above what is live before it (MiB), measured
-        after a warm-up call (kernel compilation, cuBLAS / allocator workspaces); None on CPU."""
-        if device != "cuda":
-            fn()
-            return None
-        keep = fn()  # warm-up
-        del keep
-        for t in leaves:
-            t.grad = None
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        keep = fn()
-        sync()
-        peak = torch.cuda.max_memory_allocated() - base
-        del keep
-        for t in leaves:
-            t.grad = None
-        return peak / 2**20
-
-    class Layer(torch.nn.Module):
-        """What a variant's parameters and per-call inputs need from an attention layer."""
-
-        def __init__(self, spec):
-            super().__init__()
-            self.n_head = H
-            av.add_variant_parameters(self, spec, H * D, H)
-
-    def make_inputs(B, T, variant):
-        """(leaves, fn inputs, dout): the qkv projection, a block input x and the variant's own
-        parameters (sink vectors N(0, 0.5^2), gate weights N(0, 0.02^2)) are the leaves."""
-        g = torch.Generator(device="cpu").manual_seed(0)
-        spec = av.get_variant(variant)
-        qkv = torch.randn(B, T, 3 * H * D, generator=g).to(device=device, dtype=dtype).requires_grad_()
-        x = torch.randn(B, T, H * D, generator=g).to(device=device, dtype=dtype).requires_grad_()
-        layer = Layer(spec)
-        with torch.no_grad():
-            for p in layer.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.shape == (H, D) else 0.02))
-        layer = layer.to(device=device, dtype=dtype)
-        dout = torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype)
-        return [qkv, x, *layer.parameters()], (spec, qkv, x, layer), dout
-
-    def split(qkv, B, T):
-        return [t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2)]  # (B, H, T, D) views
-
-    def pinned_sdpa(q, k, v):
-        """Causal SDPA on the chosen backend (an error, not a silent fallback, if it cannot run)."""
-        backend = SDPA_BACKENDS[args.sdpa_backend]
-        if backend is None or args.interpret_smoke:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel(getattr(SDPBackend, backend)):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-    def make_fn(impl, fn_inputs, B, T):
-        spec, qkv, x, layer = fn_inputs
-        if impl == "sdpa":
-            return lambda: pinned_sdpa(*split(qkv, B, T))
-        # fused: the kernel path; unfused: the project's own PyTorch path (SDPA form, else reference)
-        if impl == "fused":
-            path = spec.triton
-        elif spec.sdpa is not None:
-            path = spec.sdpa
-        else:
-            path = lambda *a, **kw: spec.reference(*a, **kw)[0]  # noqa: E731
-        return lambda: path(*split(qkv, B, T), **av.variant_inputs(layer, spec, x))
-
-    def run_case(impl, variant, B, T):
-        leaves, fn_inputs, dout = make_inputs(B, T, variant)
-        fn = make_fn(impl, fn_inputs, B, T)
-        res = {}
-        fl = flops_fwd(B, H, T, D)
-        try:
-            res["peak_mib_fwd"] = peak_mib(fn, leaves)
-            res["peak_mib_fwdbwd"] = peak_mib(lambda: fn().backward(dout), leaves)
-            for t in leaves:
-                t.grad = None
-            ms_f = bench(fn, leaves)
-            out = fn()
-            ms_b = bench(lambda: out.backward(dout, retain_graph=True), leaves)
-            del out
-            ms_fb = bench(lambda: fn().backward(dout), leaves)
-            for mode, ms, mult in (("fwd", ms_f, 1.0), ("bwd", ms_b, 2.5), ("fwdbwd", ms_fb, 3.5)):
-                res[f"{mode}_ms"] = ms
-                res[f"{mode}_tflops"] = mult * fl / (ms * 1e-3) / 1e12
-        except torch.cuda.OutOfMemoryError:
-            res = {"status": "OOM"}
-        except Exception as err:  # keep sweeping; the error goes into the results
-            traceback.print_exc()
-            res = {"status": f"error: {type(err).__name__}: {err}"[:300]}
-        else:
-            res["status"] = "ok"
-        finally:
-            del fn_inputs, leaves, fn
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        return res
-
-    def max_diff_vs_unfused(variant, B, T):
-        """Sanity check recorded with the fused results: max |fused - unfused| of the output."""
-        try:
-            _, fn_inputs, _ = make_inputs(B, T, variant)
-            with torch.no_grad():
-                a = make_fn("fused", fn_inputs, B, T)()
-                b = make_fn("unfused", fn_inputs, B, T)()
-                return (a.float() - b.float()).abs().max().item()
-        except torch.cuda.OutOfMemoryError:
-            return "OOM"
-        except Exception as err:
-            return f"error: {type(err).__name__}: {err}"[:200]
-        finally:
-            if device == "cuda":
-                torch.cuda.empty_cache()
-
-    results = []
-    for T in args.seq_lens:
-        B = max(1, args.tokens // T)
-        for variant in args.variants:
-            for impl in args.impls:
-                if impl == "sdpa" and variant != "default":
-                    continue
-                res = run_case(impl, variant, B, T)
-                if impl == "fused" and res["status"] == "ok":
-                    res["max_abs_diff_vs_unfused"] = max_diff_vs_unfused(variant, B, T)
-                row = {"variant": variant, "impl": impl, "B": B, "H": H, "T": T, "D": D, **res}
-                results.append(row)
-                if res["status"] == "ok":
-                    print(f"T={T:5d} B={B:3d} {variant:15s} {impl:8s} "
-                          + " ".join(f"{m} {res[m + '_tflops']:7.2f} TF/s" for m in MODES)
-                          + (f"  peak {res['peak_mib_fwdbwd']:.0f} MiB" if res["peak_mib_fwdbwd"] is not None else "")
-                          + (f"  |fused-unfused| {res['max_abs_diff_vs_unfused']:.2e}"
-                             if isinstance(res.get("max_abs_diff_vs_unfused"), float) else ""),
-                          flush=True)
-                else:
-                    print(f"T={T:5d} B={B:3d} {variant:15s} {impl:8s} {res['status']}", flush=True)
-
-    table = markdown_table(results)
+    results = [row for T in args.seq_lens for row in sweep_length(s, T)]
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix="attn_bench_smoke_") if args.interpret_smoke
                                else os.path.join(REPO_ROOT, "benchmarks", "results"))
     meta.update({
@@ -267,17 +122,179 @@ def main(argv=None):
         "interpret_smoke": args.interpret_smoke,
         "dtype": args.dtype,
         "tokens": args.tokens,
-        "heads": H,
-        "head_dim": D,
+        "heads": s.H,
+        "head_dim": s.D,
         "flops_convention": "fwd = 4*B*H*T^2*D / 2 (causal); bwd = 2.5 x fwd; fwdbwd = 3.5 x fwd",
         "timing": "triton.testing.do_bench median (ms)" if not args.interpret_smoke else "single call (interpreter)",
         "peak_memory": "max_memory_allocated above the live inputs during one call, after a warm-up call",
     })
+    gpu = "cpu-interpreter" if args.interpret_smoke else torch.cuda.get_device_name()
     bench_utils.write_results(
-        meta, results, table, out_dir, title="Attention benchmark", label=gpu,
+        meta, results, markdown_table(results), out_dir, title="Attention benchmark", label=gpu,
         summary=f"torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
-                f"B*T = {args.tokens}, H = {H}, D = {D}, compute capability {meta['compute_capability']}")
+                f"B*T = {args.tokens}, H = {s.H}, D = {s.D}, compute capability {meta['compute_capability']}")
     return 0
+
+
+def sweep_length(s, T):
+    """Every (variant, implementation) at sequence length T (B*T tokens), printed as it goes."""
+    B = max(1, s.args.tokens // T)
+    rows = []
+    for variant in s.args.variants:
+        for impl in s.args.impls:
+            if impl == "sdpa" and variant != "default":
+                continue
+            res = run_case(s, impl, variant, B, T)
+            if impl == "fused" and res["status"] == "ok":
+                res["max_abs_diff_vs_unfused"] = max_diff_vs_unfused(s, variant, B, T)
+            rows.append({"variant": variant, "impl": impl, "B": B, "H": s.H, "T": T, "D": s.D, **res})
+            if res["status"] == "ok":
+                print(f"T={T:5d} B={B:3d} {variant:15s} {impl:8s} "
+                      + " ".join(f"{m} {res[m + '_tflops']:7.2f} TF/s" for m in MODES)
+                      + (f"  peak {res['peak_mib_fwdbwd']:.0f} MiB" if res["peak_mib_fwdbwd"] is not None else "")
+                      + (f"  |fused-unfused| {res['max_abs_diff_vs_unfused']:.2e}"
+                         if isinstance(res.get("max_abs_diff_vs_unfused"), float) else ""),
+                      flush=True)
+            else:
+                print(f"T={T:5d} B={B:3d} {variant:15s} {impl:8s} {res['status']}", flush=True)
+    return rows
+
+
+def bench(s, fn, grad_to_none):
+    """Median milliseconds of fn."""
+    if s.args.interpret_smoke:  # do_bench needs CUDA events; one timed call is enough here
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton
+    return triton.testing.do_bench(fn, warmup=s.args.warmup, rep=s.args.rep, grad_to_none=grad_to_none,
+                                   return_mode="median")
+
+
+def peak_mib(s, fn, leaves):
+    """Peak allocated memory of one call of fn above what is live before it (MiB), measured
+    after a warm-up call (kernel compilation, cuBLAS / allocator workspaces); None on CPU."""
+    import torch
+    if s.device != "cuda":
+        fn()
+        return None
+    keep = fn()  # warm-up
+    del keep
+    for t in leaves:
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    keep = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del keep
+    for t in leaves:
+        t.grad = None
+    return peak / 2**20
+
+
+def make_inputs(s, B, T, variant):
+    """(leaves, fn inputs, dout): the qkv projection, a block input x and the variant's own
+    parameters (sink vectors N(0, 0.5^2), gate weights N(0, 0.02^2)) are the leaves."""
+    import torch
+    import attention_variants as av
+    H, D = s.H, s.D
+    g = torch.Generator(device="cpu").manual_seed(0)
+    spec = av.get_variant(variant)
+    qkv = torch.randn(B, T, 3 * H * D, generator=g).to(device=s.device, dtype=s.dtype).requires_grad_()
+    x = torch.randn(B, T, H * D, generator=g).to(device=s.device, dtype=s.dtype).requires_grad_()
+    layer = torch.nn.Module()  # what a variant's parameters and per-call inputs need from an attention layer
+    layer.n_head = H
+    av.add_variant_parameters(layer, spec, H * D, H)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.shape == (H, D) else 0.02))
+    layer = layer.to(device=s.device, dtype=s.dtype)
+    dout = torch.randn(B, H, T, D, generator=g).to(device=s.device, dtype=s.dtype)
+    return [qkv, x, *layer.parameters()], (spec, qkv, x, layer), dout
+
+
+def split(s, qkv, B, T):
+    return [t.view(B, T, s.H, s.D).transpose(1, 2) for t in qkv.split(s.H * s.D, dim=2)]  # (B, H, T, D) views
+
+
+def pinned_sdpa(s, q, k, v):
+    """Causal SDPA on the chosen backend (an error, not a silent fallback, if it cannot run)."""
+    import torch.nn.functional as F
+    backend = SDPA_BACKENDS[s.args.sdpa_backend]
+    if backend is None or s.args.interpret_smoke:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(getattr(SDPBackend, backend)):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def make_fn(s, impl, fn_inputs, B, T):
+    import attention_variants as av
+    spec, qkv, x, layer = fn_inputs
+    if impl == "sdpa":
+        return lambda: pinned_sdpa(s, *split(s, qkv, B, T))
+    # fused: the kernel path; unfused: the project's own PyTorch path (SDPA form, else reference)
+    if impl == "fused":
+        path = spec.triton
+    elif spec.sdpa is not None:
+        path = spec.sdpa
+    else:
+        path = lambda *a, **kw: spec.reference(*a, **kw)[0]  # noqa: E731
+    return lambda: path(*split(s, qkv, B, T), **av.variant_inputs(layer, spec, x))
+
+
+def run_case(s, impl, variant, B, T):
+    import torch
+    leaves, fn_inputs, dout = make_inputs(s, B, T, variant)
+    fn = make_fn(s, impl, fn_inputs, B, T)
+    res = {}
+    fl = flops_fwd(B, s.H, T, s.D)
+    try:
+        res["peak_mib_fwd"] = peak_mib(s, fn, leaves)
+        res["peak_mib_fwdbwd"] = peak_mib(s, lambda: fn().backward(dout), leaves)
+        for t in leaves:
+            t.grad = None
+        ms_f = bench(s, fn, leaves)
+        out = fn()
+        ms_b = bench(s, lambda: out.backward(dout, retain_graph=True), leaves)
+        out = None
+        ms_fb = bench(s, lambda: fn().backward(dout), leaves)
+        for mode, ms, mult in (("fwd", ms_f, 1.0), ("bwd", ms_b, 2.5), ("fwdbwd", ms_fb, 3.5)):
+            res[f"{mode}_ms"] = ms
+            res[f"{mode}_tflops"] = mult * fl / (ms * 1e-3) / 1e12
+    except torch.cuda.OutOfMemoryError:
+        res = {"status": "OOM"}
+    except Exception as err:  # keep sweeping; the error goes into the results
+        traceback.print_exc()
+        res = {"status": f"error: {type(err).__name__}: {err}"[:300]}
+    else:
+        res["status"] = "ok"
+    finally:
+        fn_inputs = leaves = fn = None  # free the inputs before emptying the cache
+        if s.device == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def max_diff_vs_unfused(s, variant, B, T):
+    """Sanity check recorded with the fused results: max |fused - unfused| of the output."""
+    import torch
+    try:
+        _, fn_inputs, _ = make_inputs(s, B, T, variant)
+        with torch.no_grad():
+            a = make_fn(s, "fused", fn_inputs, B, T)()
+            b = make_fn(s, "unfused", fn_inputs, B, T)()
+            return (a.float() - b.float()).abs().max().item()
+    except torch.cuda.OutOfMemoryError:
+        return "OOM"
+    except Exception as err:
+        return f"error: {type(err).__name__}: {err}"[:200]
+    finally:
+        if s.device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def markdown_table(results):

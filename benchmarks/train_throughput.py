@@ -75,9 +75,9 @@ def main(argv=None):
     sys.path.insert(0, REPO_ROOT)
     sys.path.insert(0, BENCH_DIR)
     try:
-        from model import GPT, GPTConfig
+        import model  # noqa: F401  (this repo's model.py, found through the path above)
     except ImportError as err:
-        print(f"error: cannot import GPT, GPTConfig from model.py ({err})", file=sys.stderr)
+        print(f"error: cannot import model.py ({err})", file=sys.stderr)
         return 2
     import bench_utils
 
@@ -93,76 +93,10 @@ def main(argv=None):
     B, T = args.batch_size, args.block_size
     peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else None
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def run_case(variant, backend):
-        model = optimizer = None
-        try:
-            config = GPTConfig(block_size=T, vocab_size=args.vocab_size, n_layer=args.n_layer,
-                               n_head=args.n_head, n_embd=args.n_embd, dropout=0.0, bias=False,
-                               attention=variant, attn_backend=backend)
-            torch.manual_seed(0)
-            model = GPT(config).to(device)
-            optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
-            step_model = torch.compile(model) if args.compile else model
-            g = torch.Generator(device="cpu").manual_seed(1)
-            batches = []
-            for _ in range(4):
-                data = torch.randint(0, args.vocab_size, (B, T + 1), generator=g)
-                batches.append((data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)))
-
-            def step(i):
-                x, y = batches[i % len(batches)]
-                with autocast:
-                    _, loss = step_model(x, y)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return loss
-
-            t0 = time.perf_counter()
-            for i in range(args.warmup_steps):
-                step(i)
-            sync()
-            warmup_s = time.perf_counter() - t0
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            for i in range(args.steps):
-                loss = step(i)
-            sync()
-            dt = (time.perf_counter() - t0) / args.steps
-            loss = float(loss.detach())
-            mfu = model.estimate_mfu(B, dt, peak_flops=peak_flops)
-            return {
-                "status": "ok",
-                "ms_per_step": dt * 1e3,
-                "tokens_per_s": B * T / dt,
-                "mfu": mfu,
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
-                "warmup_s": warmup_s,
-                "final_loss": loss,
-                "params": model.get_num_params(),
-            }
-        except torch.cuda.OutOfMemoryError:
-            return {"status": "OOM"}
-        except Exception as err:  # keep sweeping; the error goes into the results
-            traceback.print_exc()
-            return {"status": f"error: {type(err).__name__}: {err}"[:300]}
-        finally:
-            del model, optimizer
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            if args.compile:
-                torch._dynamo.reset()
-
     results = []
     for variant in args.variants:
         for backend in args.backends:
-            res = run_case(variant, backend)
+            res = run_case(args, device, autocast, variant, backend, peak_flops)
             results.append({"variant": variant, "backend": backend, **res})
             if res["status"] == "ok":
                 mfu = f"{100 * res['mfu']:.1f}%" if res["mfu"] is not None else "n/a"
@@ -190,6 +124,75 @@ def main(argv=None):
         summary=f"torch {torch.__version__}, triton {meta['triton']}, batch {B} x {T}, "
                 f"compile={args.compile}, compute capability {meta['compute_capability']}")
     return 0
+
+
+def run_case(args, device, autocast, variant, backend, peak_flops):
+    """Steps/s of one (variant, backend): warm-up steps, then timed steps on 4 fixed random batches."""
+    import torch
+    from model import GPT, GPTConfig
+    B, T = args.batch_size, args.block_size
+    model = optimizer = None
+    try:
+        config = GPTConfig(block_size=T, vocab_size=args.vocab_size, n_layer=args.n_layer,
+                           n_head=args.n_head, n_embd=args.n_embd, dropout=0.0, bias=False,
+                           attention=variant, attn_backend=backend)
+        torch.manual_seed(0)
+        model = GPT(config).to(device)
+        optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
+        step_model = torch.compile(model) if args.compile else model
+        g = torch.Generator(device="cpu").manual_seed(1)
+        batches = []
+        for _ in range(4):
+            data = torch.randint(0, args.vocab_size, (B, T + 1), generator=g)
+            batches.append((data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)))
+
+        def step(i):
+            x, y = batches[i % len(batches)]
+            with autocast:
+                _, loss = step_model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        def sync():
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        t0 = time.perf_counter()
+        for i in range(args.warmup_steps):
+            step(i)
+        sync()
+        warmup_s = time.perf_counter() - t0
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            loss = step(i)
+        sync()
+        dt = (time.perf_counter() - t0) / args.steps
+        return {
+            "status": "ok",
+            "ms_per_step": dt * 1e3,
+            "tokens_per_s": B * T / dt,
+            "mfu": model.estimate_mfu(B, dt, peak_flops=peak_flops),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+            "warmup_s": warmup_s,
+            "final_loss": float(loss.detach()),
+            "params": model.get_num_params(),
+        }
+    except torch.cuda.OutOfMemoryError:
+        return {"status": "OOM"}
+    except Exception as err:  # keep sweeping; the error goes into the results
+        traceback.print_exc()
+        return {"status": f"error: {type(err).__name__}: {err}"[:300]}
+    finally:
+        model = optimizer = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        if args.compile:
+            torch._dynamo.reset()
 
 
 def markdown_table(results, backends):
