@@ -84,8 +84,9 @@ Supported / limits
   (flags, dtypes, shapes, strides, devices).  After the first launch of a
   kernel for a launch key (those plus 16-byte pointer alignment) the compiled
   kernel is launched directly, bypassing triton's autotuner and argument binder
-  (triton >= 3.6; other versions, the interpreter, and launches while a triton
-  launch hook is set go through triton every time).  benchmarks/host_overhead.py
+  (triton 3.4 to 3.9, whose launch convention was checked; other versions, the
+  interpreter, and launches while a triton launch hook is set go through triton
+  every time).  benchmarks/host_overhead.py
   measures the host time per call.
 * The CPU-interpreter tests need triton >= 3.9, or numpy < 2.4 with older
   triton: triton 3.6's interpreter breaks with numpy >= 2.4.
@@ -817,23 +818,24 @@ def _compile_and_launch(call, kind, args):
 # the arguments' dtypes, shapes, strides and 16-byte pointer alignment, the device) all of that
 # gives the same compiled kernel, grid and constexprs every time, so after the first launch of a key
 # the cache calls the launcher triton built for that kernel directly.  Any other key goes through
-# triton (and then gets its own entry).  Checked against the sources of triton 3.6 and 3.9, where a
+# triton (and then gets its own entry).  Checked against the sources of triton 3.4 to 3.9, where a
 # CompiledKernel is launched as
 #     kernel.run(grid_x, grid_y, grid_z, stream, kernel.function, kernel.packed_metadata,
 #                launch_metadata, launch_enter_hook, launch_exit_hook, *every_argument_in_order)
-# (constexprs included; the launcher drops them).  Other versions, the interpreter and launches with
-# triton launch hooks set (profilers such as proton want their metadata) always go through triton.
+# (constexprs included; the launcher drops them).  Other versions (a later one may change this
+# private convention), the interpreter and launches with triton launch hooks set (profilers such as
+# proton want their metadata) always go through triton.
 
 try:
     from triton import knobs as _knobs
 except ImportError:  # pragma: no cover - triton < 3.4
     _knobs = None
-_FAST_LAUNCH = (_knobs is not None and not _INTERPRET
-                and tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6))
+_TRITON_VERSION = tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:2])
+_FAST_LAUNCH = _knobs is not None and not _INTERPRET and (3, 4) <= _TRITON_VERSION <= (3, 9)
 
 
 def _launch_hooks_idle():
-    # each hook is None (older triton) or a HookChain (3.6+), idle when empty; a plain function is active
+    # each hook is None (triton 3.4) or a HookChain (3.5+), idle when empty; a plain function is active
     runtime = _knobs.runtime
     return not (getattr(runtime.launch_enter_hook, "calls", runtime.launch_enter_hook)
                 or getattr(runtime.launch_exit_hook, "calls", runtime.launch_exit_hook))
