@@ -22,8 +22,9 @@ from CUDA-graph replay (triton.testing.do_bench_cudagraph, median), fused vs SDP
 
 Each host time is the smallest over --repeats of the mean over --calls calls (the least disturbed
 repeat, as timeit recommends); the cases take turns within a repeat, so a busy spell of a shared
-machine slows all of them.  With several --seq-lens the top-level values are the largest over
-them and "by_seq_len" holds each.  Prints one JSON line on stdout (everything else goes to stderr);
+machine slows all of them.  fwd_vs_floor and fwd_bwd_vs_floor are fused / floor.  With several
+--seq-lens every top-level value is the largest over them (ratios included) and "by_seq_len" holds
+each.  Prints one JSON line on stdout (everything else goes to stderr);
 --out FILE.json also writes it.
 
     python benchmarks/host_overhead.py                                   # CPU, stubbed launches
@@ -156,6 +157,8 @@ def measure(args, T, device, dtype, fa, counter):
     counter[0] = 0
     sync()
     row = {"B": B, "H": H, "T": T, "D": D, **host_us(cases, args.calls, args.repeats, sync)}
+    row["fwd_vs_floor"] = row["fwd_us"] / row["floor_fwd_us"]
+    row["fwd_bwd_vs_floor"] = row["fwd_bwd_us"] / row["floor_fwd_bwd_us"]
     if device == "cuda":
         row.update(measure_cuda(q, k, v, fwd_bwd, fused, args.calls, args.repeats, sync))
     else:
@@ -214,9 +217,8 @@ def main(argv=None):
     with contextlib.redirect_stdout(sys.stderr):
         with stubbed_launches(fa, counter) if device == "cpu" else contextlib.nullcontext():
             rows = [measure(args, T, device, dtype, fa, counter) for T in args.seq_lens]
-    result = {key: max(row[key] for row in rows) for key in KEYS + (CUDA_KEYS if device == "cuda" else ())}
-    result["fwd_vs_floor"] = result["fwd_us"] / result["floor_fwd_us"]
-    result["fwd_bwd_vs_floor"] = result["fwd_bwd_us"] / result["floor_fwd_bwd_us"]
+    keys = KEYS + ("fwd_vs_floor", "fwd_bwd_vs_floor") + (CUDA_KEYS if device == "cuda" else ())
+    result = {key: max(row[key] for row in rows) for key in keys}
     result.update({
         "device": device,
         "launch": "stub" if device == "cpu" else "real",

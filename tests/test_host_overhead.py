@@ -28,7 +28,9 @@ def test_cpu_run_prints_one_json_line(tmp_path):
         assert math.isfinite(data[key]) and data[key] > 0, key
         assert data[key] == max(r[key] for r in rows), key
     assert data["fwd_bwd_us"] > data["fwd_us"] and data["floor_fwd_bwd_us"] > data["floor_fwd_us"]
-    assert data["fwd_vs_floor"] == data["fwd_us"] / data["floor_fwd_us"]
+    for r in rows:
+        assert r["fwd_vs_floor"] == r["fwd_us"] / r["floor_fwd_us"]
+    assert data["fwd_bwd_vs_floor"] == max(r["fwd_bwd_us"] / r["floor_fwd_bwd_us"] for r in rows)
     # every timed launch took the launch cache's direct path
     assert data["launches_through_triton"] == 0 and all(r["launches_through_triton"] == 0 for r in rows)
     assert data["device"] == "cpu" and data["launch"] == "stub" and data["triton"] and data["torch"]
