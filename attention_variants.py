@@ -30,7 +30,8 @@ Backends:
                other backends, and the only path that returns attention weights (the analysis uses it)
     sdpa       torch scaled_dot_product_attention wherever the variant has such a form
     triton     the fused kernel in fused_attention.py (CUDA, or TRITON_INTERPRET=1 on CPU)
-    auto       triton on CUDA when the kernel supports the call, else sdpa, else reference
+    auto       triton on CUDA when the kernel supports the call and T >= the entry's `fused_from_t` (where
+               it was measured not to be slower than the variant's SDPA form), else sdpa, else reference
 """
 
 import math
@@ -199,12 +200,21 @@ class AttentionVariant:
     records: tuple = ("probs",)   # keys of RECORDS that `reference` returns
     gate: Optional[str] = None    # what the recorded "gate" is (analysis report)
     n_params_124m: Optional[int] = None  # non-embedding parameters at GPT-2 124M (bias=False, vocab 50304)
+    # `auto` runs the fused kernel on CUDA from this sequence length on, where it was measured to be at least
+    # as fast as this entry's SDPA form (benchmarks/RESULTS.md); None: never (not measured)
+    fused_from_t: Optional[int] = None
+
+
+# Where the default kernel is at least as fast as SDPA (FlashAttention-2), fwd+bwd, H200, bf16, D = 64, 16k
+# tokens per call: 0.28x at T = 1024, 0.43x at 2048, 0.78x at 4096, 1.29x at 8192 (benchmarks/RESULTS.md)
+DEFAULT_KERNEL_FROM_T = 8192
 
 
 def output_step_variant(name, formula, source, step, *, gate_record=None, **fields):
     """A variant that is default attention followed by `step(y, **inputs)`, an elementwise function of
     the attention output y (B, nh, T, hs). Every backend runs default attention and then the step in
-    torch; `gate_record(**inputs)` gives the (B, nh, T) gate recorded for the analysis."""
+    torch; `gate_record(**inputs)` gives the (B, nh, T) gate recorded for the analysis. `auto` switches
+    to the kernel where the default kernel wins (both paths run the same step)."""
 
     def reference(q, k, v, dropout_p=0.0, sigmoid_bias=None, **inputs):
         out, records = default_reference(q, k, v, dropout_p)
@@ -221,6 +231,7 @@ def output_step_variant(name, formula, source, step, *, gate_record=None, **fiel
         return step(default_kernel(q, k, v), **inputs)
 
     records = ("probs", "gate") if gate_record is not None else ("probs",)
+    fields.setdefault("fused_from_t", DEFAULT_KERNEL_FROM_T)
     return AttentionVariant(name, formula, source, reference, sdpa, triton,
                             kernel="default kernel, then the step in torch", records=records, **fields)
 
@@ -248,7 +259,7 @@ PAPER = "An et al. 2025, Systematic Outliers in LLMs"
 BUILTIN = [
     AttentionVariant(
         "default", "softmax(QKᵀ/√d) V", PAPER, default_reference, default_sdpa, _kernel(),
-        _describe_kernel({}), n_params_124m=123_587_328),
+        _describe_kernel({}), n_params_124m=123_587_328, fused_from_t=DEFAULT_KERNEL_FROM_T),
     output_step_variant(
         "fixed_bias", "softmax(QKᵀ/√d) V + v′", PAPER,
         step=lambda y, v_bias: y + v_bias[None, :, None, :].to(y.dtype),
@@ -257,12 +268,12 @@ BUILTIN = [
         "context_bias", "softmax(QKᵀ/√d) V + softmax(Q[k′; K]ᵀ/√d) [v′; 0]", PAPER,
         context_bias_reference, context_bias_sdpa, _kernel(sink="context"),
         _describe_kernel({"sink": "context"}), params=(K_BIAS, V_BIAS), records=("probs", "sink_probs"),
-        n_params_124m=123_605_760),
+        n_params_124m=123_605_760, fused_from_t=1024),  # training at T = 1024: 1.30x its SDPA form
     AttentionVariant(
         "attention_bias", "softmax(Q[k′; K]ᵀ/√d) [v′; V]", PAPER,
         attention_bias_reference, attention_bias_sdpa, _kernel(sink="learned"),
         _describe_kernel({"sink": "learned"}), params=(K_BIAS, V_BIAS), records=("probs", "sink_probs"),
-        n_params_124m=123_605_760),
+        n_params_124m=123_605_760, fused_from_t=1024),  # training at T = 1024: 1.10x
     output_step_variant(
         "scaling", "S(x) · softmax(QKᵀ/√d) V, S(x) = 2·sigmoid(Wx + b) per token and head", PAPER,
         step=lambda y, gate: y * gate.unsqueeze(-1).to(y.dtype),
@@ -274,7 +285,8 @@ BUILTIN = [
     AttentionVariant(
         "sigmoid", "sigmoid(QKᵀ/√d + b) V, b = −ln T unless `sigmoid_bias` is set", PAPER,
         sigmoid_reference, None, _kernel(sigmoid=True), _describe_kernel({"sigmoid": True}),
-        n_params_124m=123_587_328),
+        # no SDPA form: the alternative materialises the T x T weights (training at T = 1024: 2.30x, 1.8x less memory)
+        n_params_124m=123_587_328, fused_from_t=1),
     output_step_variant(
         "gated", "softmax(QKᵀ/√d) V ⊙ sigmoid(x W_θ), elementwise on the concatenated heads",
         "Qiu et al. 2025, Gated Attention for LLMs (G1, elementwise)",
@@ -287,7 +299,8 @@ BUILTIN = [
     AttentionVariant(
         "softmax1", "Σⱼ exp(sⱼ) vⱼ / (1 + Σⱼ exp(sⱼ)), s = QKᵀ/√d: a sink with logit 0 and value 0",
         "Miller 2023, Attention Is Off By One", softmax1_reference, softmax1_sdpa, _kernel(sink="zero"),
-        _describe_kernel({"sink": "zero"}), records=("probs", "sink_probs"), n_params_124m=123_587_328),
+        _describe_kernel({"sink": "zero"}), records=("probs", "sink_probs"), n_params_124m=123_587_328,
+        fused_from_t=1024),  # training at T = 1024: 1.17x
 ]
 REGISTRY = {v.name: v for v in BUILTIN}
 VARIANTS = tuple(REGISTRY)  # the built-in variants; `register` adds more at run time
@@ -351,12 +364,14 @@ def module_params():
 
 def readme_table():
     """The README's variant table, from the registry (tests check the README holds exactly this)."""
-    lines = ["| `attention=` | formula | extra parameters per layer | non-embedding params (124M) | fused kernel | from |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| `attention=` | formula | extra parameters per layer | non-embedding params (124M) | fused kernel "
+             "| `auto` uses it from T | from |",
+             "|---|---|---|---|---|---:|---|"]
     for v in REGISTRY.values():
         about = "; ".join(p.about for p in v.params) or "none"
         count = f"{v.n_params_124m:,}" if v.n_params_124m is not None else "?"
-        lines.append(f"| `{v.name}` | {v.formula} | {about} | {count} | {v.kernel} | {v.source} |")
+        from_t = "never" if v.fused_from_t is None else "any" if v.fused_from_t <= 1 else f"{v.fused_from_t:,}"
+        lines.append(f"| `{v.name}` | {v.formula} | {about} | {count} | {v.kernel} | {from_t} | {v.source} |")
     return "\n".join(lines)
 
 
@@ -371,10 +386,14 @@ def _triton_supported(q, dropout_p):
     return is_supported(q, dropout_p)
 
 
+def _fused_is_faster(variant, T):
+    return variant.fused_from_t is not None and T >= variant.fused_from_t
+
+
 def resolve_backend(backend, variant, q, dropout_p):
     """The backend that will actually run this call."""
     if backend == "auto":
-        if q.is_cuda and _triton_supported(q, dropout_p):
+        if q.is_cuda and _fused_is_faster(variant, q.size(-2)) and _triton_supported(q, dropout_p):
             return "triton"
         return "sdpa" if variant.sdpa is not None else "reference"
     if backend == "sdpa" and variant.sdpa is None:

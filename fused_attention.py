@@ -3,11 +3,10 @@
 FlashAttention-2-style kernels: an online softmax over key tiles, no T x T tensor
 is ever written to memory, and the forward saves one log-sum-exp per row (base 2)
 for the backward.  One kernel family covers the attention cores that change the
-inner loop, chosen by named ``tl.constexpr`` flags; it is wrapped in a
-``torch.autograd.Function``.  Which flags a variant uses is the variant's own
-business (its entry in attention_variants.py); variants that are "default
-attention + an elementwise step" (fixed_bias, scaling, gated) run the default
-kernel and do the step in torch.
+inner loop, chosen by named ``tl.constexpr`` flags.  Which flags a variant uses
+is the variant's own business (its entry in attention_variants.py); variants
+that are "default attention + an elementwise step" (fixed_bias, scaling, gated)
+run the default kernel and do the step in torch.
 
 Public API
 ----------
@@ -73,9 +72,22 @@ Supported / limits
   head dim and dtype, all compiled ahead of time without register spills
   (benchmarks/kernel_registers.py); on a GPU ``triton.autotune`` picks the
   fastest once per (kernel, head dim, dtype, flags, precision, power-of-two
-  bucket of T) and the choice is printed once.  Different processes may pick
-  different tiles, which changes the last bits; ``OUTLIER_GPT_AUTOTUNE=0`` uses
-  the first candidate that fits everywhere.  Measured speed: benchmarks/RESULTS.md.
+  bucket of T) and the choice is printed once.  triton keeps the results in its
+  cache directory (``cache_results``), so later processes reuse them; processes
+  with different caches may pick different tiles, which changes the last bits;
+  ``OUTLIER_GPT_AUTOTUNE=0`` (read at a launch key's first launch) uses the
+  first candidate that fits everywhere.  Measured speed: benchmarks/RESULTS.md.
+* Host time: eager calls (outside torch.compile and tracing) run the forward
+  and backward bodies through one ``torch.autograd.Function`` that returns the
+  output alone, so no zero gradients are built for the saved log-sum-exp.
+  Argument checks and the kernels' integer arguments are worked out once per
+  (flags, dtypes, shapes, strides, devices).  After the first launch of a
+  kernel for a launch key (those plus 16-byte pointer alignment) the compiled
+  kernel is launched directly, bypassing triton's autotuner and argument binder
+  (triton 3.4 to 3.9, whose launch convention was checked; other versions, the
+  interpreter, and launches while a triton launch hook is set go through triton
+  every time).  benchmarks/host_overhead.py
+  measures the host time per call.
 * The CPU-interpreter tests need triton >= 3.9, or numpy < 2.4 with older
   triton: triton 3.6's interpreter breaks with numpy >= 2.4.
 * Under the CPU interpreter bf16 is emulated: dot operands are upcast to fp32
@@ -85,7 +97,8 @@ Supported / limits
 * ``sink="context"`` also writes the plain attention output softmax(S) V as an
   extra (B, H, T, D) buffer saved for the backward (its Delta is computed from
   it, with no cancellation of the sink term).
-* The forward and backward are ``torch.library`` custom ops
+* Under torch.compile (and export, jit tracing, or for tensor subclasses such
+  as fake tensors) the same bodies run as ``torch.library`` custom ops
   (``outlier_gpt::attention_fwd`` / ``attention_bwd``) with fake implementations
   that allocate like the real ones, so ``torch.compile(model, fullgraph=True)``
   traces the model with no graph break; the kernels run as opaque calls inside the
@@ -97,6 +110,7 @@ Supported / limits
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 from typing import NamedTuple, Optional, Tuple
@@ -658,6 +672,7 @@ def _candidates(kind: str, D: int, dtype: torch.dtype, arch=None):
 _CHOSEN: dict = {}
 _CHOSEN_KEY_FIELDS = ("kernel", "head_dim", "dtype", "flags", "precision", "device", "arch", "t_bucket")
 
+
 # Test-only hooks: _FORCE_ARCH set to a compute capability (e.g. 90 or 80) uses that GPU
 # table under the interpreter, and _FORCE_CANDIDATE picks its i-th candidate (the tests run
 # every GPU tile candidate, ragged tails included, under the interpreter).
@@ -669,6 +684,11 @@ _TUNE_KEY = ("HEAD_D", "PREC", "SIGMOID", "LEARNED_SINK", "CONTEXT_SINK", "ZERO_
              "SINK_PARAMS", "T_BUCKET")
 _TUNERS: dict = {}
 _UNTUNABLE: set = set()  # launch keys whose autotuning failed to fit: the first candidate that fits is used
+
+# triton.autotune's cache_results (in triton 3.6 and 3.9) keeps the tuning results in triton's cache
+# directory, keyed on the triton build, the GPU architecture, the kernel source, the tuning key and the
+# candidates: a second process does not benchmark the candidates again
+_AUTOTUNE_DISK_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
 def _autotune_enabled() -> bool:
@@ -695,8 +715,9 @@ def _tuner(kind, kernel):
             return [c for c in configs if _config_tuple(c) in wanted]
 
         names = kernel.arg_names
+        disk = {"cache_results": True} if _AUTOTUNE_DISK_CACHE else {}
         _TUNERS[kind] = triton.autotune(configs=configs, key=[k for k in _TUNE_KEY if k in names],
-                                        prune_configs_by={"early_config_prune": prune})(kernel)
+                                        prune_configs_by={"early_config_prune": prune}, **disk)(kernel)
     return _TUNERS[kind]
 
 
@@ -710,6 +731,9 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
+_ARCH: dict = {}  # CUDA device index -> compute capability
+
+
 def _device_arch(device: torch.device):
     """Compute capability of ``device`` as major * 10 + minor; None under the
     interpreter or for a non-CUDA device."""
@@ -717,60 +741,169 @@ def _device_arch(device: torch.device):
         return _FORCE_ARCH
     if _INTERPRET or device.type != "cuda":
         return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ARCH:
+        major, minor = torch.cuda.get_device_capability(index)
+        _ARCH[index] = 10 * major + minor
+    return _ARCH[index]
 
 
 def _on_device(device: torch.device):
-    """Context that makes ``device`` current for the launches (Triton launches on
-    the current CUDA device, not necessarily the tensors' one)."""
-    if device.type == "cuda":
+    """Context that makes ``device`` current for the launches (Triton launches on the current CUDA
+    device, not necessarily the tensors' one); nothing to do when it already is."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
     return contextlib.nullcontext()
 
 
-def _launch(kind, kernel, q, T, BH, D, args, constexprs):
-    """Launch ``kernel`` (its runtime ``args`` and ``constexprs``; T_BUCKET is appended here)
-    with the autotuned tile config, or the first candidate that fits when not tuning; records
-    the choice.  Must run under ``_on_device(q.device)``."""
-    arch = _device_arch(q.device)
+def _compile_and_launch(call, kind, args):
+    """Launch kernel ``kind`` through triton: with the autotuned tile config, or the first candidate that
+    fits when not tuning; records the choice.  Returns (what triton launched: its CompiledKernel, None
+    under the interpreter; the grid; the kernel's named arguments after ``args``), from which the launch
+    cache builds its direct launch."""
+    kernel, constexprs = _KERNELS[kind], call.constexprs[kind]
+    B, H, T, D = call.shape
+    BH = B * H
+    if kind == "pre":  # one fixed config: nothing to tune
+        grid = (BH, triton.cdiv(T, constexprs["BLOCK_M"]))
+        return kernel[grid](*args, num_warps=4, **_LAUNCH_OPTS, **constexprs), grid, constexprs
+    arch, dtype = call.arch, call.dtype
     bucket = _t_bucket(T)
     flags = ",".join(name for name, value in constexprs.items() if value is True) or "softmax"
-    key = (kind, D, q.dtype, flags, constexprs.get("PREC"), str(q.device), arch, bucket)
+    key = (kind, D, dtype, flags, constexprs.get("PREC"), str(call.device), arch, bucket)
     tile = "BLOCK_M" if kind in ("fwd", "dq") else "BLOCK_N"
-    cands = _candidates(kind, D, q.dtype, arch)
+    cands = _candidates(kind, D, dtype, arch)
     if _FORCE_CANDIDATE is not None:
         cands = [cands[min(_FORCE_CANDIDATE, len(cands) - 1)]]
     if not _INTERPRET and _autotune_enabled() and len(cands) > 1 and key not in _UNTUNABLE:
         tuner = _tuner(kind, kernel)
         try:
-            tuner[lambda meta: (BH, triton.cdiv(T, meta[tile]))](*args, bucket, **_LAUNCH_OPTS, **constexprs)
+            compiled = tuner[lambda meta: (BH, triton.cdiv(T, meta[tile]))](
+                *args, T_BUCKET=bucket, **_LAUNCH_OPTS, **constexprs)
         except _FIT_ERRORS:  # pragma: no cover - GPU only: no candidate fits, try them one by one below
             _UNTUNABLE.add(key)
-            return _launch(kind, kernel, q, T, BH, D, args, constexprs)
+            return _compile_and_launch(call, kind, args)
         cfg = _config_tuple(tuner.best_config)
         if _CHOSEN.get(key) != cfg:
-            print(f"fused_attention: autotuned {kind} (D={D}, {str(q.dtype)[6:]}, {flags}, T<={bucket}, "
+            print(f"fused_attention: autotuned {kind} (D={D}, {str(dtype)[6:]}, {flags}, T<={bucket}, "
                   f"sm_{arch}): BLOCK_M={cfg[0]} BLOCK_N={cfg[1]} num_warps={cfg[2]} num_stages={cfg[3]}",
                   flush=True)
         _CHOSEN[key] = cfg
-        return
+        grid = (BH, triton.cdiv(T, cfg[0] if tile == "BLOCK_M" else cfg[1]))
+        return compiled, grid, dict(T_BUCKET=bucket, **constexprs, BLOCK_M=cfg[0], BLOCK_N=cfg[1])
     if key in _CHOSEN and _FORCE_CANDIDATE is None:
         cands = [_CHOSEN[key]]
     last_err = None
     for cfg in cands:
         bm, bn, warps, stages = cfg
         grid = (BH, triton.cdiv(T, bm if tile == "BLOCK_M" else bn))
+        named = dict(T_BUCKET=bucket, **constexprs, BLOCK_M=bm, BLOCK_N=bn)
         try:
-            kernel[grid](*args, bucket, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                         num_stages=stages, **_LAUNCH_OPTS, **constexprs)
+            compiled = kernel[grid](*args, num_warps=warps, num_stages=stages, **_LAUNCH_OPTS, **named)
         except _FIT_ERRORS as err:  # pragma: no cover - GPU only
             last_err = err
             continue
         _CHOSEN[key] = cfg
-        return
+        return compiled, grid, named
     raise RuntimeError(f"fused_attention: no {kind} config fits this GPU "
-                       f"({q.device}, sm_{arch})") from last_err
+                       f"({call.device}, sm_{arch})") from last_err
+
+
+# ----------------------------------------------------------------------------
+# Launch cache
+# ----------------------------------------------------------------------------
+# Launching through triton costs host time on every call: the autotuner builds its key from every
+# argument, and the argument binder specialises each of ~40 arguments (integer divisibility, pointer
+# alignment, dtypes) to find the compiled kernel.  For one launch key (the kernel, its flags,
+# the arguments' dtypes, shapes, strides and 16-byte pointer alignment, the device) all of that
+# gives the same compiled kernel, grid and constexprs every time, so after the first launch of a key
+# the cache calls the launcher triton built for that kernel directly.  Any other key goes through
+# triton (and then gets its own entry).  Checked against the sources of triton 3.4 to 3.9, where a
+# CompiledKernel is launched as
+#     kernel.run(grid_x, grid_y, grid_z, stream, kernel.function, kernel.packed_metadata,
+#                launch_metadata, launch_enter_hook, launch_exit_hook, *every_argument_in_order)
+# (constexprs included; the launcher drops them).  Other versions (a later one may change this
+# private convention), the interpreter and launches with triton launch hooks set (profilers such as
+# proton want their metadata) always go through triton.
+
+try:
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - triton < 3.4
+    _knobs = None
+_TRITON_VERSION = tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:2])
+_FAST_LAUNCH = _knobs is not None and not _INTERPRET and (3, 4) <= _TRITON_VERSION <= (3, 9)
+
+
+def _launch_hooks_idle():
+    # each hook is None (triton 3.4) or a HookChain (3.5+), idle when empty; a plain function is active
+    runtime = _knobs.runtime
+    return not (getattr(runtime.launch_enter_hook, "calls", runtime.launch_enter_hook)
+                or getattr(runtime.launch_exit_hook, "calls", runtime.launch_exit_hook))
+
+
+class _FastLaunch:
+    """One compiled kernel launched directly: triton's launcher for it, with the grid and the trailing
+    named arguments (T_BUCKET and the constexprs) of the launch key it was compiled for."""
+
+    __slots__ = ("run", "function", "metadata", "grid", "tail", "device", "stream")
+
+    def __init__(self, run, function, metadata, grid, tail, device, stream):
+        self.run, self.function, self.metadata = run, function, metadata
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.tail, self.device, self.stream = tail, device, stream
+
+    def __call__(self, args):
+        if self.device is not None and self.device != torch.cuda.current_device():
+            with torch.cuda.device(self.device):
+                return self(args)
+        self.run(*self.grid, self.stream(self.device), self.function, self.metadata, None, None, None,
+                 *args, *self.tail)
+
+
+def _no_stream(device):
+    return 0
+
+
+def _fast_launch(kind, n_args, compiled, grid, named, device):
+    """The _FastLaunch of what triton just launched (``n_args`` runtime arguments, then ``named``), or
+    None where it cannot be launched directly."""
+    run, function = getattr(compiled, "run", None), getattr(compiled, "function", None)
+    if not _FAST_LAUNCH or run is None or function is None:
+        return None
+    names = _KERNELS[kind].arg_names[n_args:]
+    if set(names) != set(named):  # pragma: no cover - a kernel signature this code does not know
+        return None
+    cuda = device.type == "cuda"
+    return _FastLaunch(run, function, compiled.packed_metadata, grid, tuple(named[n] for n in names),
+                       device.index if cuda else None,
+                       triton.runtime.driver.active.get_current_stream if cuda else _no_stream)
+
+
+def _launch(call, key, args):
+    """Launch kernel ``key[0]`` of ``call`` with its runtime ``args``: directly when this launch key has
+    been launched before, else through triton (and remember how)."""
+    fast = call.launches.get(key)
+    if fast is not None and _launch_hooks_idle():
+        fast(args)
+        return
+    with _on_device(call.device):
+        compiled, grid, named = _compile_and_launch(call, key[0], args)
+    if len(call.launches) < 64:  # a few alignments and dO layouts per call; more are not worth keeping
+        call.launches[key] = _fast_launch(key[0], len(args), compiled, grid, named, call.device)
+
+
+def _alignment(*tensors) -> int:
+    """Bit i is set when tensors[i] is 16-byte aligned (triton specialises pointers on it)."""
+    bits = 0
+    for i, t in enumerate(tensors):
+        if t is not None and t.data_ptr() % 16 == 0:
+            bits |= 1 << i
+    return bits
+
+
+# ----------------------------------------------------------------------------
+# What is the same for every call with the same flags and argument metadata
+# ----------------------------------------------------------------------------
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -784,14 +917,14 @@ def _bthd_layout(q: torch.Tensor) -> bool:
     return q.stride(1) < q.stride(2)
 
 
-def _alloc_like(q: torch.Tensor, dtype=None) -> torch.Tensor:
-    """(B, H, T, D) buffer whose memory layout follows q's: (B, T, H, D) storage
-    when q is a transposed (B, T, H, D) view (the model's layout), else (B, H, T, D)."""
-    B, H, T, D = q.shape
-    dtype = q.dtype if dtype is None else dtype
-    if _bthd_layout(q):
-        return torch.empty((B, T, H, D), dtype=dtype, device=q.device).transpose(1, 2)
-    return torch.empty((B, H, T, D), dtype=dtype, device=q.device)
+def _alloc(shape, bthd, dtype, device) -> torch.Tensor:
+    """(B, H, T, D) buffer: (B, T, H, D) storage seen through transpose(1, 2) when ``bthd`` (outputs
+    follow their input's layout: the model's transposed views give (B, T, H, D) storage), else
+    (B, H, T, D) storage."""
+    B, H, T, D = shape
+    if bthd:
+        return torch.empty((B, T, H, D), dtype=dtype, device=device).transpose(1, 2)
+    return torch.empty((B, H, T, D), dtype=dtype, device=device)
 
 
 # Offsets inside one (batch, head) slice are computed in 32-bit integers by the
@@ -808,7 +941,7 @@ def _slice_span(t: torch.Tensor) -> int:
 
 
 def _out_span(q: torch.Tensor) -> int:
-    """_slice_span of an output allocated by _alloc_like(q)."""
+    """_slice_span of an output allocated like q (_alloc with q's layout)."""
     B, H, T, D = q.shape
     return (T - 1) * (H * D if _bthd_layout(q) else D) + D - 1
 
@@ -817,34 +950,107 @@ def _offsets_fit(t: torch.Tensor) -> bool:
     return _slice_span(t) < _MAX_OFFSET
 
 
-def _s4(t):
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+def _s2(t):
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def _meta(t):
+    """What a call's plan depends on in an optional (H, D) sink vector."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        return type(t)  # _check rejects it
+    return t.shape, t.stride(), t.dtype, t.device
+
+
+class _Call:
+    """Everything about a call that follows from its flags and its arguments' dtypes, shapes, strides and
+    devices: the arguments are checked, and the kernels' constexprs and integer arguments worked out, on
+    the first call with that metadata.  ``launches`` holds the fast launches of its kernels, by (kernel,
+    pointer alignment[, dO strides])."""
+
+    __slots__ = ("flags", "shape", "dtype", "device", "arch", "constexprs", "nblk", "layouts",
+                 "fwd_ints", "bwd_ints", "launches")
+
+    def __init__(self, q, k, v, k_bias, v_bias, sink, sigmoid, prec):
+        self.flags = flags = _flags(sink, sigmoid)
+        self.shape = B, H, T, D = tuple(q.shape)
+        self.dtype, self.device = q.dtype, q.device
+        self.arch = _device_arch(q.device)
+        upcast = _INTERPRET and q.dtype == torch.bfloat16
+        dots = dict(PREC=prec, UPCAST=upcast)
+        self.constexprs = {
+            "fwd": dict(**flags._asdict(), HEAD_D=D, **dots),
+            "pre": dict(LEARNED_SINK=flags.LEARNED_SINK, CONTEXT_SINK=flags.CONTEXT_SINK, HEAD_D=D,
+                        BLOCK_M=32 if self.arch is None else 64),
+            "dkdv": dict(SIGMOID=flags.SIGMOID, HEAD_D=D, **dots),
+            "dq": dict(SIGMOID=flags.SIGMOID, SINK_PARAMS=flags.has_sink_params, HEAD_D=D, **dots),
+        }
+        self.nblk = triton.cdiv(T, self.constexprs["pre"]["BLOCK_M"])  # query blocks of the preprocess
+        # the layouts of o / dq, dk, dv (each allocated like its input), and the integer arguments that do
+        # not depend on dO
+        self.layouts = tuple(_bthd_layout(t) for t in (q, k, v))
+        o, dk, dv = (_alloc(self.shape, bthd, q.dtype, "meta") for bthd in self.layouts)
+        s_q, s_k, s_v, s_o, s_dk, s_dv = (t.stride() for t in (q, k, v, o, dk, dv))
+        s_bias = _s2(k_bias) + _s2(v_bias)
+        self.fwd_ints = s_q + s_k + s_v + s_o + s_bias + (H, T)
+        self.bwd_ints = {"q": s_q, "k": s_k, "v": s_v, "dk": s_dk, "dv": s_dv, "dq": s_o,
+                         "kb": _s2(k_bias), "bias": s_bias}
+        self.launches: dict = {}
+
+
+_CALLS: dict = {}
+_MAX_CALLS = 1024  # distinct call metadata kept; past that (e.g. every T of a generation loop) start over
+
+
+def _call_for(q, k, v, k_bias, v_bias, sink, sigmoid) -> _Call:
+    """The _Call of these arguments; checks them (ValueError) the first time their metadata is seen."""
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        _check(q, k, v, sink, sigmoid, k_bias, v_bias)
+    prec = _dot_precision(q.dtype)
+    key = (sink, sigmoid, prec, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+           v.shape, v.stride(), v.dtype, v.device, _meta(k_bias), _meta(v_bias), _FORCE_ARCH, _FORCE_CANDIDATE)
+    call = _CALLS.get(key)
+    if call is None:
+        _check(q, k, v, sink, sigmoid, k_bias, v_bias)
+        if len(_CALLS) >= _MAX_CALLS:
+            _CALLS.clear()
+        call = _CALLS[key] = _Call(q, k, v, k_bias, v_bias, sink, sigmoid, prec)
+    return call
 
 
 # ----------------------------------------------------------------------------
-# torch.library custom ops: opaque to torch.compile (no graph break), with fake
-# implementations that allocate exactly like the real ones (same strides)
+# Forward and backward bodies, shared by the eager autograd.Function and the custom ops
 # ----------------------------------------------------------------------------
 
 _NO_SINK = "none"  # custom-op schemas take str, not Optional[str]
 
 
-def _fwd_outputs(q, sink, sigmoid):
-    """(o, ou, lse) buffers of the forward, shared by the real and the fake op."""
+def _fwd_outputs(q, layout, context, sigmoid, placeholders=True):
+    """(o, ou, lse) buffers of the forward (o laid out by ``layout``, see _alloc), shared by the real
+    and the fake op.  The context sink's backward needs ou = softmax(S) V; other cores get an empty
+    placeholder (None without ``placeholders``: the eager path returns o alone)."""
     B, H, T, D = q.shape
-    o = _alloc_like(q)
-    # the context sink's backward needs softmax(S) V; other cores return an empty placeholder
-    ou = _alloc_like(q) if sink == "context" else q.new_empty(0)
+    o = _alloc(q.shape, layout, q.dtype, q.device)
+    if context:
+        ou = _alloc(q.shape, layout, q.dtype, q.device)
+    else:
+        ou = q.new_empty(0) if placeholders else None
     if sigmoid:  # no log-sum-exp: a defined placeholder, so the op's outputs are deterministic
         return o, ou, torch.zeros((1,), dtype=torch.float32, device=q.device)
     return o, ou, torch.empty((B * H, T), dtype=torch.float32, device=q.device)
 
 
-def _bwd_outputs(q, k, v, k_bias, v_bias):
-    """(dq, dk, dv, dk_bias, dv_bias) buffers; sink gradients are empty without sink vectors."""
-    dkb = torch.empty_like(k_bias) if k_bias is not None else q.new_empty(0)
-    dvb = torch.empty_like(v_bias) if v_bias is not None else q.new_empty(0)
-    return _alloc_like(q), _alloc_like(k), _alloc_like(v), dkb, dvb
+def _bwd_outputs(q, layouts, k_bias, v_bias, placeholders=True):
+    """(dq, dk, dv, dk_bias, dv_bias) buffers, dq / dk / dv laid out like q / k / v (``layouts``);
+    without sink vectors the sink gradients are empty, or None without ``placeholders``."""
+    def sink_grad(bias):
+        if bias is not None:
+            return torch.empty_like(bias)
+        return q.new_empty(0) if placeholders else None  # one each: custom-op outputs must not alias
+
+    dkb, dvb = sink_grad(k_bias), sink_grad(v_bias)
+    return (*(_alloc(q.shape, layout, q.dtype, q.device) for layout in layouts), dkb, dvb)
 
 
 def _score_scale_bias(flags, sm_scale, sig_bias):
@@ -852,80 +1058,64 @@ def _score_scale_bias(flags, sm_scale, sig_bias):
     return sm_scale * _LOG2E, (sig_bias * _LOG2E if flags.SIGMOID else 0.0)
 
 
-@torch.library.custom_op("outlier_gpt::attention_fwd", mutates_args=())
-def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_bias: Optional[torch.Tensor],
-                   v_bias: Optional[torch.Tensor], sink: str, sigmoid: bool, sm_scale: float,
-                   sig_bias: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, H, T, D = q.shape
-    flags = _flags(sink, sigmoid)
-    o, ou, lse = _fwd_outputs(q, sink, sigmoid)
-    dummy = q  # pointer placeholder for unused operands (never dereferenced)
+def _forward(call, q, k, v, k_bias, v_bias, sm_scale, sig_bias, placeholders=True):
+    """The forward kernel: (o, ou, lse), see _fwd_outputs."""
+    flags = call.flags
+    o, ou, lse = _fwd_outputs(q, call.layouts[0], flags.CONTEXT_SINK, flags.SIGMOID, placeholders)
     score_scale, score_bias = _score_scale_bias(flags, sm_scale, sig_bias)
+    dummy = q  # pointer placeholder for unused operands (never dereferenced)
     args = (q, k, v, o, ou if flags.CONTEXT_SINK else o, lse,
             k_bias if k_bias is not None else dummy, v_bias if v_bias is not None else dummy,
-            *_s4(q), *_s4(k), *_s4(v), *_s4(o), *_s2(k_bias), *_s2(v_bias),
-            H, T, score_scale, score_bias)
-    with _on_device(q.device):
-        _launch("fwd", _fwd_kernel, q, T, B * H, D, args,
-                dict(**flags._asdict(), HEAD_D=D, **_precision(q)))
+            *call.fwd_ints, score_scale, score_bias)
+    _launch(call, ("fwd", _alignment(q, k, v, k_bias, v_bias)), args)
     return o, ou, lse
 
 
-@_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, k_bias, v_bias, sink, sigmoid, sm_scale, sig_bias):
-    return _fwd_outputs(q, sink, sigmoid)
-
-
-@torch.library.custom_op("outlier_gpt::attention_bwd", mutates_args=())
-def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                   lse: torch.Tensor, k_bias: Optional[torch.Tensor], v_bias: Optional[torch.Tensor],
-                   sink: str, sigmoid: bool, sm_scale: float, sig_bias: float
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    flags = _flags(sink, sigmoid)
-    B, H, T, D = q.shape
+def _backward(call, do, q, k, v, o, lse, k_bias, v_bias, sm_scale, sig_bias, placeholders=True):
+    """The backward kernels: (dq, dk, dv, dk_bias, dv_bias), see _bwd_outputs.  ``o`` is softmax(S) V
+    for the context sink, the output otherwise."""
+    flags = call.flags
+    B, H, T, D = call.shape
     dev = q.device
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
-    if not _offsets_fit(do):  # e.g. an odd incoming gradient layout
+    s_do = do.stride()
+    # dO laid out like the output fits (checked with the arguments); else e.g. an odd incoming layout
+    if s_do != call.bwd_ints["dq"] and not _offsets_fit(do):
         do = do.contiguous()
+        s_do = do.stride()
     score_scale, score_bias = _score_scale_bias(flags, sm_scale, sig_bias)
-    prec = _precision(q)
-    dummy = q
     kb, vb = k_bias, v_bias
+    dummy = q
     kb_ = kb if kb is not None else dummy
     f32 = torch.float32
     sink_params = flags.has_sink_params
-    dq, dk, dv, dkb, dvb = _bwd_outputs(q, k, v, kb, vb)
+    dq, dk, dv, dkb, dvb = _bwd_outputs(q, call.layouts, kb, vb, placeholders)
+    ints = call.bwd_ints
+    s_o = o.stride()
+    align = _alignment(q, k, v, do, o, lse, kb, vb)
 
-    with _on_device(dev):
-        delta = ds0 = lse  # placeholders for sigmoid (never read)
-        dkb_part = dvb_part = None
-        if not flags.SIGMOID:
-            pre_bm = 32 if _device_arch(dev) is None else 64
-            nblk = triton.cdiv(T, pre_bm)
-            delta = torch.empty((B * H, T), dtype=f32, device=dev)
-            ds0 = torch.empty((B * H, T), dtype=f32, device=dev) if sink_params else delta
-            if sink_params:
-                dkb_part = torch.empty((B, H, nblk, D), dtype=f32, device=dev)
-                dvb_part = torch.empty((B, H, nblk, D), dtype=f32, device=dev)
-            _bwd_preprocess[(B * H, nblk)](
-                o, do, q, kb_, vb if vb is not None else dummy, lse, delta, ds0,
-                dkb_part if sink_params else delta, dvb_part if sink_params else delta,
-                *_s4(o), *_s4(do), *_s4(q), *_s2(kb), *_s2(vb),
-                H, T, nblk, sm_scale, score_scale,
-                LEARNED_SINK=flags.LEARNED_SINK, CONTEXT_SINK=flags.CONTEXT_SINK,
-                HEAD_D=D, BLOCK_M=pre_bm, num_warps=4, **_LAUNCH_OPTS)
+    delta = ds0 = lse  # placeholders for sigmoid (never read)
+    if not flags.SIGMOID:
+        nblk = call.nblk
+        delta = torch.empty((B * H, T), dtype=f32, device=dev)
+        ds0 = torch.empty((B * H, T), dtype=f32, device=dev) if sink_params else delta
+        dkb_part = dvb_part = delta
+        if sink_params:
+            dkb_part = torch.empty((B, H, nblk, D), dtype=f32, device=dev)
+            dvb_part = torch.empty((B, H, nblk, D), dtype=f32, device=dev)
+        _launch(call, ("pre", align, s_do, s_o), (
+            o, do, q, kb_, vb if vb is not None else dummy, lse, delta, ds0, dkb_part, dvb_part,
+            *s_o, *s_do, *ints["q"], *ints["bias"], H, T, nblk, sm_scale, score_scale))
 
-        args = (q, k, v, do, lse, delta, dk, dv,
-                *_s4(q), *_s4(k), *_s4(v), *_s4(do), *_s4(dk), *_s4(dv),
-                H, T, score_scale, sm_scale, score_bias)
-        _launch("dkdv", _bwd_dkdv_kernel, q, T, B * H, D, args,
-                dict(SIGMOID=flags.SIGMOID, HEAD_D=D, **prec))
-        args = (q, k, v, do, lse, delta, ds0, kb_, dq,
-                *_s4(q), *_s4(k), *_s4(v), *_s4(do), *_s4(dq), *_s2(kb),
-                H, T, score_scale, sm_scale, score_bias)
-        _launch("dq", _bwd_dq_kernel, q, T, B * H, D, args,
-                dict(SIGMOID=flags.SIGMOID, SINK_PARAMS=sink_params, HEAD_D=D, **prec))
+    _launch(call, ("dkdv", align, s_do), (
+        q, k, v, do, lse, delta, dk, dv,
+        *ints["q"], *ints["k"], *ints["v"], *s_do, *ints["dk"], *ints["dv"],
+        H, T, score_scale, sm_scale, score_bias))
+    _launch(call, ("dq", align, s_do), (
+        q, k, v, do, lse, delta, ds0, kb_, dq,
+        *ints["q"], *ints["k"], *ints["v"], *s_do, *ints["dq"], *ints["kb"],
+        H, T, score_scale, sm_scale, score_bias))
 
     if sink_params:  # a fixed-order reduction of the per-block partials: deterministic
         dkb.copy_(dkb_part.sum(dim=(0, 2)))
@@ -933,9 +1123,75 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     return dq, dk, dv, dkb, dvb
 
 
+_KERNELS = {"fwd": _fwd_kernel, "pre": _bwd_preprocess, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+
+
+# ----------------------------------------------------------------------------
+# Eager path: one autograd.Function around the bodies
+# ----------------------------------------------------------------------------
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Eager calls: the forward and backward bodies with no custom-op dispatch in between, and no zero
+    gradients built for the outputs the backward does not read (lse, softmax(S) V): the forward returns
+    the output alone."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_bias, v_bias, options):
+        call, sm_scale, sig_bias = ctx.options = options
+        o, ou, lse = _forward(call, q, k, v, k_bias, v_bias, sm_scale, sig_bias, placeholders=False)
+        ctx.set_materialize_grads(False)
+        # the context sink's Delta comes from softmax(S) V (no cancellation of the sink term)
+        ctx.save_for_backward(q, k, v, ou if call.flags.CONTEXT_SINK else o, lse, k_bias, v_bias)
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward
+    def backward(ctx, do):
+        if do is None:  # the output did not reach the loss
+            return (None,) * 6
+        q, k, v, o, lse, k_bias, v_bias = ctx.saved_tensors
+        call, sm_scale, sig_bias = ctx.options
+        dq, dk, dv, dkb, dvb = _backward(call, do, q, k, v, o, lse, k_bias, v_bias, sm_scale, sig_bias,
+                                         placeholders=False)
+        return dq, dk, dv, dkb, dvb, None
+
+
+# ----------------------------------------------------------------------------
+# torch.library custom ops: what torch.compile traces (opaque, no graph break), with fake
+# implementations that allocate exactly like the real ones (same strides)
+# ----------------------------------------------------------------------------
+
+
+def _user_sink(sink: str):
+    return None if sink == _NO_SINK else sink
+
+
+@torch.library.custom_op("outlier_gpt::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_bias: Optional[torch.Tensor],
+                   v_bias: Optional[torch.Tensor], sink: str, sigmoid: bool, sm_scale: float,
+                   sig_bias: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    call = _call_for(q, k, v, k_bias, v_bias, _user_sink(sink), sigmoid)
+    return _forward(call, q, k, v, k_bias, v_bias, sm_scale, sig_bias)
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, k_bias, v_bias, sink, sigmoid, sm_scale, sig_bias):
+    return _fwd_outputs(q, _bthd_layout(q), sink == "context", sigmoid)
+
+
+@torch.library.custom_op("outlier_gpt::attention_bwd", mutates_args=())
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, k_bias: Optional[torch.Tensor], v_bias: Optional[torch.Tensor],
+                   sink: str, sigmoid: bool, sm_scale: float, sig_bias: float
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    call = _call_for(q, k, v, k_bias, v_bias, _user_sink(sink), sigmoid)
+    return _backward(call, do, q, k, v, o, lse, k_bias, v_bias, sm_scale, sig_bias)
+
+
 @_attention_bwd.register_fake
 def _attention_bwd_fake(do, q, k, v, o, lse, k_bias, v_bias, sink, sigmoid, sm_scale, sig_bias):
-    return _bwd_outputs(q, k, v, k_bias, v_bias)
+    return _bwd_outputs(q, [_bthd_layout(t) for t in (q, k, v)], k_bias, v_bias)
 
 
 def _setup_context(ctx, inputs, output):
@@ -946,23 +1202,14 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (sink, sigmoid, sm_scale, sig_bias)
 
 
-def _backward(ctx, do, _d_ou, _d_lse):
+def _op_backward(ctx, do, _d_ou, _d_lse):
     q, k, v, o, lse, k_bias, v_bias = ctx.saved_tensors
     dq, dk, dv, dkb, dvb = _attention_bwd(do, q, k, v, o, lse, k_bias, v_bias, *ctx.options)
     sink_params = k_bias is not None
     return (dq, dk, dv, dkb if sink_params else None, dvb if sink_params else None, None, None, None, None)
 
 
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _s2(t):
-    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
-
-
-def _precision(q):
-    """The dtype-dependent constexprs: dot precision and the interpreter's bf16 emulation."""
-    return dict(PREC=_dot_precision(q.dtype), UPCAST=_INTERPRET and q.dtype == torch.bfloat16)
+_attention_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------
@@ -1041,17 +1288,31 @@ def _check(q, k, v, sink, sigmoid, k_bias, v_bias):
                          f"not sink={sink!r}")
 
 
-def fused_attention(q, k, v, *, sink=None, k_bias=None, v_bias=None, sigmoid=False,
-                    sigmoid_bias=None, sm_scale=None):
-    """Causal fused attention; see the module docstring for the options."""
-    _check(q, k, v, sink, sigmoid, k_bias, v_bias)
+def _traced(q) -> bool:
+    """True under torch.compile, export or jit tracing, and for tensor subclasses (fake or functional
+    tensors): these see the custom ops, which trace as one opaque node each."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or type(q) is not torch.Tensor
+
+
+def _scales(q, sigmoid, sigmoid_bias, sm_scale):
+    """(sm_scale, sigmoid bias) as floats, with their defaults."""
     T, D = q.shape[2], q.shape[3]
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(D)
     if not scale > 0:  # the forward takes the row max of unscaled scores
         raise ValueError(f"fused_attention: sm_scale must be positive, got {sm_scale}")
     if sigmoid:
-        sig_bias = float(sigmoid_bias) if sigmoid_bias is not None else -math.log(T)
-    else:
-        sig_bias = 0.0
-    out, _, _ = _attention_fwd(q, k, v, k_bias, v_bias, sink or _NO_SINK, bool(sigmoid), scale, sig_bias)
-    return out
+        return scale, float(sigmoid_bias) if sigmoid_bias is not None else -math.log(T)
+    return scale, 0.0
+
+
+def fused_attention(q, k, v, *, sink=None, k_bias=None, v_bias=None, sigmoid=False,
+                    sigmoid_bias=None, sm_scale=None):
+    """Causal fused attention; see the module docstring for the options."""
+    sigmoid = bool(sigmoid)
+    if _traced(q):
+        _check(q, k, v, sink, sigmoid, k_bias, v_bias)
+        scale, sig_bias = _scales(q, sigmoid, sigmoid_bias, sm_scale)
+        out, _, _ = _attention_fwd(q, k, v, k_bias, v_bias, sink or _NO_SINK, sigmoid, scale, sig_bias)
+        return out
+    call = _call_for(q, k, v, k_bias, v_bias, sink, sigmoid)
+    return _FusedAttention.apply(q, k, v, k_bias, v_bias, (call, *_scales(q, sigmoid, sigmoid_bias, sm_scale)))

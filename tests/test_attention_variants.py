@@ -317,3 +317,55 @@ def test_analysis_reports_each_variant_by_its_entry(name):
     else:
         assert "gate" not in att and "gate_meaning" not in att
     assert ("sink_share" in att) == ("sink_probs" in variant.records)
+
+
+# ----------------------------------------------------------------------------------------------
+# `auto`: the fused kernel only where it was measured not to be slower than the variant's SDPA form
+
+# fused time / SDPA-form time inverted (> 1: fused faster), one H200, commit c99af85, bf16, D = 64
+# (benchmarks/RESULTS.md): GPT-2 124M training tokens/s at T = 1024; the attention benchmark's fwd+bwd at
+# T = 2048 (the variant's unfused path) and at 4096 / 8192 (default vs FlashAttention). sigmoid has no SDPA
+# form: its alternative is the reference formula.
+MEASURED_FUSED_SPEEDUP = {
+    ("default", 1024): 0.97, ("default", 2048): 0.286, ("default", 4096): 0.78, ("default", 8192): 1.29,
+    ("fixed_bias", 1024): 0.97, ("fixed_bias", 2048): 0.298,
+    ("context_bias", 1024): 1.30, ("context_bias", 2048): 1.54,
+    ("attention_bias", 1024): 1.10, ("attention_bias", 2048): 1.34,
+    ("scaling", 1024): 0.89, ("scaling", 2048): 0.556,
+    ("sigmoid", 1024): 2.30, ("sigmoid", 2048): 9.58,
+    ("gated", 1024): 0.87, ("gated", 2048): 0.648,
+    ("softmax1", 1024): 1.17, ("softmax1", 2048): 1.16,
+}
+
+
+@pytest.fixture
+def on_cuda(monkeypatch):
+    """Tensors report is_cuda (meta tensors stand in for CUDA ones: no memory, no GPU)."""
+    if not HAVE_TRITON:
+        pytest.skip("triton not installed")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+
+
+def _auto(name, T, dropout_p=0.0):
+    q = torch.empty(2, 12, T, 64, device="meta", dtype=torch.bfloat16)
+    return attention_variants.resolve_backend("auto", get_variant(name), q, dropout_p)
+
+
+def test_auto_uses_the_kernel_where_it_was_measured_faster(on_cuda):
+    assert {name for name, _ in MEASURED_FUSED_SPEEDUP} == set(VARIANTS)
+    for (name, T), speedup in MEASURED_FUSED_SPEEDUP.items():
+        assert (_auto(name, T) == "triton") == (speedup >= 1.0), (name, T, speedup)
+
+
+def test_auto_keeps_the_sdpa_form_where_nothing_was_measured(on_cuda):
+    for name in VARIANTS:
+        variant = get_variant(name)
+        # below the smallest measured T, and between the default kernel's measured points
+        assert _auto(name, 512) == ("triton" if variant.sdpa is None else "sdpa"), name
+        if variant.fused_from_t == attention_variants.DEFAULT_KERNEL_FROM_T:
+            assert _auto(name, 6000) == "sdpa" and _auto(name, 16384) == "triton", name
+        assert _auto(name, 16384, dropout_p=0.1) in ("sdpa", "reference"), name  # the kernel has no dropout
+    unmeasured = attention_variants.AttentionVariant("unmeasured", "f", "s", reference=None, sdpa=None, triton=None,
+                                                     kernel="")
+    assert unmeasured.fused_from_t is None
+    assert HALF.fused_from_t == attention_variants.DEFAULT_KERNEL_FROM_T  # an output step runs the default kernel

@@ -283,9 +283,10 @@ def test_custom_ops_pass_opcheck(sink, sigmoid):
 def test_fake_outputs_have_the_real_strides():
     from torch._subclasses.fake_tensor import FakeTensorMode
     q, k, v = _split(torch.randn(2, 9, 3 * 2 * 16, device=DEVICE), 2, "qkv")  # the model's layout
-    real = fa._attention_fwd(q, k, v, None, None, "context", False, 0.25, 0.0)
+    kb, vb = torch.randn(2, 2, 16, device=DEVICE)
+    real = fa._attention_fwd(q, k, v, kb, vb, "context", False, 0.25, 0.0)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = fa._attention_fwd(*(mode.from_tensor(t) for t in (q, k, v)), None, None, "context", False, 0.25, 0.0)
+        fake = fa._attention_fwd(*(mode.from_tensor(t) for t in (q, k, v, kb, vb)), "context", False, 0.25, 0.0)
     for r, f in zip(real, fake):
         assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
     assert real[0].stride() == (9 * 2 * 16, 16, 2 * 16, 1)  # (B, T, H, D) storage like q
@@ -457,6 +458,174 @@ def test_is_supported():
     assert not is_supported(_qkv(D=24)[0], 0.0)
     assert not is_supported(q.double(), 0.0)
     assert is_supported(q.half(), 0.0) and is_supported(q.bfloat16(), 0.0)
+
+
+# ----------------------------------------------------------------------------
+# The launch cache and the eager path, with a stub in place of triton's compile-and-launch (what the
+# cache does is host-side logic; the kernels themselves are tested above)
+# ----------------------------------------------------------------------------
+
+class _Recorder:
+    """Stands in for triton: counts the launches that go through it, and returns a fake compiled kernel
+    whose launcher records what the launch cache passes it."""
+
+    def __init__(self):
+        self.through_triton = []  # (kind, args, named) of each launch that missed the cache
+        self.direct = []          # (kind, every argument of the launcher call) of each cached launch
+
+    def compile_and_launch(self, call, kind, args):
+        named = {name: ("named", name) for name in fa._KERNELS[kind].arg_names[len(args):]}
+        named["T_BUCKET"] = fa._t_bucket(call.shape[2]) if "T_BUCKET" in named else None
+        self.through_triton.append((kind, args, named))
+        recorder = self
+
+        class Compiled:
+            function = ("function", kind)
+            packed_metadata = ("metadata", kind)
+
+            @staticmethod
+            def run(*launcher_args):
+                recorder.direct.append((kind, launcher_args))
+
+        return Compiled(), (7, 3), {k: v for k, v in named.items() if v is not None}
+
+    def kinds(self):
+        return [kind for kind, _, _ in self.through_triton]
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(fa, "_compile_and_launch", rec.compile_and_launch)
+    monkeypatch.setattr(fa, "_FAST_LAUNCH", True)
+    monkeypatch.setattr(fa, "_CALLS", {})
+    return rec
+
+
+def _model_qkv(B=2, T=40, H=2, D=16, dtype=torch.float32, offset=0):
+    """q, k, v views of one (B, T, 3*H*D) projection, as in the model; ``offset`` elements into the storage."""
+    flat = torch.randn(offset + B * T * 3 * H * D, device=DEVICE, dtype=dtype)
+    qkv = flat[offset:].view(B, T, 3 * H * D)
+    return [t.detach().requires_grad_() for t in _split(qkv, H, "qkv")]
+
+
+def test_launch_cache_launches_directly_with_the_kernels_arguments(recorder):
+    q, k, v = _model_qkv()
+    fused_attention(q, k, v)
+    assert recorder.kinds() == ["fwd"] and not recorder.direct
+    out = fused_attention(q, k, v)
+    assert recorder.kinds() == ["fwd"], "the second identical call went through triton again"
+    ((kind, launched),) = recorder.direct
+    assert kind == "fwd"
+    grid, stream, function, metadata, launch_meta, enter, exit_ = launched[:3], *launched[3:9]
+    assert grid == (7, 3, 1) and stream == 0 and function == ("function", "fwd")
+    assert metadata == ("metadata", "fwd") and launch_meta is None and enter is None and exit_ is None
+    # every kernel parameter, by name: triton's launcher takes them all, in the kernel's order
+    names = fa._fwd_kernel.arg_names
+    full = dict(zip(names, launched[9:]))
+    assert len(launched) - 9 == len(names)
+    assert full["Q"] is q and full["K"] is k and full["V"] is v
+    assert full["O"].data_ptr() == out.data_ptr() and full["OU"] is full["O"]
+    assert full["LSE"].shape == (2 * 2, 40) and full["KB"] is q  # unused pointers: placeholders
+    B, H, T, D = q.shape
+    assert (full["stride_qb"], full["stride_qh"], full["stride_qt"], full["stride_qd"]) == q.stride()
+    assert (full["stride_ob"], full["stride_oh"], full["stride_ot"], full["stride_od"]) == out.stride()
+    assert (full["H"], full["T"], full["T_BUCKET"]) == (H, T, fa._t_bucket(T))
+    assert full["qk_scale"] == pytest.approx(math.log2(math.e) / math.sqrt(D))
+    for name in ("SIGMOID", "LEARNED_SINK", "CONTEXT_SINK", "ZERO_SINK", "HEAD_D", "BLOCK_M", "BLOCK_N", "PREC",
+                 "UPCAST"):
+        assert full[name] == ("named", name)
+
+
+def test_launch_cache_misses_on_any_other_key(recorder):
+    q, k, v = _model_qkv()
+    fused_attention(q, k, v)
+    fused_attention(q, k, v)
+    assert len(recorder.through_triton) == 1
+    others = {
+        "misaligned pointers": _model_qkv(offset=1),          # 4 bytes off 16-byte alignment
+        "other strides": [t.detach().contiguous().requires_grad_() for t in (q, k, v)],
+        "other dtype": _model_qkv(dtype=torch.float16),
+        "other T": _model_qkv(T=41),
+        "other batch": _model_qkv(B=3),
+    }
+    for what, (q2, k2, v2) in others.items():
+        before = len(recorder.through_triton)
+        fused_attention(q2, k2, v2)
+        assert len(recorder.through_triton) == before + 1, what
+        fused_attention(q2, k2, v2)
+        assert len(recorder.through_triton) == before + 1, what + " (second call)"
+    before = len(recorder.through_triton)
+    fused_attention(q, k, v, sink="zero")  # other flags
+    fused_attention(q, k, v, sigmoid=True)
+    assert len(recorder.through_triton) == before + 2
+    fused_attention(q, k, v)  # the first key is still cached
+    assert len(recorder.through_triton) == before + 2
+
+
+def test_launch_cache_backward(recorder):
+    q, k, v = _model_qkv()
+    dout = torch.randn(2, 40, 2, 16, device=DEVICE).transpose(1, 2)  # the output's layout
+    for _ in range(2):
+        torch.autograd.grad(fused_attention(q, k, v), (q, k, v), dout)
+    assert recorder.kinds() == ["fwd", "pre", "dkdv", "dq"]
+    assert [kind for kind, _ in recorder.direct] == ["fwd", "pre", "dkdv", "dq"]
+    dkdv = dict(zip(fa._bwd_dkdv_kernel.arg_names, recorder.direct[2][1][9:]))
+    assert dkdv["DO"] is dout and (dkdv["stride_dob"], dkdv["stride_doh"], dkdv["stride_dot"],
+                                   dkdv["stride_dod"]) == dout.stride()
+    torch.autograd.grad(fused_attention(q, k, v), (q, k, v), dout.contiguous())  # dO in another layout
+    assert recorder.kinds()[4:] == ["pre", "dkdv", "dq"]
+
+
+def test_launch_hooks_take_the_triton_path(recorder):
+    """A profiler's launch hook (e.g. proton) needs triton's launch metadata: no direct launch then."""
+    knobs = pytest.importorskip("triton.knobs")
+    hooks = knobs.runtime.launch_enter_hook
+    if not hasattr(hooks, "add"):
+        pytest.skip("this triton has no HookChain launch hooks")
+    q, k, v = _model_qkv()
+    fused_attention(q, k, v)
+    hook = lambda metadata: None  # noqa: E731
+    hooks.add(hook)
+    try:
+        fused_attention(q, k, v)
+    finally:
+        hooks.remove(hook)
+    assert len(recorder.through_triton) == 2 and not recorder.direct
+    fused_attention(q, k, v)
+    assert len(recorder.direct) == 1
+
+
+def test_eager_path_builds_no_zero_gradients(recorder):
+    """Eager calls bypass the custom ops, and the backward gets no materialised zero gradients
+    (for lse and the unused outputs)."""
+    from torch.profiler import profile
+
+    for sink in (None, "context"):
+        q, k, v = _model_qkv()
+        bias = {"k_bias": torch.randn(2, 16, device=DEVICE), "v_bias": torch.randn(2, 16, device=DEVICE)} \
+            if sink else {}
+        dout = torch.randn(2, 40, 2, 16, device=DEVICE).transpose(1, 2)
+        with profile() as prof:
+            out = fused_attention(q, k, v, sink=sink, **bias)
+            torch.autograd.grad(out, (q, k, v), dout)
+        events = prof.events()
+        # the sink gradients' reduction (aten::sum) fills its own output: not a materialised gradient
+        zeros = [e.name for e in events if e.name in ("aten::zeros", "aten::zero_", "aten::fill_")
+                 and (e.cpu_parent is None or e.cpu_parent.name != "aten::sum")]
+        assert not zeros, (sink, zeros)
+        assert not any(e.name.startswith("outlier_gpt::") for e in events), sink
+        assert any(e.name == "aten::sum" for e in events) == (sink is not None)
+
+
+def test_launch_cache_unused_under_the_interpreter():
+    """The interpreter has no compiled kernel to launch directly: every launch goes through triton."""
+    if not interpreting():
+        pytest.skip("interpreter only")
+    q, k, v = _model_qkv(T=9)
+    fused_attention(q, k, v)
+    call = next(c for c in fa._CALLS.values() if c.shape == tuple(q.shape) and c.dtype == q.dtype)
+    assert call.launches and all(fast is None for fast in call.launches.values())
 
 
 # ----------------------------------------------------------------------------
