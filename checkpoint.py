@@ -52,17 +52,19 @@ def save_checkpoint(path, checkpoint):
             raise UserError(f"cannot write {path}: {one_line(e, 200)}") from None
 
 
+def unwrapped_name(key):
+    """A weight's name without torch.compile / DDP wrapper prefixes."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
 def strip_wrapper_prefixes(state_dict):
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out
+    return {unwrapped_name(key): value for key, value in state_dict.items()}
 
 
 def check_checkpoint_path(path):
@@ -210,6 +212,13 @@ def _check_state_dict(path, state_dict):
             raise UserError(f"{where} is on the meta device: the checkpoint holds no values for it")
         if value.layout != torch.strided:
             raise UserError(f"{where} is a {value.layout} tensor; checkpoints hold dense weights")
+        if not value.is_floating_point():
+            raise UserError(f"{where} is a {str(value.dtype)[6:]} tensor; the model's weights are floating point")
+    names = [unwrapped_name(k) for k in state_dict]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"{path}: model holds {twice[0]!r} twice (with and without a torch.compile / DDP prefix); "
+                        f"the checkpoint is inconsistent: use another copy")
 
 
 # model_args fields that are sizes (positive integers) and other typed fields; bounds far above any
@@ -276,7 +285,13 @@ def _check_sizes_match(path, model_args, state_dict):
 
 def load_state_dict_checked(model, state_dict, source="checkpoint"):
     """load_state_dict with errors that name the offending key instead of a torch traceback."""
-    expected = model.state_dict()
+    state_dict = strip_wrapper_prefixes(state_dict)
+    check_state_dict_fits(model.state_dict(), state_dict, source)
+    model.load_state_dict(state_dict)
+
+
+def check_state_dict_fits(expected, state_dict, source="checkpoint"):
+    """UserError naming the first weight that is missing, unexpected or of another shape than `expected`'s."""
     state_dict = strip_wrapper_prefixes(state_dict)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -289,7 +304,6 @@ def load_state_dict_checked(model, state_dict, source="checkpoint"):
         if tuple(value.shape) != tuple(expected[key].shape):
             raise UserError(f"{source}: weight {key!r} has shape {tuple(value.shape)} but the model expects "
                             f"{tuple(expected[key].shape)}")
-    model.load_state_dict(state_dict)
 
 
 def model_from_checkpoint(path_or_ckpt, device="cpu", **config_overrides):
@@ -300,6 +314,8 @@ def model_from_checkpoint(path_or_ckpt, device="cpu", **config_overrides):
         config = GPTConfig(**{**ckpt["model_args"], **config_overrides})
     except TypeError as e:
         raise UserError(f"{source}: bad model configuration ({e})") from None
+    with torch.device("meta"):  # names and shapes first: nothing is allocated for a model the weights do not fit
+        check_state_dict_fits(GPT(config).state_dict(), ckpt["model"], source)
     model = GPT(config)
     load_state_dict_checked(model, ckpt["model"], source)
     return model.to(device).eval(), ckpt

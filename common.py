@@ -167,13 +167,22 @@ def check_writable_dir(path, what="output directory"):
 
 # ---------------------------------------------------------------------------------------------- owned outputs
 # A script writes only its own files into an output directory and replaces only files it wrote there
-# before: OUTPUTS_MANIFEST names, per tool, the files it wrote. Anything else in the directory (a training
-# run, a user's notes, another tool's results) is never replaced or deleted; a collision is refused.
+# before: OUTPUTS_MANIFEST names, per tool, the files it wrote, with their size and modification time when
+# written. A file that is not in its tool's list, or that changed since, is someone else's (a training run,
+# a user's notes, another tool's results): it is never replaced or deleted, and a collision is refused.
 OUTPUTS_MANIFEST = ".outlier-gpt-outputs.json"
 
 
+def _plain_name(name):
+    """A file name of the directory itself: no separator, not '.' or '..', not absolute."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
 def read_manifest(directory):
-    """{tool: [file names]} of the outputs recorded in `directory` ({} when there is no manifest)."""
+    """{tool: {file name: [size, mtime_ns] when written}} of the outputs recorded in `directory` ({} when
+    there is no manifest). Names that are not plain file names of the directory are refused: a manifest
+    must never make a script delete a file elsewhere."""
     path = os.path.join(directory, OUTPUTS_MANIFEST)
     if not os.path.lexists(path):
         return {}
@@ -183,13 +192,35 @@ def read_manifest(directory):
                                               for v in tools.values()):
         raise UserError(f"{path} is not an outlier-gpt output manifest; move it away (the files it would name "
                         f"are then treated as not written by these scripts)")
-    return {tool: [str(n) for n in entry["files"]] for tool, entry in tools.items()}
+    owned = {}
+    for tool, entry in tools.items():
+        bad = [n for n in entry["files"] if not _plain_name(n)]
+        if bad:
+            raise UserError(f"{path} names {bad[0]!r}, which is not a file of {directory}; these scripts never wrote "
+                            f"it: move the manifest away")
+        stats = entry.get("stat") if isinstance(entry.get("stat"), dict) else {}
+        owned[tool] = {n: stats.get(n) for n in entry["files"]}
+    return owned
 
 
 def _write_manifest(directory, owned):
     atomic_write_json(os.path.join(directory, OUTPUTS_MANIFEST),
                       {"format": "outlier-gpt-outputs", "version": 1,
-                       "tools": {tool: {"files": sorted(files)} for tool, files in sorted(owned.items()) if files}})
+                       "tools": {tool: {"files": sorted(files), "stat": {n: files[n] for n in sorted(files)}}
+                                 for tool, files in sorted(owned.items()) if files}})
+
+
+def _stat(path):
+    st = os.lstat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _unchanged(directory, name, recorded):
+    """Whether the file `name` is still the one a manifest recorded (or is gone)."""
+    try:
+        return recorded is None or _stat(os.path.join(directory, name)) == list(recorded)
+    except FileNotFoundError:
+        return True
 
 
 def check_output_dir(out, tool, names, inputs=(), flag="--out", may_replace=()):
@@ -198,7 +229,8 @@ def check_output_dir(out, tool, names, inputs=(), flag="--out", may_replace=()):
 
     Refused: an empty path, the filesystem root, a path that is one of `inputs` (or whose outputs would
     replace one), an existing file, a target that is a directory, and a target that exists but was not
-    written there by `tool` (unless it is in `may_replace`, which the user asked for, e.g. --overwrite).
+    written there by `tool`, or changed since (unless it is in `may_replace`, which the user asked for, e.g.
+    --overwrite).
     """
     if out is None or not str(out).strip():
         raise UserError(f"{flag} is empty; name the output directory (a new one, or one this script wrote before)")
@@ -207,6 +239,19 @@ def check_output_dir(out, tool, names, inputs=(), flag="--out", may_replace=()):
         raise UserError(f"{flag} {out} is the filesystem root; name a directory of its own for the outputs")
     if os.path.lexists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {out} exists and is not a directory; choose a directory")
+    _check_not_an_input(out, path, names, inputs, flag)
+    owned = read_manifest(path) if os.path.isdir(path) else {}
+    for name in names:
+        target = os.path.join(path, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            raise UserError(f"{target} is a directory, where {tool} writes a file; move it away or choose "
+                            f"another {flag}")
+        if os.path.lexists(target) and name not in may_replace:
+            _check_owned(path, name, tool, owned, flag)
+    return check_writable_dir(path, flag)
+
+
+def _check_not_an_input(out, path, names, inputs, flag):
     real = os.path.realpath(path)
     targets = {os.path.realpath(os.path.join(path, n)): n for n in names}
     for given in inputs:
@@ -218,23 +263,21 @@ def check_output_dir(out, tool, names, inputs=(), flag="--out", may_replace=()):
         if inp in targets:
             raise UserError(f"{flag} {out}: writing {targets[inp]} there would replace the input {given}; choose "
                             f"another output directory")
-    owned = read_manifest(path) if os.path.isdir(path) else {}
-    mine = set(owned.get(tool, ()))
-    for name in names:
-        target = os.path.join(path, name)
-        if not os.path.lexists(target) or name in may_replace:
-            if os.path.isdir(target) and not os.path.islink(target):
-                raise UserError(f"{target} is a directory, where {tool} writes a file; move it away or choose "
-                                f"another {flag}")
-            continue
-        if os.path.isdir(target) and not os.path.islink(target):
-            raise UserError(f"{target} is a directory, where {tool} writes a file; move it away or choose another {flag}")
-        if name not in mine:
-            by = next((t for t, files in owned.items() if name in files), None)
-            what = f"was written by {by}" if by else f"was not written there by {tool}"
-            raise UserError(f"{target} exists and {what}; it is left alone: move it away, or choose another {flag} "
-                            f"(a new directory, or one {tool} wrote before)")
-    return check_writable_dir(path, flag)
+
+
+def _check_owned(path, name, tool, owned, flag):
+    """UserError unless the existing file `name` is one `tool` wrote there and nobody changed since."""
+    target = os.path.join(path, name)
+    mine = owned.get(tool, {})
+    if name in mine and _unchanged(path, name, mine[name]):
+        return
+    if name in mine:
+        what = f"was changed since {tool} wrote it"
+    else:
+        by = next((t for t, files in owned.items() if name in files and _unchanged(path, name, files[name])), None)
+        what = f"was written by {by}" if by else f"was not written there by {tool}"
+    raise UserError(f"{target} exists and {what}; it is left alone: move it away, or choose another {flag} "
+                    f"(a new directory, or one {tool} wrote before)")
 
 
 def _tool_slug(tool):
@@ -247,10 +290,10 @@ def output_set(out, tool, names, inputs=(), flag="--out", may_replace=(), keep_p
 
     `names` are the files the tool may write (checked now, before the work, by check_output_dir); what is
     staged must be among them. On success the staged files replace their targets by renames (in the order of
-    `names`), outputs of the tool's previous set that the new set lacks are removed, and the manifest records
-    the new set. If any rename fails, the previous files are put back: the previous set stays whole.
-    keep_previous=True adds the set to the tool's earlier outputs instead (results that accumulate, such as
-    the benchmarks' time-stamped files).
+    `names`), outputs of the tool's previous set that the new set lacks are removed (only those it wrote and
+    nobody changed), and the manifest records the new set. If any rename fails, the previous files are put
+    back: the previous set stays whole. keep_previous=True adds the set to the tool's earlier outputs instead
+    (results that accumulate, such as the benchmarks' time-stamped files).
     On any failure nothing in `out` changes, and a directory this call created is removed again.
     """
     path = check_output_dir(out, tool, names, inputs, flag, may_replace)
@@ -270,7 +313,7 @@ def output_set(out, tool, names, inputs=(), flag="--out", may_replace=(), keep_p
         if unexpected:
             raise ValueError(f"{tool} staged files it did not declare: {unexpected}")
         check_output_dir(out, tool, staged, inputs, flag, may_replace)  # a collision may have appeared meanwhile
-        _commit_outputs(path, tool, staging, staged, keep_previous)
+        _commit_outputs(path, tool, staging, staged, names, keep_previous)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if created:
@@ -278,25 +321,27 @@ def output_set(out, tool, names, inputs=(), flag="--out", may_replace=(), keep_p
                 os.rmdir(path)  # only when nothing landed
 
 
-def _commit_outputs(path, tool, staging, staged, keep_previous=False):
+def _commit_outputs(path, tool, staging, staged, declared, keep_previous=False):
     """Move the staged files into `path` in their declared order. The previous files are first moved
     aside, then the new ones moved in: a crash midway leaves a file missing rather than an old file beside
     new ones (prepare_data's meta.json, last, describes the .bin files)."""
-    backups = os.path.join(path, f"{_tool_slug(tool)}-previous-{HOST}-{os.getpid()}")
+    slug = _tool_slug(tool)
     try:
         for name in staged:  # durable before they replace anything
             with open(os.path.join(staging, name), "rb") as f:
                 os.fsync(f.fileno())
-        # the previous files wait here until the new ones are in: a visible name that no clean-up removes,
-        # so that what a killed process leaves behind is never deleted unseen
-        os.makedirs(backups, exist_ok=True)
+        # the previous files wait in a folder of a visible name that no clean-up removes, unique to this
+        # commit: what a killed process leaves there is never deleted unseen, nor reused by another
+        backups = tempfile.mkdtemp(prefix=f"{slug}-previous-", dir=path)
     except OSError as e:
         raise write_error(path, e) from None
     had_manifest = os.path.lexists(os.path.join(path, OUTPUTS_MANIFEST))
     before = read_manifest(path)
-    previous = set(before.get(tool, ()))
+    mine = before.get(tool, {})
+    # only what this tool wrote (a declared name, unchanged since) may be removed as the previous set's
+    previous = {n for n, st in mine.items() if n in declared and _unchanged(path, n, st)}
     # record the union first: after a crash midway, every file of either set is still known as ours
-    _write_manifest(path, {**before, tool: sorted(previous | set(staged))})
+    _write_manifest(path, {**before, tool: {**mine, **{n: None for n in staged}}})
     aside, moved_in, target = [], [], path
     try:
         for name in staged:
@@ -321,13 +366,15 @@ def _commit_outputs(path, tool, staging, staged, keep_previous=False):
             raise write_error(target, e) from None
         raise
     shutil.rmtree(backups, ignore_errors=True)
-    if keep_previous:
-        _write_manifest(path, {**before, tool: sorted(previous | set(staged))})
-        return
-    for name in previous - set(staged):  # the previous set's files the new one does not have
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(path, name))
-    _write_manifest(path, {**before, tool: staged})
+    if not keep_previous:
+        for name in previous - set(staged):  # the previous set's files the new one does not have
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(path, name))
+    written = {n: _stat(os.path.join(path, n)) for n in staged}
+    kept_entries = {n: st for n, st in mine.items() if n in previous and n not in written} if keep_previous else {}
+    # the staged names are this tool's now, whatever another tool's entry said of a file that was gone
+    others = {t: {n: st for n, st in files.items() if n not in written} for t, files in before.items() if t != tool}
+    _write_manifest(path, {**others, tool: {**kept_entries, **written}})
 
 
 def _put_back(path, backups, moved_in, aside):
@@ -350,10 +397,12 @@ def _put_back(path, backups, moved_in, aside):
 def read_json_file(path, what="file"):
     """The parsed JSON of `path`; a one-line UserError naming the file when it cannot be read or parsed."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark, as some editors write, is no damage
             return json.load(f)
     except IsADirectoryError:
         raise UserError(f"{what} {path} is a directory, not a JSON file; move it away") from None
+    except RecursionError:
+        raise UserError(f"{what} {path} is nested too deeply to be one these scripts wrote; move it away") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}); it is damaged: restore it or move it "
                         f"away") from None

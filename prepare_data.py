@@ -426,7 +426,7 @@ def _read_meta(out_dir):
     try:
         with open(os.path.join(out_dir, "meta.json"), encoding="utf-8") as f:
             return json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

@@ -412,7 +412,9 @@ class Plan:
         configs = configs + self.scale.get("overlays", [])
         settings = {**self.train_settings, "attention": variant, "out_dir": rel(self.run_dir(variant)),
                     "data_dir": rel(self.data_dir), "init_from": "resume" if resume else "scratch",
-                    "overwrite": False, "wandb_log": False}
+                    # a start is where the run directory has no ckpt.pt: what a training killed before its first
+                    # checkpoint left there (log, record) is this pipeline's own, and starts over
+                    "overwrite": not resume, "wandb_log": False}
         if self.args.device != "auto":
             settings["device"] = self.args.device
         return launcher + configs + [f"--{k}={v}" for k, v in settings.items()]
@@ -506,9 +508,23 @@ def estimate_text(plan):
 
 # ------------------------------------------------------------------------------------------- state
 
-def read_json(path):
-    """A JSON file a stage wrote, or None where there is none yet (common's checked reader otherwise)."""
-    return read_json_file(path) if os.path.lexists(path) else None
+def read_json(path, kind=dict):
+    """A JSON file a stage wrote, or None where there is none yet, or where it is not a `kind` (damaged:
+    the stage runs again and writes it anew)."""
+    doc = read_json_file(path) if os.path.lexists(path) else None
+    return doc if isinstance(doc, kind) else None
+
+
+def read_outliers(plan, variant):
+    """The analysis' outliers.json, or None where it is missing or lacks what the report reads."""
+    doc = read_json(os.path.join(plan.analysis_dir(variant), "outliers.json"))
+    try:
+        h = doc["activation"]["layer_output"]
+        ok = (isinstance(doc["model"], dict) and isinstance(h["top3"], list) and isinstance(h["median"], list)
+              and len(h["top3"]) == len(h["median"]) > 0 and all(isinstance(t, list) and t for t in h["top3"]))
+    except (TypeError, KeyError):
+        return None
+    return doc if ok else None
 
 
 def _same(a, b):
@@ -554,15 +570,16 @@ def same_command(recorded, cmd):
 
 
 def analysis_current(plan, variant, iter_num):
-    doc = read_json(os.path.join(plan.analysis_dir(variant), "outliers.json"))
-    return bool(doc) and (doc.get("model") or {}).get("iter_num") == iter_num and \
+    doc = read_outliers(plan, variant)
+    return doc is not None and doc["model"].get("iter_num") == iter_num and isinstance(doc.get("meta"), dict) and \
         same_command((doc.get("meta") or {}).get("command"), plan.analysis_command(variant))
 
 
 def compress_rows(plan):
     """results.json's rows by absolute checkpoint path, or {}."""
-    rows = read_json(os.path.join(plan.compress_dir(), "results.json")) or []
-    return {os.path.abspath(os.path.join(REPO, r["checkpoint"])): r for r in rows if isinstance(r, dict)}
+    rows = read_json(os.path.join(plan.compress_dir(), "results.json"), kind=list) or []
+    return {os.path.abspath(os.path.join(REPO, r["checkpoint"])): r for r in rows
+            if isinstance(r, dict) and isinstance(r.get("checkpoint"), str)}
 
 
 def compress_current(plan, iters):
@@ -918,7 +935,7 @@ def collect_run(plan, variant, outcome):
     row["loss_curve"] = {"iter": [r["iter"] for r in train], "loss": [r["loss"] for r in train],
                          "eval_iter": [r["iter"] for r in evals], "val_loss": [r["val_loss"] for r in evals]}
     row["telemetry"] = telemetry_series(tele, plan.train_settings.get("n_layer"))
-    doc = read_json(os.path.join(plan.analysis_dir(variant), "outliers.json")) if row["status"] == "ok" else None
+    doc = read_outliers(plan, variant) if row["status"] == "ok" else None
     if doc:
         h = doc["activation"]["layer_output"]
         top1 = [t[0] for t in h["top3"]]

@@ -46,6 +46,7 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 import signal
 import sys
@@ -75,6 +76,7 @@ PREPARE_COMMANDS = {"openwebtext": "python prepare_data.py --dataset openwebtext
                     "builtin": "python prepare_data.py --dataset builtin"}
 STOP_SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, s))
 OUTPUT_FILES = ("ckpt.pt", "run.json", "log.jsonl")
+RUN_FILE = re.compile(r"ckpt\.pt|run\.json|log\.jsonl|ckpt_\d+\.pt")  # what a training writes into out_dir
 
 
 class Diverged(UserError):
@@ -199,7 +201,8 @@ def training_bytes(cfg):
     and logits one micro-batch keeps for the backward. Above the device's memory, the run cannot fit."""
     n_params = 12 * cfg.n_layer * cfg.n_embd ** 2 + (cfg.vocab_size + cfg.block_size) * cfg.n_embd
     tokens = cfg.batch_size * cfg.block_size
-    return 16 * n_params + tokens * (16 * cfg.n_layer * cfg.n_embd + 4 * cfg.vocab_size)
+    eval_windows = 2 * cfg.eval_iters * cfg.batch_size  # the fixed evaluation windows' offsets, both splits
+    return 16 * n_params + tokens * (16 * cfg.n_layer * cfg.n_embd + 4 * cfg.vocab_size) + 8 * eval_windows
 
 
 # ================================================================================================ helpers
@@ -471,8 +474,10 @@ def build(cfg, origin, run):
     keeps_record = ckpt is not None or cfg.eval_only
     previous_record = read_run_record(os.path.join(cfg.out_dir, "run.json")) if keeps_record else {}
     check_fits(training_bytes(cfg), run.device,
-               f"training {cfg.n_layer} layers of width {cfg.n_embd} on {cfg.batch_size} x {cfg.block_size} tokens",
-               "lower --batch_size (and raise --gradient_accumulation_steps to keep the tokens per iteration)")
+               f"training {cfg.n_layer} layers of width {cfg.n_embd} on {cfg.batch_size} x {cfg.block_size} tokens "
+               f"with {cfg.eval_iters:,} evaluation batches per split",
+               "lower --batch_size (raising --gradient_accumulation_steps keeps the tokens per iteration) or "
+               "--eval_iters")
     meta = check_data(cfg, data_dir)
     run.log(format_config(cfg, origin))
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
@@ -532,15 +537,21 @@ def load_resume(cfg, run, ckpt_path):
 
 
 def refuse_to_replace_a_run(cfg, ckpt_path):
-    """A start (scratch or pretrained weights) in an out_dir that holds a run needs --overwrite."""
-    if not os.path.exists(ckpt_path) or cfg.overwrite:
+    """A start (scratch or pretrained weights) in an out_dir that holds a run's files (its checkpoint, log,
+    record or snapshots) needs --overwrite, which replaces those files alone."""
+    held = sorted(n for n in os.listdir(cfg.out_dir) if RUN_FILE.fullmatch(n)) if os.path.isdir(cfg.out_dir) else []
+    if not held or cfg.overwrite:
         return
+    what = ckpt_path if "ckpt.pt" in held else ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
     if cfg.eval_only:  # its log and run record would get an evaluation of other weights
-        raise UserError(f"{cfg.out_dir} holds a run ({ckpt_path}); --eval_only with --init_from="
+        raise UserError(f"{cfg.out_dir} holds a run ({what}); --eval_only with --init_from="
                         f"{cfg.init_from} would log an evaluation of other weights into it: evaluate the run "
                         f"with --init_from=resume --eval_only=True, or choose another --out_dir")
-    raise UserError(f"{cfg.out_dir} already holds a run ({ckpt_path}); continue it with --init_from=resume, "
-                    f"or pass --overwrite=True to start over, or choose another --out_dir")
+    if "ckpt.pt" in held:
+        raise UserError(f"{cfg.out_dir} already holds a run ({ckpt_path}); continue it with --init_from=resume, "
+                        f"or pass --overwrite=True to start over, or choose another --out_dir")
+    raise UserError(f"{cfg.out_dir} holds the files of a training run ({what}) but no ckpt.pt to continue; pass "
+                    f"--overwrite=True to start over there (they are replaced), or choose another --out_dir")
 
 
 def check_resume_config(cfg, run, ckpt, ckpt_path):
@@ -609,7 +620,7 @@ def open_outputs(cfg, run, state, ckpt, meta, previous_record):
         truncate_log(state.log_path, ckpt.log_offset)
     elif not cfg.eval_only:
         for name in os.listdir(cfg.out_dir):  # start over: old snapshots and log belong to the old run
-            if name == "log.jsonl" or (name.startswith("ckpt_") and name.endswith(".pt")):
+            if name == "log.jsonl" or re.fullmatch(r"ckpt_\d+\.pt", name):
                 os.remove(os.path.join(cfg.out_dir, name))
     wandb_run = None
     if cfg.wandb_log:

@@ -155,7 +155,7 @@ def _read_config_file(path):
         hint = f" (available in config/: {', '.join(available)})" if available else ""
         raise UserError(f"config file {path} does not exist{hint}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # Python runs a file that starts with a byte-order mark
             source = f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None

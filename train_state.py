@@ -81,15 +81,17 @@ def check_resume_state(path, ckpt):
     opt = ckpt.optimizer
     groups = opt.get("param_groups") if isinstance(opt, dict) else None
     if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(groups, list)
-            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                    and all(_is_int(i) for i in g["params"]) for g in groups)):
         raise UserError(f"{path}: optimizer is not an optimizer state (a dict of 'state' and 'param_groups'); {RESUME_FIX}")
     sampler = ckpt.sampler
     try:
         torch.Generator().set_state(sampler["generator"])
-        if isinstance(sampler["draws"], bool) or int(sampler["draws"]) < 0:
+        if not _is_int(sampler["draws"]) or sampler["draws"] < 0:
             raise ValueError
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
         raise UserError(f"{path}: sampler is not a data sampler state (its generator or draw count); {RESUME_FIX}") from None
+    _check_counters(path, ckpt)
     rng = ckpt.rng
     if rng is not None and not isinstance(rng, list):
         raise UserError(f"{path}: rng is a {type(rng).__name__}, not a list of per-rank RNG states; {RESUME_FIX}")
@@ -98,6 +100,24 @@ def check_resume_state(path, ckpt):
             check_rng_state(state)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, OverflowError):
             raise UserError(f"{path}: rng[{rank}] is not an RNG state (python, numpy, torch); {RESUME_FIX}") from None
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_counters(path, ckpt):
+    """The loop's counters a resume continues from: numbers of the right kind."""
+    number = isinstance(ckpt.best_val_loss, (int, float)) and not isinstance(ckpt.best_val_loss, bool)
+    checks = (("best_val_loss", number and not math.isnan(ckpt.best_val_loss), "a loss (a number, or inf)"),
+              ("last_eval_iter", _is_int(ckpt.last_eval_iter), "an iteration"),
+              ("last_telemetry_iter", _is_int(ckpt.last_telemetry_iter), "an iteration"),
+              ("world_size", _is_int(ckpt.world_size) and ckpt.world_size >= 1, "a number of processes"),
+              ("log_offset", ckpt.log_offset is None or (_is_int(ckpt.log_offset) and ckpt.log_offset >= 0),
+               "a length of log.jsonl"))
+    for key, ok, what in checks:
+        if not ok:
+            raise UserError(f"{path}: {key} is {getattr(ckpt, key)!r}, not {what}; {RESUME_FIX}")
 
 
 def check_rng_state(state):
@@ -113,24 +133,48 @@ def check_rng_state(state):
 
 
 def load_optimizer_state(optimizer, state, path):
-    """optimizer.load_state_dict, after checking that the saved groups and moment shapes fit the model's
-    parameters (torch checks the group sizes only; a wrong moment shape would fail at the first step)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    """optimizer.load_state_dict, after checking that the saved groups, their settings and the moment shapes
+    fit the model's optimizer (torch checks the group sizes only; the rest would fail at the first step)."""
     sizes, saved = [len(g["params"]) for g in optimizer.param_groups], [len(g["params"]) for g in state["param_groups"]]
     if sizes != saved:
         raise UserError(f"{path}: the optimizer state has parameter groups of {saved} parameters, the model's optimizer "
                         f"{sizes}; {RESUME_FIX}")
+    for i, (group, saved_group) in enumerate(zip(optimizer.param_groups, state["param_groups"])):
+        for key, value in group.items():
+            if key != "params" and key in saved_group and not _same_kind(value, saved_group[key]):
+                raise UserError(f"{path}: optimizer param_groups[{i}][{key!r}] is {saved_group[key]!r}, where the "
+                                f"optimizer takes a value like {value!r}; {RESUME_FIX}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     ids = [i for g in state["param_groups"] for i in g["params"]]
     for param, pid in zip(params, ids):
         moments = state["state"].get(pid, {})
         for name, value in (moments.items() if isinstance(moments, dict) else [("", moments)]):
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)  # a step count
-            if not (number or isinstance(value, torch.Tensor)) or (number is False and value.ndim
-                                                                   and value.shape != param.shape):
-                what = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
-                raise UserError(f"{path}: optimizer['state'][{pid}][{name!r}] has {what}, but its parameter has shape "
-                                f"{tuple(param.shape)}; {RESUME_FIX}")
+            _check_moment(path, pid, name, value, param)
     try:
         optimizer.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{path}: the optimizer state does not fit this model ({one_line(e, 120)}); {RESUME_FIX}") from None
+
+
+def _same_kind(want, got):
+    """Whether a saved optimizer setting is of the kind the optimizer's own is (numbers, pairs of them, ...)."""
+    def is_number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    if isinstance(want, bool) or want is None:
+        return isinstance(got, bool) or got is None
+    if is_number(want):
+        return is_number(got) or (isinstance(got, torch.Tensor) and got.numel() == 1)
+    if isinstance(want, (tuple, list)):
+        return isinstance(got, (tuple, list)) and len(got) == len(want) and all(map(_same_kind, want, got))
+    return True
+
+
+def _check_moment(path, pid, name, value, param):
+    """An optimizer state entry: a step count, or a tensor of its parameter's shape."""
+    where = f"{path}: optimizer['state'][{pid}][{name!r}]"
+    if isinstance(value, torch.Tensor):
+        if value.ndim and value.shape != param.shape:
+            raise UserError(f"{where} has shape {tuple(value.shape)}, but its parameter has shape "
+                            f"{tuple(param.shape)}; {RESUME_FIX}")
+    elif not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        raise UserError(f"{where} is a {type(value).__name__}, not a tensor or a step count; {RESUME_FIX}")

@@ -28,7 +28,9 @@ def test_a_set_replaces_only_its_own_files(tmp_path):
     (out / "mine.txt").write_text("user")
     write("tool", out, {"a.md": "2"}, names=["a.md", "b.json"])  # b.json was ours and is not in the new set
     assert files_in(out) == {"a.md": "2", "mine.txt": "user"}
-    assert json.loads((out / OUTPUTS_MANIFEST).read_text())["tools"] == {"tool": {"files": ["a.md"]}}
+    tools = json.loads((out / OUTPUTS_MANIFEST).read_text())["tools"]
+    st = os.stat(out / "a.md")
+    assert tools == {"tool": {"files": ["a.md"], "stat": {"a.md": [st.st_size, st.st_mtime_ns]}}}
     with pytest.raises(UserError, match="was not written there by tool"):
         write("tool", out, {"mine.txt": "overwritten"})
     with pytest.raises(UserError, match="was written by tool"):
@@ -99,3 +101,54 @@ def test_a_damaged_manifest_is_refused(tmp_path):
     (tmp_path / OUTPUTS_MANIFEST).write_text("[1, 2")
     with pytest.raises(UserError, match="not valid JSON"):
         write("tool", tmp_path, {"a": "1"})
+
+
+def test_a_manifest_never_names_a_file_elsewhere(tmp_path):
+    """A crafted or copied manifest cannot make a script delete files outside its directory."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in ("../victim.txt", str(victim), "sub/x", ".."):
+        (out / OUTPUTS_MANIFEST).write_text(json.dumps({"tools": {"tool": {"files": [name]}}}))
+        with pytest.raises(UserError, match="is not a file of"):
+            write("tool", out, {"a": "1"})
+    assert victim.read_text() == "precious"
+
+
+def test_a_file_changed_since_is_not_ours_any_more(tmp_path):
+    """Ownership is of the file written, not of the name: a file edited or replaced since is left alone,
+    and a name another tool takes over after ours was deleted is that tool's."""
+    out = tmp_path / "o"
+    write("a", out, {"report.md": "by a"})
+    (out / "report.md").write_text("edited by the user, longer")
+    with pytest.raises(UserError, match="was changed since a wrote it"):
+        write("a", out, {"report.md": "again"})
+    (out / "report.md").unlink()
+    write("b", out, {"report.md": "by b"})
+    with pytest.raises(UserError, match="was written by b"):
+        write("a", out, {"report.md": "by a"})
+    tools = json.loads((out / OUTPUTS_MANIFEST).read_text())["tools"]
+    assert "a" not in tools and tools["b"]["files"] == ["report.md"]  # a wrote nothing else here
+    write("a", out, {"other.md": "x"})
+    assert (out / "report.md").read_text() == "by b"
+
+
+def test_backup_folders_are_unique(tmp_path, monkeypatch):
+    """A folder of previous files a killed commit left behind is never reused (PIDs repeat in containers)."""
+    out = tmp_path / "o"
+    write("tool", out, {"a": "first"})
+    left = out / f"tool-previous-{common.HOST}-{os.getpid()}"
+    left.mkdir()
+    (left / "a").write_text("the only copy of an older result")
+    write("tool", out, {"a": "second"})
+    assert (left / "a").read_text() == "the only copy of an older result"
+    assert not [d for d in os.listdir(out) if d.startswith("tool-previous-") and d != left.name]
+
+
+def test_json_readers_take_a_bom_and_refuse_deep_nesting(tmp_path):
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf{\"a\": 1}")
+    assert common.read_json_file(tmp_path / "bom.json") == {"a": 1}
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(UserError, match="nested too deeply"):
+        common.read_json_file(tmp_path / "deep.json")

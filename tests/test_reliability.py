@@ -1128,3 +1128,129 @@ def train_eval_only_into_run(tmp_path, capsys, trained, **_):
     code, err = cli(train.main, args + ["--eval_only=True"], capsys)  # init_from=scratch: random weights
     assert tree_bytes(out) == before
     return code, err, {"out": out}
+
+
+# ------------------------------------------------------------------------------------------ review of the above
+
+@scenario
+def outputs_manifest_escape(tmp_path, capsys, monkeypatch, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / common.OUTPUTS_MANIFEST).write_text(json.dumps(
+        {"format": "outlier-gpt-outputs", "version": 1, "tools": {"compress_eval.py": {"files": ["../victim.txt"]}}}))
+    monkeypatch.setattr(compress_eval, "evaluate_perplexity", must_not_run)
+    code, err = cli(compress_eval.main, [ckpt, "--data", eval_data(tmp_path), "--out", out, "--no_progress"], capsys)
+    assert victim.read_text() == "precious\n"
+    return code, err, {"out": str(out), "manifest": str(out / common.OUTPUTS_MANIFEST)}
+
+
+@scenario
+def analyze_own_output_edited(tmp_path, capsys, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    out = tmp_path / "o"
+    assert cli(analyze_outliers.main, analyze_args(ckpt, tmp_path, out), capsys)[0] == 0
+    (out / "report.md").write_text("the user's notes on the analysis\n")
+    before = tree_bytes(out)
+    code, err = cli(analyze_outliers.main, analyze_args(ckpt, tmp_path, out), capsys)
+    assert tree_bytes(out) == before
+    return code, err, {"out": str(out)}
+
+
+def _foreign_run_files(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name, text in (("log.jsonl", '{"kind": "eval", "iter": 0}\n'), ("run.json", "{}"), ("ckpt_4000.pt", "x"),
+                       ("ckpt_keep.pt", "y")):
+        (out / name).write_text(text)
+    return out
+
+
+@scenario
+def train_scratch_into_run_files(tmp_path, capsys, trained, **_):
+    out = _foreign_run_files(tmp_path)
+    before = tree_bytes(out)
+    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={out}", "--max_iters=2"], capsys)
+    assert tree_bytes(out) == before
+    return code, err, {"out": str(out)}
+
+
+@scenario
+def train_eval_only_into_run_files(tmp_path, capsys, trained, **_):
+    out = _foreign_run_files(tmp_path)
+    before = tree_bytes(out)
+    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={out}", "--eval_only=True"],
+                    capsys)
+    assert tree_bytes(out) == before
+    return code, err, {"out": str(out)}
+
+
+@scenario
+def resume_best_val_loss_text(tmp_path, capsys, trained, **_):
+    return _resume_with(tmp_path, capsys, trained, lambda c: c.update(best_val_loss="abc"))
+
+
+@scenario
+def resume_log_offset_negative(tmp_path, capsys, trained, **_):
+    return _resume_with(tmp_path, capsys, trained, lambda c: c.update(log_offset=-5))
+
+
+@scenario
+def resume_sampler_draws_inf(tmp_path, capsys, trained, **_):
+    return _resume_with(tmp_path, capsys, trained, lambda c: c["sampler"].update(draws=float("inf")))
+
+
+@scenario
+def resume_param_id_list(tmp_path, capsys, trained, **_):
+    def edit(c):
+        c["optimizer"]["param_groups"][0]["params"][0] = [0]
+    return _resume_with(tmp_path, capsys, trained, edit)
+
+
+@scenario
+def resume_betas_text(tmp_path, capsys, trained, **_):
+    def edit(c):
+        c["optimizer"]["param_groups"][0]["betas"] = "ab"
+    return _resume_with(tmp_path, capsys, trained, edit)
+
+
+@scenario
+def resume_step_text(tmp_path, capsys, trained, **_):
+    def edit(c):
+        c["optimizer"]["state"][0]["step"] = "x"
+    return _resume_with(tmp_path, capsys, trained, edit)
+
+
+@scenario
+def ckpt_no_weights_huge_args(tmp_path, capsys, **_):
+    def edit(c):
+        c["model"] = {}
+        c["model_args"].update(n_embd=2**18, n_head=1, vocab_size=2**24)
+    return _refused_by_compress(tmp_path, capsys, edit)
+
+
+@scenario
+def ckpt_int_weight(tmp_path, capsys, **_):
+    return _refused_by_analyze(tmp_path, capsys, lambda c: c["model"].update(
+        {"transformer.h.0.ln_1.weight": torch.ones(32, dtype=torch.int64)}))
+
+
+@scenario
+def ckpt_weight_twice(tmp_path, capsys, **_):
+    return _refused_by_compress(tmp_path, capsys, lambda c: c["model"].update(
+        {"_orig_mod.transformer.h.0.ln_1.weight": torch.ones(32)}))
+
+
+@scenario
+def train_meta_nested(tmp_path, capsys, trained, **_):
+    return _train_with_meta(tmp_path, capsys, trained, "[" * 100000 + "]" * 100000)
+
+
+@scenario
+def train_eval_iters_huge(tmp_path, capsys, trained, **_):
+    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}",
+                                        f"--eval_iters={2**40}", "--max_iters=2"], capsys)
+    assert not (tmp_path / "o").exists()
+    return code, err, {}

@@ -477,3 +477,26 @@ def test_run_with_other_settings_is_refused(smoke):
     assert r.returncode == 2
     assert "holds a run with other settings: lr_decay_iters (run 10, now 20)" in r.stderr
     assert r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("outliers, results", [("[1]", "5"), ('{"activation": {}}', "[{}]"), ("null", '{"a": 1}')])
+def test_damaged_stage_outputs_count_as_missing(tmp_path, outliers, results):
+    """A rerun over stage outputs that are not what the stage writes runs the stage again (whose own output
+    rules then decide) instead of ending in a traceback."""
+    import reproduce
+
+    class Plan:
+        def analysis_dir(self, variant):
+            return str(tmp_path / variant)
+
+        def compress_dir(self):
+            return str(tmp_path / "compress")
+    for d in ("default", "compress"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "default" / "outliers.json").write_text(outliers)
+    (tmp_path / "compress" / "results.json").write_text(results)
+    assert reproduce.read_outliers(Plan(), "default") is None
+    assert reproduce.compress_rows(Plan()) == {}
+    good = {"model": {"iter_num": 3}, "activation": {"layer_output": {"top3": [[1.0, 0.5, 0.2]], "median": [0.1]}}}
+    (tmp_path / "default" / "outliers.json").write_text(json.dumps(good))
+    assert reproduce.read_outliers(Plan(), "default") == good

@@ -329,3 +329,11 @@ def test_wandb_offline_writes_run_files(data_dir, tmp_path):
         assert key in recorded
     run = json.load(open(os.path.join(out, "run.json")))
     assert run["wandb_run_id"] and run["wandb_run_id"] in runs[0]
+
+
+def test_config_file_with_a_byte_order_mark(tmp_path):
+    """Python runs a file that starts with a UTF-8 byte-order mark (as some editors save): so does train.py."""
+    cfg_file = tmp_path / "bom.py"
+    cfg_file.write_bytes(b"\xef\xbb\xbfbatch_size = 3\n")
+    cfg, origin = train.parse_config([str(cfg_file)])
+    assert cfg.batch_size == 3 and origin["batch_size"] == str(cfg_file)
