@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch and triton first, pinned: that keeps pip from pulling a different torch build (several GB of CUDA
-# packages) for the `torch>=2.4` in requirements.txt, and fixes the triton whose interpreter the kernel
-# tests run in. On a CUDA machine pin torch alone and let it choose its triton, e.g.
+# torch and triton first, pinned (and pinned again beside requirements.txt, whose `torch>=2.4` an --upgrade
+# would otherwise follow): that keeps pip from pulling a different torch build (several GB of CUDA packages)
+# and fixes the triton whose interpreter the kernel tests run in. On a CUDA machine pin torch alone and let it choose its triton, e.g.
 #   make TORCH_SPEC="torch==2.11.0" demo
 TORCH_SPEC ?= torch==2.13.0 triton==3.9.0
 # requirements.lock pins every other package `make install` installs, transitive ones included, to the
@@ -31,7 +31,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-test.txt $(wildcard requirements.lock)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC) $(CONSTRAINTS)
-	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt $(CONSTRAINTS)
+	$(PY) -m pip install -q $(TORCH_SPEC) -r requirements.txt -r requirements-test.txt $(CONSTRAINTS)
 	echo "lock=$(LOCK)" > $@
 
 test: install
