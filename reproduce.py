@@ -40,8 +40,8 @@ import time
 
 from common import (UserError, atomic_write_json, atomic_write_text, check_output_dir, check_seed, cli_main, json_safe,
                     json_text, output_set, read_json_file, resolve_device)
-from reports import (have_matplotlib, markdown_table, number, plot_loss_curves, plot_top1, plot_top3, pyplot,
-                     read_training_log, save_figure, signed_percent)
+from reports import (have_matplotlib, loss_curve, markdown_table, number, plot_loss_curves, plot_top1, plot_top3,
+                     pyplot, read_training_log, save_figure, signed_percent)
 from train_config import FREE_ON_RESUME
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -57,7 +57,7 @@ METHODS = ("fp", "w8", "sparse50")
 
 # ------------------------------------------------------------------------------------------- scales
 # Each scale: corpus, training settings (config files + --key=value on top), analysis and compression
-# settings. Settings a resume may not change are compared with the checkpoint's (see check_run).
+# settings. Settings a resume may not change are compared with the checkpoint's (see run_state).
 SCALES = {
     "tiny": {
         "what": "every variant on the builtin smoke-test corpus (Python standard-library source) on a CPU; "
@@ -928,12 +928,10 @@ def collect_run(plan, variant, outcome):
                          "results": rel(os.path.join(plan.compress_dir(), "results.json"))}}
     log = read_training_log(os.path.join(run_dir, "log.jsonl"))
     evals = [r for r in log if r.get("kind") == "eval" and "val_loss" in r]
-    train = [r for r in log if r.get("kind") == "train" and "loss" in r]
     tele = [r for r in log if r.get("kind") == "outliers"]
     row["iter_num"] = evals[-1]["iter"] if evals else None
     row["val_loss"] = evals[-1]["val_loss"] if evals else None
-    row["loss_curve"] = {"iter": [r["iter"] for r in train], "loss": [r["loss"] for r in train],
-                         "eval_iter": [r["iter"] for r in evals], "val_loss": [r["val_loss"] for r in evals]}
+    row["loss_curve"] = loss_curve(log) or {"iter": [], "loss": [], "eval_iter": [], "val_loss": []}
     row["telemetry"] = telemetry_series(tele, plan.train_settings.get("n_layer"))
     doc = read_outliers(plan, variant) if row["status"] == "ok" else None
     if doc:

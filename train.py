@@ -58,11 +58,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from checkpoint import model_args_from, save_checkpoint
+from checkpoint import all_finite, load_checkpoint, load_model, model_args_from, save_checkpoint
 from common import (UserError, atomic_path, atomic_write_json, autocast_context, check_fits, check_regular_file, cli_main,
                     directory_lock, json_safe, one_line, read_json_file, resolve_device, resolve_dtype, run_metadata,
                     write_error)
 from data import TOKEN_DTYPE, load_tokens
+from model import GPT, GPTConfig
 from telemetry import training_telemetry
 from train_config import (CONFIG_KEYS, FREE_ON_RESUME, MODEL_KEYS, SHAPE_KEYS, TrainConfig, format_config,  # noqa: F401
                           parse_config, print_help)
@@ -302,8 +303,8 @@ def truncate_log(path, offset):
 @dataclass
 class Run:
     """This process's place in the run (rank, device, micro-steps) and what it holds for the run's length:
-    the stop flag and `model`, what a training step calls (DDP, else the compiled or plain model). Teardown
-    drops `model` before the process group (run_context)."""
+    the stop flag and `step_model`, what a training step calls (DDP, else the compiled or plain model).
+    Teardown drops `step_model` before the process group (run_context)."""
     ddp: bool
     rank: int
     local_rank: int
@@ -311,7 +312,7 @@ class Run:
     device: str
     local_accum: int                             # micro-steps per rank and optimizer step
     stop: StopFlag
-    model: Optional[torch.nn.Module] = None
+    step_model: Optional[torch.nn.Module] = None
     failing_together: bool = False               # every rank stops at the same point (Run.fail)
 
     @property
@@ -387,10 +388,20 @@ def run_context(cfg):
             # Dropping DDP first leaves the last reference to destroy_process_group, which frees it
             # without the GIL.
             # a failure's traceback (an interrupt inside DDP's forward, a no_sync context) holds DDP too
-            traceback.clear_frames(sys.exc_info()[2])
-            run.model = None
+            clear_exception_frames(sys.exc_info()[1])
+            run.step_model = None
             gc.collect()
             torch.distributed.destroy_process_group()
+
+
+def clear_exception_frames(error):
+    """Clear the frames of `error`'s traceback and of every exception it was raised while handling (or from):
+    any of them may hold the DDP wrapper."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 @contextlib.contextmanager
@@ -414,7 +425,7 @@ def out_dir_lock(run, out_dir):
 class TrainState:
     """What the loop works on, built once by build(). The counters go into the checkpoint."""
     model: torch.nn.Module                       # the raw model: weights, checkpoints, telemetry
-    fwd_model: torch.nn.Module                   # what evaluation calls: the compiled model, or the model
+    eval_model: torch.nn.Module                  # what evaluation calls: the compiled model, or the model
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     train_batches: Batches
@@ -491,18 +502,18 @@ def build(cfg, origin, run):
                                                run.device_type)
     train_batches, eval_batches = make_batches(cfg, data_dir, run.device)
     val_batches, val_offsets = eval_batches["val"]
-    state = TrainState(model=model, fwd_model=model, optimizer=optimizer,
+    state = TrainState(model=model, eval_model=model, optimizer=optimizer,
                        scaler=torch.amp.GradScaler(run.device_type, enabled=(ptdtype == torch.float16)),
                        train_batches=train_batches, eval_batches=eval_batches, X_fixed=val_batches.get(val_offsets[0])[0],
                        autocast=autocast_context(run.device, ptdtype), tokens_per_iter=tokens_per_iter,
                        ckpt_path=ckpt_path, log_path=log_path, pretrained_from=pretrained_from)
     if ckpt is not None:
         state.restore(ckpt, ckpt_path)
-    state.fwd_model = torch.compile(model) if cfg.compile else model  # no DDP: evaluation
-    run.model = state.fwd_model
+    state.eval_model = torch.compile(model) if cfg.compile else model  # no DDP: evaluation
+    run.step_model = state.eval_model
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        run.model = DDP(state.fwd_model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
+        run.step_model = DDP(state.eval_model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
     if run.master:
         open_outputs(cfg, run, state, ckpt, meta, previous_record)
     seed_rngs(cfg, run, ckpt, state.iter_num)
@@ -523,14 +534,15 @@ def load_resume(cfg, run, ckpt_path):
     if not os.path.exists(ckpt_path):
         raise UserError(f"--init_from=resume: {ckpt_path} does not exist; start with --init_from=scratch "
                         f"(or point --out_dir at the run to continue)")
-    from checkpoint import load_checkpoint
-    ckpt = TrainCheckpoint.from_checkpoint(load_checkpoint(ckpt_path, map_location="cpu"))
-    if not ckpt.resumable:
-        missing = [k for k, v in (("optimizer", ckpt.optimizer), ("sampler", ckpt.sampler)) if v is None]
-        raise UserError(f"cannot resume from {ckpt_path}: it is a weights-only {ckpt.kind} (iter {ckpt.iter_num})"
+    raw = load_checkpoint(ckpt_path, map_location="cpu")
+    missing = TrainCheckpoint.missing_resume_keys(raw)
+    if missing:
+        raise UserError(f"cannot resume from {ckpt_path}: it is a weights-only {raw.get('kind', 'checkpoint')} "
+                        f"(iter {raw['iter_num']})"
                         f" without the {' and '.join(missing)} state an exact resume "
                         f"needs; resume from the ckpt.pt train.py wrote, or analyse this file with "
                         f"analyze_outliers.py")
+    ckpt = TrainCheckpoint.from_checkpoint(raw)
     check_resume_state(ckpt_path, ckpt)
     check_resume_config(cfg, run, ckpt, ckpt_path)
     return ckpt
@@ -576,8 +588,6 @@ def check_resume_config(cfg, run, ckpt, ckpt_path):
 
 def build_model(cfg, run, ckpt, data_dir):
     """(model in train mode on the CPU, the pretrained weights' name or None)."""
-    from checkpoint import load_model
-    from model import GPT, GPTConfig
     if ckpt is not None:
         model, _ = load_model(ckpt.to_checkpoint(), device="cpu", dropout=cfg.dropout, attn_backend=cfg.attn_backend)
         return model.train(), ckpt.pretrained_from
@@ -711,7 +721,7 @@ def train(cfg, run, state):
 def loop(cfg, run, state):
     """Each iteration: telemetry and evaluation (and ckpt.pt) of the weights after `it` steps, then one
     optimizer step over the global batch, its log line, a snapshot, and ckpt.pt on a stop signal.
-    run.model, never a local: a failure's traceback would keep the DDP wrapper alive past teardown."""
+    run.step_model, never a local: a failure's traceback would keep the DDP wrapper alive past teardown."""
     state.saved_at = state.iter_num if cfg.init_from == "resume" else None
     clock = LogClock(state.iter_num)
     while True:
@@ -776,19 +786,19 @@ def evaluate_and_save(cfg, run, state, it):
 @torch.no_grad()
 def evaluate(cfg, run, state):
     """Mean loss over the same eval_iters fixed batches per split, shared out over the ranks."""
-    state.fwd_model.eval()
+    state.eval_model.eval()
     out = {}
     for split, (batches, offsets) in state.eval_batches.items():
         total = torch.zeros((), device=run.device, dtype=torch.float64)
         for i in range(run.rank, cfg.eval_iters, run.world):
             X, Y = batches.get(offsets[i])
             with state.autocast:
-                _, loss = state.fwd_model(X, Y)
+                _, loss = state.eval_model(X, Y)
             total += loss.double()
         if run.ddp:
             torch.distributed.all_reduce(total)
         out[split] = total.item() / cfg.eval_iters
-    state.fwd_model.train()
+    state.eval_model.train()
     return out
 
 
@@ -803,10 +813,10 @@ def train_step(cfg, run, state, it, lr):
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(run.local_accum):
         last = micro == run.local_accum - 1
-        sync = contextlib.nullcontext() if (last or not run.ddp) else run.model.no_sync()
+        sync = contextlib.nullcontext() if (last or not run.ddp) else run.step_model.no_sync()
         with sync:
             with state.autocast:
-                _, loss = run.model(X, Y)
+                _, loss = run.step_model(X, Y)
             loss_sum += loss.detach().float()
             if not last:
                 X, Y = state.train_batches.get(offsets[micro + 1])  # prefetch while the GPU works
@@ -899,7 +909,6 @@ def snapshot(cfg, run, state):
 
 def check_weights(cfg, run, state):
     """Diverged unless every weight is finite (identical on all ranks, so they all stop together)."""
-    from checkpoint import all_finite
     if not all(all_finite(p) for p in state.model.parameters()):
         run.fail(diverged(cfg, state, state.iter_num, "the weights hold NaN or inf"))
 

@@ -32,7 +32,7 @@ class TrainConfig:
     overwrite: bool = False             # scratch/gpt2 start in an out_dir that holds a run: replace it (else error)
     snapshot_interval: int = 0          # also keep weights-only snapshots ckpt_{iter}.pt every this many iters (0: off)
     keep_snapshots: int = 0             # keep only the newest N snapshots (0: keep all)
-    outlier_interval: int = 500         # outlier_stats.training_telemetry on a fixed val batch every N iters (0: off)
+    outlier_interval: int = 500         # telemetry.training_telemetry on a fixed val batch every N iters (0: off)
     # wandb (logs the same records as log.jsonl; works with WANDB_MODE=offline)
     wandb_log: bool = False
     wandb_project: str = "outlier-gpt"

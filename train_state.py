@@ -45,9 +45,12 @@ class TrainCheckpoint:
         """From a dict load_checkpoint returned (a key it lacks keeps its default)."""
         return cls(**{f.name: ckpt[f.name] for f in fields(cls) if f.name in ckpt})
 
-    @property
-    def resumable(self):
-        return self.optimizer is not None and self.sampler is not None
+    RESUME_KEYS = ("optimizer", "sampler")  # what a weights-only snapshot (or a nanoGPT checkpoint) lacks
+
+    @classmethod
+    def missing_resume_keys(cls, ckpt):
+        """The keys an exact resume needs that the dict `ckpt` lacks."""
+        return [k for k in cls.RESUME_KEYS if k not in ckpt]
 
 
 def rng_state(device):

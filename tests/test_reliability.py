@@ -1254,3 +1254,15 @@ def train_eval_iters_huge(tmp_path, capsys, trained, **_):
                                         f"--eval_iters={2**40}", "--max_iters=2"], capsys)
     assert not (tmp_path / "o").exists()
     return code, err, {}
+
+
+@scenario
+def resume_nanogpt_checkpoint(tmp_path, capsys, trained, **_):
+    def edit(c):  # what nanoGPT's train.py writes: no kind, no sampler
+        del c["kind"], c["sampler"]
+    return _resume_with(tmp_path, capsys, trained, edit)
+
+
+@scenario
+def resume_sampler_none(tmp_path, capsys, trained, **_):
+    return _resume_with(tmp_path, capsys, trained, lambda c: c.update(sampler=None))

@@ -337,3 +337,32 @@ def test_config_file_with_a_byte_order_mark(tmp_path):
     cfg_file.write_bytes(b"\xef\xbb\xbfbatch_size = 3\n")
     cfg, origin = train.parse_config([str(cfg_file)])
     assert cfg.batch_size == 3 and origin["batch_size"] == str(cfg_file)
+
+
+def test_teardown_clears_the_frames_of_a_whole_exception_chain():
+    """An exception raised while handling another (a failing run record after a failed step) keeps the
+    first one's frames, which may hold the DDP wrapper: teardown clears them all."""
+    import gc
+    import weakref
+
+    class Wrapper:
+        pass
+
+    def step(model):
+        raise RuntimeError("inside the forward")
+
+    def run_loop(model):
+        try:
+            step(model)
+        finally:
+            raise OSError("while writing the run record")
+
+    model = Wrapper()
+    ref = weakref.ref(model)
+    try:
+        run_loop(model)
+    except OSError as e:  # checked while the exception lives, as at teardown
+        del model
+        train.clear_exception_frames(e)
+        gc.collect()
+        assert ref() is None
