@@ -17,6 +17,8 @@ checks them all first (zipfile's testzip: about 0.2 s per 500 MB from the page c
 damaged tensor. Non-finite model weights are refused too: they can only come from a diverged run.
 """
 
+import collections
+import math
 import os
 import pickle
 import struct
@@ -26,7 +28,7 @@ from dataclasses import asdict
 import torch
 
 from attention_variants import REGISTRY
-from common import UserError, atomic_path, one_line, write_error
+from common import UserError, atomic_path, is_int, is_number, one_line, write_error
 from model import GPT, GPTConfig, config_fields
 
 REQUIRED_KEYS = ("model", "model_args", "iter_num", "config")
@@ -98,7 +100,7 @@ def load_checkpoint(path, map_location="cpu"):
     _check_model_args(path, ckpt["model_args"])
     ckpt["model"] = strip_wrapper_prefixes(ckpt["model"])
     _check_sizes_match(path, ckpt["model_args"], ckpt["model"])
-    if isinstance(ckpt["iter_num"], bool) or not isinstance(ckpt["iter_num"], int) or ckpt["iter_num"] < 0:
+    if not is_int(ckpt["iter_num"]) or ckpt["iter_num"] < 0:
         raise UserError(f"{path}: iter_num is {ckpt['iter_num']!r}, not a count of iterations")
     if not isinstance(ckpt["config"], dict):
         raise UserError(f"{path}: config is a {type(ckpt['config']).__name__}, not a dict")
@@ -214,8 +216,7 @@ def _check_state_dict(path, state_dict):
             raise UserError(f"{where} is a {value.layout} tensor; checkpoints hold dense weights")
         if not value.is_floating_point():
             raise UserError(f"{where} is a {str(value.dtype)[6:]} tensor; the model's weights are floating point")
-    names = [unwrapped_name(k) for k in state_dict]
-    twice = sorted({n for n in names if names.count(n) > 1})
+    twice = sorted(n for n, c in collections.Counter(map(unwrapped_name, state_dict)).items() if c > 1)
     if twice:
         raise UserError(f"{path}: model holds {twice[0]!r} twice (with and without a torch.compile / DDP prefix); "
                         f"the checkpoint is inconsistent: use another copy")
@@ -247,18 +248,17 @@ def _check_model_args(path, model_args):
 
 def _bad_model_arg(key, value):
     """Why `value` cannot be model_args[key] (None when it can)."""
-    import math
     if key in _SIZES:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             return "is not an integer"
         return None if 1 <= value <= _SIZES[key] else f"is outside 1..{_SIZES[key]:,}"
     if key == "dropout":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+        ok = is_number(value) and 0 <= value < 1
         return None if ok else "is not a number in [0, 1)"
     if key == "bias":
         return None if isinstance(value, bool) else "is not true or false"
     if key == "sigmoid_bias":
-        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        ok = value is None or (is_number(value) and math.isfinite(value))
         return None if ok else "is not a finite number or None"
     if key in ("attention", "attn_backend", "gelu_approximate"):
         return None if isinstance(value, str) else "is not a string"
@@ -317,7 +317,7 @@ def model_from_checkpoint(path_or_ckpt, device="cpu", **config_overrides):
     with torch.device("meta"):  # names and shapes first: nothing is allocated for a model the weights do not fit
         check_state_dict_fits(GPT(config).state_dict(), ckpt["model"], source)
     model = GPT(config)
-    load_state_dict_checked(model, ckpt["model"], source)
+    model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))  # its names and shapes are checked above
     return model.to(device).eval(), ckpt
 
 

@@ -442,8 +442,18 @@ def check_regular_file(path, what="file"):
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes 32 bits; torch takes 64
 
 
+def is_int(x):
+    """An int that is not a bool (JSON and pickles give True where a count was meant)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x):
+    """An int or float that is not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def check_seed(seed, flag="--seed"):
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+    if not is_int(seed) or not 0 <= seed <= SEED_MAX:
         raise UserError(f"{flag} must be an integer from 0 to {SEED_MAX}, got {seed}")
     return seed
 

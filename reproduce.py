@@ -38,7 +38,7 @@ import sys
 import sysconfig
 import time
 
-from common import (UserError, atomic_write_json, atomic_write_text, check_output_dir, check_seed, cli_main, json_safe,
+from common import (UserError, atomic_write_json, atomic_write_text, check_output_dir, check_seed, cli_main, is_number, json_safe,
                     json_text, output_set, read_json_file, resolve_device)
 from reports import (have_matplotlib, loss_curve, markdown_table, number, plot_loss_curves, plot_top1, plot_top3,
                      pyplot, read_training_log, save_figure, signed_percent)
@@ -887,7 +887,7 @@ def compress_stage(plan, runner, outcome, deadlines):
 # ------------------------------------------------------------------------------------------- collect
 
 def _finite(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return is_number(x) and math.isfinite(x)
 
 
 def _mean(xs):

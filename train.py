@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from checkpoint import all_finite, load_checkpoint, load_model, model_args_from, save_checkpoint
-from common import (UserError, atomic_path, atomic_write_json, autocast_context, check_fits, check_regular_file, cli_main,
+from common import (UserError, atomic_path, atomic_write_json, autocast_context, check_fits, check_regular_file, cli_main, is_int,
                     directory_lock, json_safe, one_line, read_json_file, resolve_device, resolve_dtype, run_metadata,
                     write_error)
 from data import TOKEN_DTYPE, load_tokens
@@ -77,7 +77,8 @@ PREPARE_COMMANDS = {"openwebtext": "python prepare_data.py --dataset openwebtext
                     "builtin": "python prepare_data.py --dataset builtin"}
 STOP_SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, s))
 OUTPUT_FILES = ("ckpt.pt", "run.json", "log.jsonl")
-RUN_FILE = re.compile(r"ckpt\.pt|run\.json|log\.jsonl|ckpt_\d+\.pt")  # what a training writes into out_dir
+SNAPSHOT = re.compile(r"ckpt_(\d+)\.pt")  # ckpt_{iter}.pt
+RUN_FILE = re.compile(rf"ckpt\.pt|run\.json|log\.jsonl|{SNAPSHOT.pattern}")  # what a training writes into out_dir
 
 
 class Diverged(UserError):
@@ -176,7 +177,7 @@ def read_meta(path):
     if not isinstance(meta, dict):
         raise UserError(f"{path} holds a {type(meta).__name__}, not a data description; {fix}")
     vocab = meta.get("vocab_size", 1)
-    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+    if not is_int(vocab) or vocab < 1:
         raise UserError(f"{path}: vocab_size {vocab!r} is not a positive integer; {fix}")
     return meta
 
@@ -630,7 +631,7 @@ def open_outputs(cfg, run, state, ckpt, meta, previous_record):
         truncate_log(state.log_path, ckpt.log_offset)
     elif not cfg.eval_only:
         for name in os.listdir(cfg.out_dir):  # start over: old snapshots and log belong to the old run
-            if name == "log.jsonl" or re.fullmatch(r"ckpt_\d+\.pt", name):
+            if name == "log.jsonl" or SNAPSHOT.fullmatch(name):
                 os.remove(os.path.join(cfg.out_dir, name))
     wandb_run = None
     if cfg.wandb_log:
@@ -901,8 +902,7 @@ def snapshot(cfg, run, state):
                            iter_num=state.iter_num, config=dataclasses.asdict(cfg), kind="snapshot")
     save_checkpoint(path, snap.to_checkpoint())
     if cfg.keep_snapshots:
-        snaps = sorted((int(n[5:-3]), n) for n in os.listdir(cfg.out_dir)
-                       if n.startswith("ckpt_") and n.endswith(".pt") and n[5:-3].isdigit())
+        snaps = sorted((int(m[1]), m[0]) for m in map(SNAPSHOT.fullmatch, os.listdir(cfg.out_dir)) if m)
         for _, name in snaps[:-cfg.keep_snapshots]:
             os.remove(os.path.join(cfg.out_dir, name))
 

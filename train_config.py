@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-from common import UserError, check_seed
+from common import UserError, check_seed, is_int, is_number
 from model import PRETRAINED as GPT2_SIZES, config_fields
 
 
@@ -126,8 +126,8 @@ def _coerce_value(key, value, where):
     """Check a value set in a config file against the key's type (ints are accepted for floats)."""
     tp = TrainConfig.__annotations__[key]
     ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          int: is_int,
+          float: is_number,
           str: lambda v: isinstance(v, str)}
     if _optional_float(tp):
         good = value is None or ok[float](value)

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from common import UserError, one_line
+from common import UserError, is_int, is_number, one_line
 
 
 @dataclass
@@ -85,12 +85,12 @@ def check_resume_state(path, ckpt):
     groups = opt.get("param_groups") if isinstance(opt, dict) else None
     if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(groups, list)
             and all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                    and all(_is_int(i) for i in g["params"]) for g in groups)):
+                    and all(is_int(i) for i in g["params"]) for g in groups)):
         raise UserError(f"{path}: optimizer is not an optimizer state (a dict of 'state' and 'param_groups'); {RESUME_FIX}")
     sampler = ckpt.sampler
     try:
         torch.Generator().set_state(sampler["generator"])
-        if not _is_int(sampler["draws"]) or sampler["draws"] < 0:
+        if not is_int(sampler["draws"]) or sampler["draws"] < 0:
             raise ValueError
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
         raise UserError(f"{path}: sampler is not a data sampler state (its generator or draw count); {RESUME_FIX}") from None
@@ -105,18 +105,14 @@ def check_resume_state(path, ckpt):
             raise UserError(f"{path}: rng[{rank}] is not an RNG state (python, numpy, torch); {RESUME_FIX}") from None
 
 
-def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _check_counters(path, ckpt):
     """The loop's counters a resume continues from: numbers of the right kind."""
-    number = isinstance(ckpt.best_val_loss, (int, float)) and not isinstance(ckpt.best_val_loss, bool)
-    checks = (("best_val_loss", number and not math.isnan(ckpt.best_val_loss), "a loss (a number, or inf)"),
-              ("last_eval_iter", _is_int(ckpt.last_eval_iter), "an iteration"),
-              ("last_telemetry_iter", _is_int(ckpt.last_telemetry_iter), "an iteration"),
-              ("world_size", _is_int(ckpt.world_size) and ckpt.world_size >= 1, "a number of processes"),
-              ("log_offset", ckpt.log_offset is None or (_is_int(ckpt.log_offset) and ckpt.log_offset >= 0),
+    checks = (("best_val_loss", is_number(ckpt.best_val_loss) and not math.isnan(ckpt.best_val_loss),
+               "a loss (a number, or inf)"),
+              ("last_eval_iter", is_int(ckpt.last_eval_iter), "an iteration"),
+              ("last_telemetry_iter", is_int(ckpt.last_telemetry_iter), "an iteration"),
+              ("world_size", is_int(ckpt.world_size) and ckpt.world_size >= 1, "a number of processes"),
+              ("log_offset", ckpt.log_offset is None or (is_int(ckpt.log_offset) and ckpt.log_offset >= 0),
                "a length of log.jsonl"))
     for key, ok, what in checks:
         if not ok:
@@ -161,8 +157,6 @@ def load_optimizer_state(optimizer, state, path):
 
 def _same_kind(want, got):
     """Whether a saved optimizer setting is of the kind the optimizer's own is (numbers, pairs of them, ...)."""
-    def is_number(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
     if isinstance(want, bool) or want is None:
         return isinstance(got, bool) or got is None
     if is_number(want):
@@ -179,5 +173,5 @@ def _check_moment(path, pid, name, value, param):
         if value.ndim and value.shape != param.shape:
             raise UserError(f"{where} has shape {tuple(value.shape)}, but its parameter has shape "
                             f"{tuple(param.shape)}; {RESUME_FIX}")
-    elif not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+    elif not is_number(value):
         raise UserError(f"{where} is a {type(value).__name__}, not a tensor or a step count; {RESUME_FIX}")

@@ -152,6 +152,11 @@ def run_copy(trained, tmp_path):
     return out, TINY + [f"--data_dir={trained['data']}", f"--out_dir={out}"]
 
 
+def _train_fresh(tmp_path, capsys, trained, *extra):
+    """train.py with the tiny settings into a new out_dir (tmp_path/o), plus `extra` arguments."""
+    return cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}", *extra], capsys)
+
+
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     return GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32)).eval()
@@ -261,8 +266,7 @@ def ckpt_unsafe_system(tmp_path, capsys, **_):
 
 @scenario
 def train_lr_inf(tmp_path, capsys, trained, **_):
-    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}",
-                                        "--learning_rate=inf", "--max_iters=4"], capsys)
+    code, err = _train_fresh(tmp_path, capsys, trained, "--learning_rate=inf", "--max_iters=4")
     assert not (tmp_path / "o").exists()
     return code, err, {}
 
@@ -990,23 +994,20 @@ def analyze_compare_log_is_dir(tmp_path, capsys, **_):
 
 @scenario
 def train_seed_huge(tmp_path, capsys, trained, **_):
-    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}",
-                                        f"--seed={2**70}", "--max_iters=2"], capsys)
+    code, err = _train_fresh(tmp_path, capsys, trained, f"--seed={2**70}", "--max_iters=2")
     assert not (tmp_path / "o").exists()
     return code, err, {"seed": 2**70}
 
 
 @scenario
 def train_seed_negative(tmp_path, capsys, trained, **_):
-    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}", "--seed=-3",
-                                        "--max_iters=2"], capsys)
+    code, err = _train_fresh(tmp_path, capsys, trained, "--seed=-3", "--max_iters=2")
     return code, err, {}
 
 
 @scenario
 def train_batch_huge(tmp_path, capsys, trained, **_):
-    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}",
-                                        f"--batch_size={2**40}", "--max_iters=2"], capsys)
+    code, err = _train_fresh(tmp_path, capsys, trained, f"--batch_size={2**40}", "--max_iters=2")
     assert not (tmp_path / "o").exists()
     return code, err, {}
 
@@ -1061,8 +1062,7 @@ def compress_calib_too_short(tmp_path, capsys, monkeypatch, **_):
 
 @scenario
 def train_device_mps(tmp_path, capsys, trained, **_):
-    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}",
-                                        "--device=mps", "--max_iters=2"], capsys)
+    code, err = _train_fresh(tmp_path, capsys, trained, "--device=mps", "--max_iters=2")
     assert not (tmp_path / "o").exists()
     return code, err, {}
 
@@ -1096,8 +1096,7 @@ def reproduce_device_mps(tmp_path, capsys, monkeypatch, **_):
 def train_device_gpu_index(tmp_path, capsys, trained, monkeypatch, **_):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}",
-                                        "--device=cuda:3", "--max_iters=2"], capsys)
+    code, err = _train_fresh(tmp_path, capsys, trained, "--device=cuda:3", "--max_iters=2")
     return code, err, {}
 
 
@@ -1250,8 +1249,7 @@ def train_meta_nested(tmp_path, capsys, trained, **_):
 
 @scenario
 def train_eval_iters_huge(tmp_path, capsys, trained, **_):
-    code, err = cli(train.main, TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}",
-                                        f"--eval_iters={2**40}", "--max_iters=2"], capsys)
+    code, err = _train_fresh(tmp_path, capsys, trained, f"--eval_iters={2**40}", "--max_iters=2")
     assert not (tmp_path / "o").exists()
     return code, err, {}
 
