@@ -82,3 +82,10 @@ def run_torchrun(args, env, timeout=180, nproc=2):
             out, err = "", "(torchrun did not stop within 60 s of SIGTERM; killed it)"
         pytest.fail(f"torchrun did not exit within {timeout} s\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+# --- markers ------------------------------------------------------------------------------------------
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: end-to-end runs (torchrun, reproduce, goldens, the reliability catalogue); "
+                   "`make test-fast` leaves them out, `make test` runs them")
