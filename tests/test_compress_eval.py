@@ -392,6 +392,7 @@ def test_wikitext2_text_joins_lines_of_the_one_loader(monkeypatch):
     assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test")]
 
 
+@pytest.mark.slow
 def test_script_entry_point(tiny_run, tmp_path):
     d, ckpts, _, _ = tiny_run
     ok = subprocess.run([sys.executable, "compress_eval.py", ckpts[0], "--data", str(d / "val.bin"),

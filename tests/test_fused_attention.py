@@ -262,6 +262,7 @@ OP_CASES = [("none", False), ("learned", False), ("context", False), ("zero", Fa
 
 
 @pytest.mark.parametrize("sink,sigmoid", OP_CASES)
+@pytest.mark.slow
 def test_custom_ops_pass_opcheck(sink, sigmoid):
     """torch.library.opcheck: schema, autograd registration, fake tensors (shapes, dtypes and
     strides of the fake outputs equal the real ones) and AOT dispatch equal to eager."""
@@ -293,6 +294,7 @@ def test_fake_outputs_have_the_real_strides():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.slow
 def test_compile_fullgraph_without_graph_break(variant):
     """torch.compile(model, fullgraph=True) traces every variant through the kernel with zero graph
     breaks, and the compiled forward and backward equal eager (aot_eager: the same kernels)."""
@@ -373,6 +375,7 @@ GPU_TILE_CASES = [
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter run of the GPU tile tables")
 @pytest.mark.parametrize("arch,index,variant,dtype,T,D", GPU_TILE_CASES, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.slow
 def test_gpu_tile_table_under_interpreter(monkeypatch, arch, index, variant, dtype, T, D):
     monkeypatch.setattr(fa, "_FORCE_ARCH", arch)
     monkeypatch.setattr(fa, "_FORCE_CANDIDATE", index)
@@ -695,6 +698,7 @@ def _load_script(name):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="smoke mode is the CPU-interpreter path")
+@pytest.mark.slow
 def test_attention_benchmark_smoke(tmp_path):
     import json
     import shlex
@@ -714,6 +718,7 @@ def test_attention_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="smoke mode is the CPU-interpreter path")
+@pytest.mark.slow
 def test_train_throughput_smoke(tmp_path):
     import json
     bench = _load_script("train_throughput.py")
@@ -727,6 +732,7 @@ def test_train_throughput_smoke(tmp_path):
     assert abs(res["triton"]["final_loss"] - res["sdpa"]["final_loss"]) < 1e-3
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90_without_spills():
     """Ahead-of-time compile for sm_90 (no GPU needed: triton ships ptxas): every kernel, flag
     combination and tile candidate at D = 64 bf16 has no register spills, and the sink forwards need

@@ -383,6 +383,7 @@ def token_file(tmp_path, n=600):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_command_lines(family, tmp_path):
     import analyze_outliers
     path, data = build(family, tmp_path), token_file(tmp_path)
@@ -407,6 +408,7 @@ def test_command_lines(family, tmp_path):
     assert all(math.isfinite(v) for v in row["ppl"].values()) and len(row["ppl"]) == 5
 
 
+@pytest.mark.slow
 def test_forced_probabilities_only_is_reported_and_no_gpt2_tokenizer_is_loaded(tmp_path, monkeypatch, capsys):
     """--attention_capture eager: report.md and outliers.json say why the q/k/v statistics are missing. A
     non-GPT-2 model never loads the GPT-2 tokenizer (no misleading warning when it is unavailable)."""
@@ -445,6 +447,7 @@ def save_word_tokenizer(path):
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(path)
 
 
+@pytest.mark.slow
 def test_text_goes_through_the_models_own_tokenizer_and_compare(tmp_path):
     import analyze_outliers
     llama, opt = build("llama", tmp_path), build("opt", tmp_path)

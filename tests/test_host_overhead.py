@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "host_overhead.py")
 
@@ -14,6 +16,7 @@ def _run(*args):
     return subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cpu_run_prints_one_json_line(tmp_path):
     out = tmp_path / "host.json"
     proc = _run("--device", "cpu", "--seq-lens", "64", "128", "--tokens", "256", "--calls", "30", "--repeats", "2",
@@ -37,6 +40,7 @@ def test_cpu_run_prints_one_json_line(tmp_path):
     assert json.loads(out.read_text()) == data
 
 
+@pytest.mark.slow
 def test_cuda_request_without_cuda_is_one_line_error():
     import torch
     if torch.cuda.is_available():

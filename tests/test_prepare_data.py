@@ -109,6 +109,7 @@ def test_folder_is_split_by_documents(tmp_path):
     assert "document-level" in meta["split"]
 
 
+@pytest.mark.slow
 def test_builtin_corpus_is_offline_and_deterministic(tmp_path):
     out1, out2 = tmp_path / "a", tmp_path / "b"
     prepare_data.main(["--dataset", "builtin", "--out_dir", str(out1), "--num_proc", "2"])

@@ -92,6 +92,7 @@ def test_catalogue_and_scenarios_match():
 
 
 @pytest.mark.parametrize("key", sorted(k for k, r in ROWS.items() if not r["test"]))
+@pytest.mark.slow
 def test_fault(key, tmp_path, capsys, monkeypatch, trained):
     code, err, values = SCENARIOS[key](tmp_path=tmp_path, capsys=capsys, monkeypatch=monkeypatch, trained=trained)
     row = ROWS[key]

@@ -25,6 +25,8 @@ import reproduce  # noqa: E402
 from common import UserError  # noqa: E402
 from conftest import needs_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` leaves them out
+
 VARIANTS = ("default", "scaling")
 # 2 variants x 10 iterations, 4 analysed sequences, 2,048 compression tokens: the CI smoke run
 SMOKE = ["--scale", "tiny", "--variants", ",".join(VARIANTS), "--max_iters", "10", "--num_seqs", "4",

@@ -90,6 +90,7 @@ def numbers(records):
     (["--batch_size=twelve"], "--batch_size=twelve: expected int"),
     (["config/does_not_exist.py"], "config file config/does_not_exist.py does not exist"),
 ])
+@pytest.mark.slow
 def test_config_errors_are_one_line_exit_2(args, expect):
     p = run_train(args, check=False, timeout=180)
     assert p.returncode == 2, p.stderr
@@ -176,6 +177,7 @@ def test_clear_errors_before_training(data_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------- training
 
+@pytest.mark.slow
 def test_loss_falls_and_outputs(data_dir, tmp_path):
     out = str(tmp_path / "out")
     run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=40", "--eval_interval=20",
@@ -204,6 +206,7 @@ def test_loss_falls_and_outputs(data_dir, tmp_path):
         train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2"])
 
 
+@pytest.mark.slow
 def test_exact_resume(data_dir, tmp_path):
     common = TINY + [f"--data_dir={data_dir}", "--eval_interval=4", "--dropout=0.1", "--snapshot_interval=4",
                      "--keep_snapshots=1"]
@@ -246,6 +249,7 @@ KILL_MID_WRITE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_previous(data_dir, tmp_path):
     out = str(tmp_path / "out")
     args = TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=8", "--eval_interval=3"]
@@ -261,6 +265,7 @@ def test_kill_during_checkpoint_write_keeps_previous(data_dir, tmp_path):
     assert [r["iter"] for r in read_log(out, "train")] == list(range(8))
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes_exactly(data_dir, tmp_path):
     out, ref = str(tmp_path / "out"), str(tmp_path / "ref")
     common = TINY + [f"--data_dir={data_dir}", "--eval_interval=1000"]
@@ -288,6 +293,7 @@ def test_sigterm_checkpoints_and_resumes_exactly(data_dir, tmp_path):
     assert got == want
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_single_process(data_dir, tmp_path):
     common = TINY + [f"--data_dir={data_dir}", "--gradient_accumulation_steps=4", "--max_iters=6",
                      "--eval_interval=3", "--eval_iters=3"]
@@ -312,6 +318,7 @@ def test_ddp_two_processes_match_single_process(data_dir, tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_run_files(data_dir, tmp_path):
     pytest.importorskip("wandb")
     out, wandb_dir = str(tmp_path / "out"), tmp_path / "wandb_dir"
