@@ -49,8 +49,8 @@ import urllib.request
 import numpy as np
 
 import tokenizer
-from common import (UserError, atomic_path, check_output_dir, check_seed, cli_main, json_text, one_line, output_set,
-                    write_error)
+from common import (UserError, atomic_path, check_output_dir, check_seed, cli_main, json_text, not_a_file, one_line,
+                    output_set, write_error)
 from data import (TOKEN_DTYPE, WIKITEXT2, check_token_range, import_datasets, load_hf_dataset, read_text_file,
                   wikitext2_split)
 
@@ -160,10 +160,10 @@ def _expand_inputs(paths):
             if not found:
                 raise UserError(f"input folder {path} holds no *.txt files")
             files.extend(found)
-        elif p.is_file():
+        elif not not_a_file(p):
             files.append(p)
         else:
-            raise UserError(f"input {path} does not exist")
+            raise UserError(f"input {path} {not_a_file(p)}")
     files = [str(f.resolve()) for f in files]
     if len(set(files)) != len(files):
         raise UserError("an input file is given more than once (directly or through a folder)")
@@ -408,7 +408,12 @@ def write_splits(splits, out_dir, source, split_rule, num_proc=1, overwrite=Fals
             meta[f"{part}_documents"] = len(tokenized[part])
             meta[f"{part}_sha256"] = digest
         old = _read_meta(out_dir)
-        if old and not overwrite and any(old.get(f"{p}_sha256") != meta[f"{p}_sha256"] for p in ("train", "val")):
+        if isinstance(old, dict) and not overwrite and any(old.get(f"{p}_sha256") != meta[f"{p}_sha256"]
+                                                           for p in ("train", "val")):
+            if old.get("source") != source:  # written meanwhile, by a concurrent run of another source
+                raise UserError(f"{out_dir} now holds data from {_describe(old.get('source'))}, written there while "
+                                f"this run prepared its own; pass --overwrite to replace it, or choose another "
+                                f"--out_dir")
             raise UserError(f"{out_dir} already holds data from the same source but with different contents "
                             f"(did the input change?); pass --overwrite to replace it")
         meta.update(source=source, split=split_rule, python=sys.version.split()[0],
