@@ -650,6 +650,7 @@ def evaluate_source(s, methods, inputs, args, device, dtype, settings, metadata)
     """One row of the table: the model's perplexity under every method (each on its own copy)."""
     base = build_model(s, device, args.attn_backend)
     T = window_length(args, s)
+    check_forward(base, inputs.tokens, T, s, device, dtype)
     row = {"name": s.name, "checkpoint": s.checkpoint, "attention": s.attention, "iter_num": s.iter_num,
            "dtype": DTYPE_NAMES[dtype], "device": str(device), "ppl": {}, "nll": {}, "seconds": {},
            "eval": None, "settings": settings, "metadata": metadata, "head_tied": head_is_tied(base)}
@@ -660,6 +661,9 @@ def evaluate_source(s, methods, inputs, args, device, dtype, settings, metadata)
         res = evaluate_perplexity(model, inputs.tokens, block_size=T, stride=args.stride, batch_size=args.batch_size,
                                   dtype=dtype, progress=not args.no_progress, desc=f"{s.name} [{m}]")
         del model
+        if m == "fp" and not math.isfinite(res.nll):  # the model itself overflowed: no table of NaN
+            from checkpoint import overflow_error
+            raise overflow_error(s.checkpoint, base, f"mean loss {res.nll} over {res.n_tokens:,} tokens", dtype)
         row["ppl"][m] = res.ppl if math.isfinite(res.ppl) else None
         row["nll"][m] = res.nll if math.isfinite(res.nll) else None
         row["seconds"][m] = round(time.perf_counter() - t0, 3)
@@ -669,6 +673,14 @@ def evaluate_source(s, methods, inputs, args, device, dtype, settings, metadata)
               f"{res.seconds:.1f} s)", file=sys.stderr)
     s.model = None
     return row
+
+
+def check_forward(model, tokens, T, source, device, dtype):
+    """A model whose forward overflows (finite but huge weights, fp16's range) is an error before any method runs."""
+    from checkpoint import check_forward_finite
+    window = torch.as_tensor(np.asarray(tokens[:T + 1], dtype=np.int64), device=device)[None]
+    autocast = autocast_context(device, dtype)
+    check_forward_finite(model, window[:, :-1], window[:, 1:], source.checkpoint, autocast, dtype)
 
 
 def compress_(model, method, args, calib, T, dtype):
