@@ -72,7 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--interpret-smoke", action="store_true",
                    help="run one tiny shape on CPU through the Triton interpreter (checks the code path only; "
                         "the timings mean nothing)")
-    return p.parse_args(argv)
+    import bench_utils
+    return bench_utils.parse_with_smoke(p, argv, "--interpret-smoke",
+                                        {"seq_lens": [80], "tokens": 80, "heads": 2, "head_dim": 16})
 
 
 def flops_fwd(B, H, T, D):
@@ -92,10 +94,9 @@ class Setting:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.interpret_smoke:
+    if args.interpret_smoke:  # its sizes are set by parse_args
         # must happen before triton (and fused_attention) is imported
         os.environ["TRITON_INTERPRET"] = "1"
-        args.seq_lens, args.tokens, args.heads, args.head_dim = [80], 80, 2, 16
     import torch
 
     if not args.interpret_smoke and not torch.cuda.is_available():
@@ -348,4 +349,5 @@ def markdown_table(results):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common import cli_main
+    cli_main(main)

@@ -191,9 +191,33 @@ def measure_cuda(q, k, v, fwd_bwd, fused, calls, repeats, sync):
     return out
 
 
+# the head dims the fused kernel takes (fused_attention.SUPPORTED_HEAD_DIMS; that module needs triton to import)
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+def check_args(args):
+    """Every size checked before anything is allocated or imported: one line, exit 2."""
+    from common import UserError, check_fits
+    for name in ("tokens", "heads", "repeats"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.calls is not None and args.calls < 1:
+        raise UserError(f"--calls must be at least 1, got {args.calls}")
+    if min(args.seq_lens) < 1:
+        raise UserError(f"--seq-lens must be at least 1, got {min(args.seq_lens)}")
+    if args.head_dim not in HEAD_DIMS:
+        raise UserError(f"--head-dim {args.head_dim} is not one the fused kernel takes; choose one of "
+                        f"{', '.join(map(str, HEAD_DIMS))}")
+    T = max(args.seq_lens)
+    per_case = max(1, args.tokens // T) * T * args.heads * args.head_dim * 4 * 12  # fp32 draws, q/k/v, o, grads
+    check_fits(per_case, "cpu", f"--tokens {args.tokens:,} x --heads {args.heads} x --head-dim {args.head_dim}",
+               "lower --tokens or --heads")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    check_args(args)
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -241,4 +265,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common import cli_main
+    cli_main(main)
