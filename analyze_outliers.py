@@ -23,8 +23,8 @@ import time
 
 import numpy as np
 
-from common import (UserError, autocast_context, check_fits, check_output_dir, check_seed, cli_main, json_safe,
-                    not_a_file, output_set, resolve_device, resolve_dtype, run_metadata)
+from common import (ArgumentParser, UserError, autocast_context, check_fits, check_output_dir, check_seed, cli_main,
+                    json_safe, not_a_file, output_set, resolve_device, resolve_dtype, run_metadata)
 from data import check_vocab, input_tokens, read_text_file
 from reports import (layer_ranges, loss_curve, markdown_table, number, percent, plot_loss_curves, plot_top1, plot_top3,
                      pyplot, read_training_log, save_figure, token_code)
@@ -35,7 +35,7 @@ PAPER_SEQ_LEN = 2048  # Appendix B.2: 100 samples of 2,048 tokens
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", nargs="?", help="checkpoint of this repo (any attention variant)")
     p.add_argument("--pretrained", help="OpenAI GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local Hugging Face GPT-2 "
                                         "directory), or any supported Hugging Face causal LM: a hub name ORG/NAME or a "

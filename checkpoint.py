@@ -243,8 +243,13 @@ def overflow_error(source, model, what, dtype=None):
                         if half else "the weights are damaged or not those of a trained model; use another copy"))
 
 
+CHECK_TOKENS = 64  # the prefix check_forward_finite runs: weights that overflow do so on any tokens
+
+
 def check_forward_finite(model, X, Y, source, autocast=None, dtype=None):
-    """UserError (overflow_error) when the model's loss on (X, Y) is not finite: said before the long work."""
+    """UserError (overflow_error) when the model's loss on the first CHECK_TOKENS of (X, Y) is not finite: said
+    before the long work, at a small part of its cost."""
+    X, Y = X[:, :CHECK_TOKENS], Y[:, :CHECK_TOKENS]
     loss = forward_loss(model, X, Y, autocast)
     if not math.isfinite(loss):
         raise overflow_error(source, model, f"loss {loss} on the first {X.shape[-1]} tokens", dtype)

@@ -5,6 +5,7 @@ Every command-line script wraps its `main` with `cli_main`, so that a `UserError
 `error: ...` on stderr and exit status 2, never a traceback from deep inside torch.
 """
 
+import argparse
 import contextlib
 import datetime
 import errno
@@ -38,6 +39,14 @@ def cli_main(main, argv=None):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (an unknown option, an invalid choice, a value of the wrong type) are the
+    scripts' one line `error: ...` with exit status 2 (a UserError for cli_main), not a usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message} (python {self.prog} --help lists the options)")
 
 
 # ---------------------------------------------------------------------------------------------- safe writing

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import (UserError, autocast_context, check_fits, check_output_dir, check_seed, cli_main, json_text,
-                    output_set, resolve_device, resolve_dtype, run_metadata)
+from common import (ArgumentParser, UserError, autocast_context, check_fits, check_output_dir, check_seed, cli_main,
+                    json_text, output_set, resolve_device, resolve_dtype, run_metadata)
 from data import WIKITEXT2, input_tokens, read_text_file
 from perplexity import evaluate_perplexity, load_eval_tokens, make_windows, text_ids, wikitext2_text
 import reports
@@ -453,9 +453,9 @@ def csv_text(rows, methods):
 # CLI
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
+    p = ArgumentParser(description=__doc__.split("\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n", 1)[1])
     p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="checkpoint files (one table row each)")
     p.add_argument("--pretrained", action="append", default=[], metavar="NAME",
                    help="also evaluate pretrained weights: OpenAI GPT-2 (gpt2, gpt2-medium, ...) or any supported Hugging Face "
@@ -519,6 +519,10 @@ def validate_args(args):
     if not args.checkpoints and not args.pretrained:
         raise UserError("no checkpoints given: pass one or more checkpoint files (train.py writes OUT_DIR/ckpt.pt, "
                         "e.g. out/demo/ckpt.pt for config/tiny.py) or --pretrained gpt2")
+    models = [os.path.realpath(c) for c in args.checkpoints] + [f"pretrained:{n}" for n in args.pretrained]
+    twice = next((m for i, m in enumerate(models) if m in models[:i]), None)
+    if twice:  # two rows of one model, labelled alike
+        raise UserError(f"{twice} is given twice; each row of the table is a different model")
     check_seed(args.seed)
     check_output_dir(args.out, TOOL, RESULT_FILES, inputs=input_paths(args))  # now, not after every evaluation
     return methods

@@ -431,6 +431,9 @@ def _needs_device_map(transformers, config, device, dtype):
 def _check_no_custom_code(directory):
     """UserError when a model directory's config.json names a model type transformers does not know but maps
     it to Python files of its own (auto_map): these scripts never run code from a model directory."""
+    if not os.path.lexists(os.path.join(directory, "config.json")):
+        raise UserError(f"{directory} holds no config.json: not a Hugging Face model directory (save_pretrained "
+                        f"writes one)")
     try:
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
             config = json.load(f)

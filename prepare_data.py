@@ -35,7 +35,6 @@ docstrings). It needs no network, but it depends on the Python version and is no
 use it for demos and tests, never for results.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -49,8 +48,8 @@ import urllib.request
 import numpy as np
 
 import tokenizer
-from common import (UserError, atomic_path, check_output_dir, check_seed, cli_main, json_text, not_a_file, one_line,
-                    output_set, write_error)
+from common import (ArgumentParser, UserError, atomic_path, check_output_dir, check_seed, check_writable_dir, cli_main,
+                    json_text, not_a_file, one_line, output_set, write_error)
 from data import (TOKEN_DTYPE, WIKITEXT2, check_token_range, import_datasets, load_hf_dataset, read_text_file,
                   wikitext2_split)
 
@@ -88,7 +87,7 @@ BUILTIN_MIN_FILES = 10
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Tokenize a corpus (GPT-2 BPE) into train.bin / val.bin / meta.json for train.py.",
         epilog="See the module docstring (python -c 'import prepare_data; help(prepare_data)') for the split rule.")
     p.add_argument("--dataset", required=True, choices=DATASETS,
@@ -126,6 +125,8 @@ def main(argv=None):
         raise UserError(f"--input is only used with --dataset text or shakespeare, not {args.dataset}")
     if args.dataset == "text" and not args.input:
         raise UserError("--dataset text needs --input FILE_OR_FOLDER [...] (your own text files)")
+    if args.cache_dir is not None:  # the datasets cache, written while loading: not an input's fault when it fails
+        check_writable_dir(args.cache_dir, "--cache_dir")
     if args.hf_dataset and args.dataset not in HF_DATASETS:
         raise UserError(f"--hf_dataset is only used with --dataset openwebtext or wikitext2")
     tokenizer.get_tokenizer()  # fail early (and in one line) when the BPE ranks cannot be loaded

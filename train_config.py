@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-from common import UserError, check_seed, is_int, is_number, read_json_file
+from common import UserError, check_seed, is_int, is_number, not_a_file, read_json_file
 from model import PRETRAINED as GPT2_SIZES, config_fields
 
 
@@ -157,7 +157,10 @@ def _unknown_key(key, where):
 
 
 def _read_config_file(path):
-    if not os.path.isfile(path):
+    why = not_a_file(path)
+    if why and os.path.exists(path):  # a directory, a device: there, but not a config file
+        raise UserError(f"config file {path} {why}; name a Python file of settings (e.g. config/tiny.py)")
+    if why:
         here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
         available = sorted(f for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_")) \
             if os.path.isdir(here) else []
@@ -257,6 +260,7 @@ def validate_config(cfg):
          f"min_lr ({cfg.min_lr:g}) is above learning_rate ({cfg.learning_rate:g}): the schedule would rise while it "
          f"decays; lower --min_lr (or raise --learning_rate)")
     need(cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables clipping), got {cfg.grad_clip}")
+    need(cfg.weight_decay >= 0, f"weight_decay must be >= 0 (a negative one grows the weights), got {cfg.weight_decay}")
     need(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
     need(not cfg.decay_lr or cfg.lr_decay_iters > cfg.warmup_iters,
          f"lr_decay_iters ({cfg.lr_decay_iters}) must be larger than warmup_iters ({cfg.warmup_iters})")

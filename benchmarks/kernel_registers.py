@@ -13,7 +13,6 @@ occupancy).
     python benchmarks/kernel_registers.py --arch 80 --head-dim 128 --check
 """
 
-import argparse
 import inspect
 import os
 import re
@@ -42,7 +41,8 @@ DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from common import ArgumentParser
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200, 80: A100)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))

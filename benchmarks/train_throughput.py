@@ -35,8 +35,9 @@ from attention_variants import VARIANTS as ALL_VARIANTS  # noqa: E402  (imports 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common import ArgumentParser
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=ALL_VARIANTS)
     p.add_argument("--backends", nargs="+", default=["triton", "sdpa"],
                    choices=["triton", "sdpa", "reference", "auto"])
