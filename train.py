@@ -594,7 +594,7 @@ def build(cfg, origin, run):
     if ckpt is not None:
         state.restore(ckpt, ckpt_path)
     loss = forward_loss(model, X_val, Y_val, state.autocast)
-    if not math.isfinite(loss):  # before anything is written, and before a step could be blamed
+    if run.any_rank(not math.isfinite(loss))[0]:  # before anything is written, and before a step could be blamed
         run.fail(overflow_before_training(cfg, state, ptdtype, f"the loss on the first validation batch is {loss}"))
     state.eval_model = torch.compile(model) if cfg.compile else model  # no DDP: evaluation
     run.step_model = state.eval_model

@@ -1808,3 +1808,61 @@ def train_record_write_fails(tmp_path, capsys, trained, monkeypatch, **_):
     code, err = _train_fresh(tmp_path, capsys, trained, "--max_iters=2", "--snapshot_interval=0")
     assert json.load(open(out / "run.json"))["launches"][-1]["status"] == "running"  # as the message says
     return code, err, {"out": str(out)}
+
+
+# found by the hostile pass of issue 26
+
+@scenario
+def train_config_is_dir(tmp_path, capsys, trained, **_):
+    code, err = cli(train.main, [trained["data"]] + TINY + [f"--out_dir={tmp_path / 'o'}"], capsys)
+    return code, err, {"dir": trained["data"]}
+
+
+@scenario
+def train_weight_decay_negative(tmp_path, capsys, trained, **_):
+    return (*_train_fresh(tmp_path, capsys, trained, "--weight_decay=-0.1", "--max_iters=2"), {})
+
+
+@scenario
+def analyze_usage_error(tmp_path, capsys, monkeypatch, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    monkeypatch.setattr(sys, "argv", ["analyze_outliers.py"])  # argparse names the program after argv[0]
+    code, err = cli(analyze_outliers.main, analyze_args(ckpt, tmp_path, tmp_path / "o") + ["--intervene", "nope"],
+                    capsys)
+    return code, err, {}
+
+
+@scenario
+def compress_same_twice(tmp_path, capsys, monkeypatch, **_):
+    ckpt = save_model(tmp_path / "ckpt.pt", tiny_model())
+    monkeypatch.setattr(compress_eval, "evaluate_perplexity", must_not_run)
+    code, err = cli(compress_eval.main, [ckpt, str(tmp_path / "." / "ckpt.pt"), "--data", eval_data(tmp_path), "--out",
+                                         tmp_path / "o", "--no_progress"], capsys)
+    return code, err, {"ckpt": os.path.realpath(ckpt)}
+
+
+@scenario
+def prepare_cache_dir_is_file(tmp_path, capsys, monkeypatch, **_):
+    needs_tokenizer()
+    src, cache = tmp_path / "in.txt", tmp_path / "cache"
+    src.write_text("some text\n" * 50)
+    cache.write_text("not a directory\n")
+    monkeypatch.setattr(prepare_data, "_load_splits", must_not_run)
+    code, err = cli(prepare_data.main, ["--dataset", "text", "--input", src, "--out_dir", tmp_path / "d",
+                                        "--cache_dir", cache], capsys)
+    return code, err, {"cache": str(cache)}
+
+
+@scenario
+def host_overhead_out_unwritable(tmp_path, capsys, monkeypatch, **_):
+    (tmp_path / "file").write_text("a regular file\n")
+    out = tmp_path / "file" / "host.json"
+    code, err = cli(_bench_main("host_overhead.py", monkeypatch), ["--device", "cpu", "--out", out], capsys)
+    return code, err, {"dir": str(out.parent)}
+
+
+@scenario
+def hf_dir_without_config(tmp_path, capsys, **_):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    return _analyze_pretrained(tmp_path, capsys, str(model_dir))
