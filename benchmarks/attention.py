@@ -45,6 +45,7 @@ from dataclasses import dataclass
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
 sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, BENCH_DIR)  # bench_utils, for parse_args
 from attention_variants import VARIANTS as ALL_VARIANTS  # noqa: E402  (imports no triton)
 MODES = ("fwd", "bwd", "fwdbwd")
 SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",

@@ -31,6 +31,7 @@ import traceback
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
 sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, BENCH_DIR)  # bench_utils, for parse_args
 from attention_variants import VARIANTS as ALL_VARIANTS  # noqa: E402  (imports no triton)
 
 

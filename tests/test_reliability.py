@@ -1117,20 +1117,23 @@ def train_device_gpu_index(tmp_path, capsys, trained, monkeypatch, **_):
 
 # ------------------------------------------------------------------------------------------ config files (F)
 
+def _train_with_config(tmp_path, capsys, trained, content):
+    """train.py with a config file holding `content` (bytes), then the tiny settings, into a new out_dir."""
+    cfg = tmp_path / "config_file.py"
+    cfg.write_bytes(content)
+    code, err = cli(train.main, [cfg] + TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}"], capsys)
+    assert not (tmp_path / "o").exists()
+    return code, err, {"cfg": str(cfg)}
+
+
 @scenario
 def train_config_not_utf8(tmp_path, capsys, trained, **_):
-    cfg = tmp_path / "bad.py"
-    cfg.write_bytes(b"batch_size = 4  # caf\xff\n")
-    code, err = cli(train.main, [cfg] + TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}"], capsys)
-    return code, err, {"cfg": str(cfg)}
+    return _train_with_config(tmp_path, capsys, trained, b"batch_size = 4  # caf\xff\n")
 
 
 @scenario
 def train_config_sys_exit(tmp_path, capsys, trained, **_):
-    cfg = tmp_path / "exits.py"
-    cfg.write_text("import sys\nsys.exit(5)\n")
-    code, err = cli(train.main, [cfg] + TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}"], capsys)
-    return code, err, {"cfg": str(cfg)}
+    return _train_with_config(tmp_path, capsys, trained, b"import sys\nsys.exit(5)\n")
 
 
 # ------------------------------------------------------------------------------------------ wrong behaviour (G)
@@ -1357,26 +1360,24 @@ def _other_data(tmp_path, **kwargs):
     return make_data(tmp_path / "other", val=token_stream(2000, 5), **kwargs)  # same sizes, other tokens
 
 
+def _resume_on(tmp_path, capsys, trained, other):
+    """Resume a copy of the trained run on the data in `other`: refused, the run byte-identical."""
+    out, args = run_copy(trained, tmp_path)
+    before = tree_bytes(out)
+    code, err = cli(train.main, args + ["--max_iters=6", "--init_from=resume", f"--data_dir={other}"], capsys)
+    assert tree_bytes(out) == before
+    return code, err, {"ckpt": os.path.join(out, "ckpt.pt"), "other": os.path.abspath(other),
+                       "data": os.path.abspath(trained["data"])}
+
+
 @scenario
 def resume_other_data(tmp_path, capsys, trained, **_):
-    out, args = run_copy(trained, tmp_path)
-    other = _other_data(tmp_path)
-    before = tree_bytes(out)
-    code, err = cli(train.main, args + ["--max_iters=6", "--init_from=resume", f"--data_dir={other}"], capsys)
-    assert tree_bytes(out) == before
-    return code, err, {"ckpt": os.path.join(out, "ckpt.pt"), "other": os.path.abspath(other),
-                       "data": os.path.abspath(trained["data"])}
+    return _resume_on(tmp_path, capsys, trained, _other_data(tmp_path))
 
 
 @scenario
-def resume_other_data_no_meta(tmp_path, capsys, trained, **_):
-    out, args = run_copy(trained, tmp_path)
-    other = make_data(tmp_path / "other", meta=False, train_tokens=6000)  # nanoGPT data: token counts compared
-    before = tree_bytes(out)
-    code, err = cli(train.main, args + ["--max_iters=6", "--init_from=resume", f"--data_dir={other}"], capsys)
-    assert tree_bytes(out) == before
-    return code, err, {"ckpt": os.path.join(out, "ckpt.pt"), "other": os.path.abspath(other),
-                       "data": os.path.abspath(trained["data"])}
+def resume_other_data_no_meta(tmp_path, capsys, trained, **_):  # nanoGPT data: the token counts are compared
+    return _resume_on(tmp_path, capsys, trained, make_data(tmp_path / "other", meta=False, train_tokens=6000))
 
 
 @slow_scenario
@@ -1647,10 +1648,7 @@ def analyze_figures_disk_full(tmp_path, capsys, monkeypatch, **_):
 
 @scenario
 def train_config_huge_float(tmp_path, capsys, trained, **_):
-    cfg = tmp_path / "big.py"
-    cfg.write_text("learning_rate = 10**400\n")
-    code, err = cli(train.main, [cfg] + TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path / 'o'}"], capsys)
-    return code, err, {"cfg": str(cfg)}
+    return _train_with_config(tmp_path, capsys, trained, b"learning_rate = 10**400\n")
 
 
 @scenario
