@@ -99,8 +99,13 @@ def test_catalogue_and_scenarios_match():
             assert f"def {name}(" in source and f"FAULTS: {key}" in source, row
 
 
-@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW else k
-                                 for k in sorted(k for k, r in ROWS.items() if not r["test"])])
+def pytest_generate_tests(metafunc):
+    """test_fault's rows, parametrized once the module has run (the scenarios below fill SLOW)."""
+    if metafunc.function.__name__ == "test_fault":
+        metafunc.parametrize("key", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW else k
+                                     for k in sorted(k for k, r in ROWS.items() if not r["test"])])
+
+
 def test_fault(key, tmp_path, capsys, monkeypatch, trained):
     code, err, values = SCENARIOS[key](tmp_path=tmp_path, capsys=capsys, monkeypatch=monkeypatch, trained=trained)
     row = ROWS[key]
@@ -1341,7 +1346,7 @@ def train_snapshot_would_replace(tmp_path, capsys, trained, **_):
     return code, err, {"path": os.path.join(out, "ckpt_6.pt")}
 
 
-@scenario
+@slow_scenario
 def train_overwrite_keeps_foreign(tmp_path, capsys, trained, **_):
     out, args = run_copy(trained, tmp_path)
     _other_snapshot(os.path.join(out, "ckpt_3.pt"))
@@ -1788,7 +1793,7 @@ def bench_attention_smoke_sizes(tmp_path, capsys, monkeypatch, **_):
                  capsys), {})
 
 
-@scenario
+@slow_scenario
 def train_record_write_fails(tmp_path, capsys, trained, monkeypatch, **_):
     out = tmp_path / "o"
     writes = []
