@@ -71,16 +71,17 @@ lock:
 	@echo "requirements.lock: $$(wc -l < requirements.lock) pins; commit it"
 
 # The main job end to end on a small built-in corpus (Python standard-library source; no download):
-# prepare tokens, train config/tiny.py (and a shorter attention_bias run for the comparison), analyse the
+# prepare tokens, train config/tiny.py (and a shorter attention_bias run for the comparison; a re-run starts
+# both over: --overwrite=True for the demo's own directories), analyse the
 # outliers with every intervention, compare the two runs (Figures 11-12), print the compression table.
 # The tiny demo model has no massive activations (max |h| is ~5x the mean), so the demo analyses
 # with tau_activation=4 to fill every table and figure; real checkpoints keep the paper's tau=1000.
 # Weight and attention outliers use the default rules (thresholds relative to the matrix size).
 demo: install
 	$(PY) prepare_data.py --dataset builtin
-	$(PY) train.py config/tiny.py
+	$(PY) train.py config/tiny.py --out_dir=$(DEMO_OUT) --overwrite=True
 	$(PY) train.py config/tiny.py --attention=attention_bias --out_dir=$(DEMO_OUT)_attention_bias --max_iters=60 \
-		--lr_decay_iters=60 --eval_interval=30
+		--lr_decay_iters=60 --eval_interval=30 --overwrite=True
 	$(PY) analyze_outliers.py $(DEMO_OUT)/ckpt.pt --data data/builtin/val.bin --num_seqs 8 --tau_activation 4 \
 		--intervene mean --out $(DEMO_OUT)/outliers
 	$(PY) analyze_outliers.py --compare $(DEMO_OUT)/ckpt.pt $(DEMO_OUT)_attention_bias/ckpt.pt --data data/builtin/val.bin \

@@ -23,8 +23,8 @@ import time
 
 import numpy as np
 
-from common import (UserError, autocast_context, check_fits, check_output_dir, check_seed, cli_main, json_safe,
-                    output_set, resolve_device, resolve_dtype, run_metadata)
+from common import (ArgumentParser, UserError, autocast_context, check_fits, check_output_dir, check_seed, cli_main,
+                    json_safe, not_a_file, output_set, resolve_device, resolve_dtype, run_metadata)
 from data import check_vocab, input_tokens, read_text_file
 from reports import (layer_ranges, loss_curve, markdown_table, number, percent, plot_loss_curves, plot_top1, plot_top3,
                      pyplot, read_training_log, save_figure, token_code)
@@ -35,7 +35,7 @@ PAPER_SEQ_LEN = 2048  # Appendix B.2: 100 samples of 2,048 tokens
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", nargs="?", help="checkpoint of this repo (any attention variant)")
     p.add_argument("--pretrained", help="OpenAI GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local Hugging Face GPT-2 "
                                         "directory), or any supported Hugging Face causal LM: a hub name ORG/NAME or a "
@@ -109,14 +109,18 @@ def validate_args(args):
         raise UserError("no data: give --data FILE.bin, --text_file FILE or --text 'some text'")
     if args.text is not None and not args.text.strip():
         raise UserError("--text is empty; give some text to analyse")
+    seen = [os.path.realpath(p) for p in args.compare or []]
+    twice = [p for i, p in enumerate(args.compare or []) if seen[i] in seen[:i]]
+    if twice:
+        raise UserError(f"--compare names {twice[0]} twice; compare different checkpoints")
     from checkpoint import check_checkpoint_path
     from hf_models import is_pretrained_dir
     for path in [args.ckpt] + list(args.compare or []):
         if path is not None and not (path in (args.compare or []) and is_pretrained_dir(path)):
             check_checkpoint_path(path)
     for path, flag in ((args.data, "--data"), (args.text_file, "--text_file")):
-        if path is not None and not os.path.isfile(path):
-            raise UserError(f"{flag} {path} does not exist")
+        if path is not None and not_a_file(path):
+            raise UserError(f"{flag} {path} {not_a_file(path)}")
     if args.out is None:
         if args.ckpt:
             args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "outliers")
@@ -239,6 +243,13 @@ def model_tokenization(model, args):
         return gpt2_token_info(), None
     encode, decode_one = tokenization(model, required=args.data is None)
     return outlier_stats.TokenInfo(decode_one), encode
+
+
+def check_forward(model, seqs, source, device, dtype):
+    """A forward that overflows (finite but huge weights, fp16's range) is an error now, not NaN results later."""
+    from checkpoint import check_forward_finite
+    X, Y = next(batches(seqs[:1], 1, device))
+    check_forward_finite(model, X, Y, source, autocast_context(device, dtype), dtype)
 
 
 def batches(seqs, batch_size, device):
@@ -934,6 +945,7 @@ def run_compare(args, device, dtype):
         if seqs.shape[1] - 1 > model.config.block_size:
             raise UserError(f"{path} has block size {model.config.block_size}, below the seq_len {seqs.shape[1] - 1} "
                             f"used for {args.compare[0]}; pass --seq_len {model.config.block_size}")
+        check_forward(model, seqs, path, device, dtype)
         an = OutlierAnalyzer(model, tau_act=args.tau_activation, token_info=token_info, seq_len=seqs.shape[1] - 1,
                              full=False, max_list=args.max_list)
         bs = args.batch_size or (8 if device.startswith("cuda") else 1)
@@ -991,11 +1003,16 @@ def main(argv=None):
         raise UserError(f"--surface_layer {args.surface_layer} is outside 0..{model.config.n_layer - 1}")
     seqs, data_info = load_sequences(args, model.config.block_size, encode)
     check_vocab(seqs, model.config.vocab_size, data_info["source"])
+    check_forward(model, seqs, model_info["source"], device, dtype)
     load_s = time.time() - t_load
     t0 = time.time()
     an, res, timing = analyse(args, model, seqs, device, dtype, token_info)
     doc = build_json(args, model_info, data_info, an, res, timing)
     top1 = [t[0] for t in doc["activation"]["layer_output"]["top3"]]
+    bad = next((l for l, v in enumerate(top1) if not math.isfinite(v)), None)
+    if bad is not None:  # a later sequence overflowed: no report of NaN
+        from checkpoint import overflow_error
+        raise overflow_error(model_info["source"], model, f"top-1 |h| of layer {bad} is {top1[bad]}", dtype)
     layer = args.surface_layer if args.surface_layer is not None else int(np.argmax(top1))
     doc["surface"] = {"layer": layer, "tokens": [token_info.text(t) for t in an.surface_tokens_ids]}
     with output_set(args.out, *output_kind(args), inputs=input_paths(args)) as tmp:

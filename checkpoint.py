@@ -18,6 +18,7 @@ damaged tensor. Non-finite model weights are refused too: they can only come fro
 """
 
 import collections
+import contextlib
 import math
 import os
 import pickle
@@ -28,10 +29,11 @@ from dataclasses import asdict
 import torch
 
 from attention_variants import REGISTRY
-from common import UserError, atomic_path, is_int, is_number, one_line, write_error
+from common import UserError, atomic_path, is_int, is_number, not_a_file, one_line, write_error
 from model import GPT, GPTConfig, config_fields
 
 REQUIRED_KEYS = ("model", "model_args", "iter_num", "config")
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what the model computes in (float8: no)
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
 
 
@@ -72,10 +74,11 @@ def strip_wrapper_prefixes(state_dict):
 def check_checkpoint_path(path):
     """UserError unless `path` is an existing file (scripts call it early, before any other work)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} does not exist")
     if os.path.isdir(path):
         raise UserError(f"{path} is a directory; pass the checkpoint file inside it (e.g. {os.path.join(path, 'ckpt.pt')})")
+    why = not_a_file(path)
+    if why:  # a named pipe would block the CRC check's read forever
+        raise UserError(f"checkpoint {path} {why}")
     return path
 
 
@@ -93,18 +96,27 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"{path} is not a readable checkpoint: not a torch file, or truncated or corrupt") from None
     except Exception as e:  # torch reports damaged archives as many different exception types
         raise UserError(f"{path} is not a readable checkpoint: truncated or corrupt ({one_line(e, 200) or type(e).__name__})") from None
+    return check_checkpoint(ckpt, path)
+
+
+def check_checkpoint(ckpt, source="checkpoint"):
+    """The checks of a checkpoint as data, the same for a file's (load_checkpoint) and for a dict handed to
+    model_from_checkpoint: its keys, the weights (dense, supported dtypes, finite, tied ones equal), model_args
+    and their agreement with the weights' sizes. Returns a copy whose weight names have no wrapper prefixes."""
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         have = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"{path} is not an outlier-gpt checkpoint: expected keys {list(REQUIRED_KEYS)}, found {have}")
-    _check_state_dict(path, ckpt["model"])
-    _check_model_args(path, ckpt["model_args"])
-    ckpt["model"] = strip_wrapper_prefixes(ckpt["model"])
-    _check_sizes_match(path, ckpt["model_args"], ckpt["model"])
+        raise UserError(f"{source} is not an outlier-gpt checkpoint: expected keys {list(REQUIRED_KEYS)}, found {have}")
+    _check_state_dict(source, ckpt["model"])
+    _check_model_args(source, ckpt["model_args"])
+    ckpt = {**ckpt, "model": strip_wrapper_prefixes(ckpt["model"])}
+    _check_sizes_match(source, ckpt["model_args"], ckpt["model"])
     if not is_int(ckpt["iter_num"]) or ckpt["iter_num"] < 0:
-        raise UserError(f"{path}: iter_num is {ckpt['iter_num']!r}, not a count of iterations")
+        raise UserError(f"{source}: iter_num is {ckpt['iter_num']!r}, not a count of iterations")
     if not isinstance(ckpt["config"], dict):
-        raise UserError(f"{path}: config is a {type(ckpt['config']).__name__}, not a dict")
-    _check_finite(path, ckpt["model"])
+        raise UserError(f"{source}: config is a {type(ckpt['config']).__name__}, not a dict")
+    check_finite_weights(source, ckpt["model"].items(), "the run had diverged when it was written; use an earlier "
+                                                        "checkpoint")
+    check_tied(source, ckpt["model"], TIED_WEIGHTS)
     return ckpt
 
 
@@ -189,15 +201,75 @@ def unsafe_globals(path):
 
 def all_finite(t):
     """No NaN or inf in `t`: its min and max are finite (one pass, no mask: 25x faster than isfinite().all())."""
-    return t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all())
+    t = t.detach()
+    if t.dtype.itemsize == 1:  # float8: torch has no aminmax for it
+        t = t.float()
+    return t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
 
-def _check_finite(path, state_dict):
-    bad = [k for k, v in state_dict.items()
-           if isinstance(v, torch.Tensor) and v.is_floating_point() and not all_finite(v)]
+def check_finite_weights(source, named_weights, why):
+    """UserError naming the first of (name, tensor) `named_weights` that holds NaN or inf; `why` says what that
+    means for `source` and what to do."""
+    bad = [k for k, v in named_weights if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and v.device.type != "meta" and not all_finite(v)]
     if bad:
-        raise UserError(f"{path}: weight {bad[0]!r}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-                        + " holds NaN or inf: the run had diverged when it was written; use an earlier checkpoint")
+        raise UserError(f"{source}: weight {bad[0]!r}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                        + f" holds NaN or inf: {why}")
+
+
+def largest_weight(model):
+    """The largest magnitude of any of the model's weights (for messages about overflowing forwards)."""
+    return max((float(p.detach().abs().max()) for p in model.parameters()
+                if p.is_floating_point() and p.numel() and p.device.type != "meta"), default=0.0)
+
+
+def forward_loss(model, X, Y, autocast=None):
+    """The model's mean loss on one batch (inputs X, targets Y; -1: no target), without gradients or RNG use."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast or contextlib.nullcontext():
+            return float(model(X, Y)[1])
+    finally:
+        model.train(was_training)
+
+
+def overflow_error(source, model, what, dtype=None):
+    """The UserError for a forward pass whose `what` (e.g. 'loss nan') is not finite although every weight is."""
+    half = dtype == torch.float16
+    return UserError(f"{source}: the forward pass overflows ({what}) although every weight is finite; the largest "
+                     f"weight magnitude is {largest_weight(model):.3g}: "
+                     + ("float16's range (65504) is too small for its activations: use --dtype float32 or bfloat16"
+                        if half else "the weights are damaged or not those of a trained model; use another copy"))
+
+
+CHECK_TOKENS = 64  # the prefix check_forward_finite runs: weights that overflow do so on any tokens
+
+
+def check_forward_finite(model, X, Y, source, autocast=None, dtype=None):
+    """UserError (overflow_error) when the model's loss on the first CHECK_TOKENS of (X, Y) is not finite: said
+    before the long work, at a small part of its cost."""
+    X, Y = X[:, :CHECK_TOKENS], Y[:, :CHECK_TOKENS]
+    loss = forward_loss(model, X, Y, autocast)
+    if not math.isfinite(loss):
+        raise overflow_error(source, model, f"loss {loss} on the first {X.shape[-1]} tokens", dtype)
+
+
+# model.GPT ties lm_head to the token embedding: one tensor stored under both names
+TIED_WEIGHTS = (("lm_head.weight", "transformer.wte.weight"),)
+
+
+def check_tied(source, state_dict, pairs):
+    """UserError when a pair of weight names that the model ties (one tensor) holds two different tensors:
+    loading would keep one of them silently and drop the other."""
+    for a, b in pairs:
+        x, y = state_dict.get(a), state_dict.get(b)
+        if x is None or y is None or x is y:
+            continue
+        if x.shape != y.shape or not torch.equal(x, y):
+            raise UserError(f"{source}: {a} and {b} differ, but the model ties them (one tensor serves both), so "
+                            f"loading would silently keep one and drop the other; the weights are inconsistent "
+                            f"(edited, or from an untied model): use another copy")
 
 
 def _check_state_dict(path, state_dict):
@@ -216,6 +288,9 @@ def _check_state_dict(path, state_dict):
             raise UserError(f"{where} is a {value.layout} tensor; checkpoints hold dense weights")
         if not value.is_floating_point():
             raise UserError(f"{where} is a {str(value.dtype)[6:]} tensor; the model's weights are floating point")
+        if value.dtype not in WEIGHT_DTYPES:
+            raise UserError(f"{where} is a {str(value.dtype)[6:]} tensor; the model's weights are float32, bfloat16, "
+                            f"float16 or float64: convert the checkpoint's weights to one of those first")
     twice = sorted(n for n, c in collections.Counter(map(unwrapped_name, state_dict)).items() if c > 1)
     if twice:
         raise UserError(f"{path}: model holds {twice[0]!r} twice (with and without a torch.compile / DDP prefix); "
@@ -308,8 +383,10 @@ def check_state_dict_fits(expected, state_dict, source="checkpoint"):
 
 def model_from_checkpoint(path_or_ckpt, device="cpu", **config_overrides):
     """Build the checkpoint's model on `device` in eval mode; returns (model, checkpoint dict)."""
-    ckpt = load_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else path_or_ckpt
-    source = os.fspath(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else "checkpoint"
+    if isinstance(path_or_ckpt, (str, os.PathLike)):
+        source, ckpt = os.fspath(path_or_ckpt), load_checkpoint(path_or_ckpt)
+    else:  # a dict (train.py's resume, the API): the same checks as a file's
+        source, ckpt = "checkpoint", check_checkpoint(path_or_ckpt)
     try:
         config = GPTConfig(**{**ckpt["model_args"], **config_overrides})
     except TypeError as e:
@@ -317,7 +394,7 @@ def model_from_checkpoint(path_or_ckpt, device="cpu", **config_overrides):
     with torch.device("meta"):  # names and shapes first: nothing is allocated for a model the weights do not fit
         check_state_dict_fits(GPT(config).state_dict(), ckpt["model"], source)
     model = GPT(config)
-    model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))  # its names and shapes are checked above
+    model.load_state_dict(ckpt["model"])  # its names and shapes are checked above
     return model.to(device).eval(), ckpt
 
 
@@ -346,6 +423,9 @@ def load_model(path=None, pretrained=None, device="cpu", **overrides):
     except UserError:
         raise
     except Exception as e:  # network / cache / format trouble deep inside the hub client
+        if os.path.isdir(pretrained):  # a local directory needs neither: its files are the trouble
+            raise UserError(f"cannot read the GPT-2 model in {pretrained} ({type(e).__name__}: {one_line(e, 200)}); "
+                            f"its files are damaged or incomplete: restore them, or save the model again") from None
         raise UserError(f"cannot load pretrained {pretrained!r} ({type(e).__name__}: {one_line(e, 200)}); "
                         f"it needs network or a Hugging Face cache") from None
     return model.to(device).eval(), None

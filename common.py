@@ -5,6 +5,7 @@ Every command-line script wraps its `main` with `cli_main`, so that a `UserError
 `error: ...` on stderr and exit status 2, never a traceback from deep inside torch.
 """
 
+import argparse
 import contextlib
 import datetime
 import errno
@@ -14,6 +15,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,14 @@ def cli_main(main, argv=None):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (an unknown option, an invalid choice, a value of the wrong type) are the
+    scripts' one line `error: ...` with exit status 2 (a UserError for cli_main), not a usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message} (python {self.prog} --help lists the options)")
 
 
 # ---------------------------------------------------------------------------------------------- safe writing
@@ -210,17 +220,21 @@ def _write_manifest(directory, owned):
                                  for tool, files in sorted(owned.items()) if files}})
 
 
-def _stat(path):
+def file_stat(path):
+    """[size, mtime_ns]: what a manifest (or train.py's run.json) records of a file it wrote."""
     st = os.lstat(path)
     return [st.st_size, st.st_mtime_ns]
 
 
-def _unchanged(directory, name, recorded):
-    """Whether the file `name` is still the one a manifest recorded (or is gone)."""
+def unchanged_since(directory, name, recorded):
+    """Whether the file `name` is still the one recorded by file_stat (None: recorded before it was written),
+    or is gone. A record that is not a file_stat (a damaged or crafted one) matches no file."""
     try:
-        return recorded is None or _stat(os.path.join(directory, name)) == list(recorded)
+        return recorded is None or file_stat(os.path.join(directory, name)) == list(recorded)
     except FileNotFoundError:
         return True
+    except TypeError:
+        return False
 
 
 def check_output_dir(out, tool, names, inputs=(), flag="--out", may_replace=()):
@@ -269,12 +283,12 @@ def _check_owned(path, name, tool, owned, flag):
     """UserError unless the existing file `name` is one `tool` wrote there and nobody changed since."""
     target = os.path.join(path, name)
     mine = owned.get(tool, {})
-    if name in mine and _unchanged(path, name, mine[name]):
+    if name in mine and unchanged_since(path, name, mine[name]):
         return
     if name in mine:
         what = f"was changed since {tool} wrote it"
     else:
-        by = next((t for t, files in owned.items() if name in files and _unchanged(path, name, files[name])), None)
+        by = next((t for t, files in owned.items() if name in files and unchanged_since(path, name, files[name])), None)
         what = f"was written by {by}" if by else f"was not written there by {tool}"
     raise UserError(f"{target} exists and {what}; it is left alone: move it away, or choose another {flag} "
                     f"(a new directory, or one {tool} wrote before)")
@@ -306,7 +320,10 @@ def output_set(out, tool, names, inputs=(), flag="--out", may_replace=(), keep_p
     except OSError as e:
         raise write_error(path, e) from None
     try:
-        yield staging
+        try:
+            yield staging
+        except OSError as e:  # a write into the staging directory failed (a full disk): out is as it was
+            raise _staging_error(path, staging, e) from None
         present = os.listdir(staging)
         staged = [n for n in names if n in present]  # in the declared order
         unexpected = sorted(set(present) - set(names))
@@ -319,6 +336,15 @@ def output_set(out, tool, names, inputs=(), flag="--out", may_replace=(), keep_p
         if created:
             with contextlib.suppress(OSError):
                 os.rmdir(path)  # only when nothing landed
+
+
+def _staging_error(path, staging, e):
+    """The UserError for an OSError met while a tool wrote its outputs into `staging` inside `path`."""
+    inside = isinstance(e.filename, str) and os.path.dirname(os.path.abspath(e.filename)) == os.path.abspath(staging)
+    name = os.path.basename(e.filename) if inside else None
+    target = os.path.join(path, name) if name else f"the outputs into {path}"
+    return UserError(f"cannot write {target}: {_os_reason(e)}; nothing in {path} was changed (the files there before "
+                     f"are kept): free some space, fix the permissions or choose another location")
 
 
 def _commit_outputs(path, tool, staging, staged, declared, keep_previous=False):
@@ -339,7 +365,7 @@ def _commit_outputs(path, tool, staging, staged, declared, keep_previous=False):
     before = read_manifest(path)
     mine = before.get(tool, {})
     # only what this tool wrote (a declared name, unchanged since) may be removed as the previous set's
-    previous = {n for n, st in mine.items() if n in declared and _unchanged(path, n, st)}
+    previous = {n for n, st in mine.items() if n in declared and unchanged_since(path, n, st)}
     # record the union first: after a crash midway, every file of either set is still known as ours
     _write_manifest(path, {**before, tool: {**mine, **{n: None for n in staged}}})
     aside, moved_in, target = [], [], path
@@ -370,7 +396,7 @@ def _commit_outputs(path, tool, staging, staged, declared, keep_previous=False):
         for name in previous - set(staged):  # the previous set's files the new one does not have
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(path, name))
-    written = {n: _stat(os.path.join(path, n)) for n in staged}
+    written = {n: file_stat(os.path.join(path, n)) for n in staged}
     kept_entries = {n: st for n, st in mine.items() if n in previous and n not in written} if keep_previous else {}
     # the staged names are this tool's now, whatever another tool's entry said of a file that was gone
     others = {t: {n: st for n, st in files.items() if n not in written} for t, files in before.items() if t != tool}
@@ -429,6 +455,25 @@ def read_jsonl_file(path, what="log"):
     except OSError as e:
         raise UserError(f"cannot read {what} {path}: {_os_reason(e)}") from None
     return records
+
+
+def not_a_file(path):
+    """Why `path` cannot be read as an input file ('does not exist', 'is a directory, not a file', ...), or None
+    when it is a regular file (or a link to one)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be read ({_os_reason(e)})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if stat.S_ISFIFO(mode):  # reading one blocks until someone writes, and can be done once
+        return ("is a named pipe (FIFO), not a regular file: these scripts read an input more than once; write it to "
+                "a file first")
+    return "is a device or socket, not a regular file"
 
 
 def check_regular_file(path, what="file"):

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import (UserError, autocast_context, check_fits, check_output_dir, check_seed, cli_main, json_text,
-                    output_set, resolve_device, resolve_dtype, run_metadata)
+from common import (ArgumentParser, UserError, autocast_context, check_fits, check_output_dir, check_seed, cli_main,
+                    json_text, output_set, resolve_device, resolve_dtype, run_metadata)
 from data import WIKITEXT2, input_tokens, read_text_file
 from perplexity import evaluate_perplexity, load_eval_tokens, make_windows, text_ids, wikitext2_text
 import reports
@@ -453,9 +453,9 @@ def csv_text(rows, methods):
 # CLI
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
+    p = ArgumentParser(description=__doc__.split("\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n", 1)[1])
     p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="checkpoint files (one table row each)")
     p.add_argument("--pretrained", action="append", default=[], metavar="NAME",
                    help="also evaluate pretrained weights: OpenAI GPT-2 (gpt2, gpt2-medium, ...) or any supported Hugging Face "
@@ -519,6 +519,10 @@ def validate_args(args):
     if not args.checkpoints and not args.pretrained:
         raise UserError("no checkpoints given: pass one or more checkpoint files (train.py writes OUT_DIR/ckpt.pt, "
                         "e.g. out/demo/ckpt.pt for config/tiny.py) or --pretrained gpt2")
+    models = [os.path.realpath(c) for c in args.checkpoints] + [f"pretrained:{n}" for n in args.pretrained]
+    twice = next((m for i, m in enumerate(models) if m in models[:i]), None)
+    if twice:  # two rows of one model, labelled alike
+        raise UserError(f"{twice} is given twice; each row of the table is a different model")
     check_seed(args.seed)
     check_output_dir(args.out, TOOL, RESULT_FILES, inputs=input_paths(args))  # now, not after every evaluation
     return methods
@@ -650,6 +654,7 @@ def evaluate_source(s, methods, inputs, args, device, dtype, settings, metadata)
     """One row of the table: the model's perplexity under every method (each on its own copy)."""
     base = build_model(s, device, args.attn_backend)
     T = window_length(args, s)
+    check_forward(base, inputs.tokens, T, s, device, dtype)
     row = {"name": s.name, "checkpoint": s.checkpoint, "attention": s.attention, "iter_num": s.iter_num,
            "dtype": DTYPE_NAMES[dtype], "device": str(device), "ppl": {}, "nll": {}, "seconds": {},
            "eval": None, "settings": settings, "metadata": metadata, "head_tied": head_is_tied(base)}
@@ -660,6 +665,9 @@ def evaluate_source(s, methods, inputs, args, device, dtype, settings, metadata)
         res = evaluate_perplexity(model, inputs.tokens, block_size=T, stride=args.stride, batch_size=args.batch_size,
                                   dtype=dtype, progress=not args.no_progress, desc=f"{s.name} [{m}]")
         del model
+        if m == "fp" and not math.isfinite(res.nll):  # the model itself overflowed: no table of NaN
+            from checkpoint import overflow_error
+            raise overflow_error(s.checkpoint, base, f"mean loss {res.nll} over {res.n_tokens:,} tokens", dtype)
         row["ppl"][m] = res.ppl if math.isfinite(res.ppl) else None
         row["nll"][m] = res.nll if math.isfinite(res.nll) else None
         row["seconds"][m] = round(time.perf_counter() - t0, 3)
@@ -669,6 +677,14 @@ def evaluate_source(s, methods, inputs, args, device, dtype, settings, metadata)
               f"{res.seconds:.1f} s)", file=sys.stderr)
     s.model = None
     return row
+
+
+def check_forward(model, tokens, T, source, device, dtype):
+    """A model whose forward overflows (finite but huge weights, fp16's range) is an error before any method runs."""
+    from checkpoint import check_forward_finite
+    window = torch.as_tensor(np.asarray(tokens[:T + 1], dtype=np.int64), device=device)[None]
+    autocast = autocast_context(device, dtype)
+    check_forward_finite(model, window[:, :-1], window[:, 1:], source.checkpoint, autocast, dtype)
 
 
 def compress_(model, method, args, calib, T, dtype):

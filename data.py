@@ -12,7 +12,7 @@ import urllib.parse
 
 import numpy as np
 
-from common import UserError, atomic_path, one_line
+from common import UserError, atomic_path, not_a_file, one_line
 from tokenizer import EOT_TOKEN, encode
 
 TOKEN_DTYPE = np.uint16
@@ -27,8 +27,10 @@ WIKITEXT2_SPLITS = ("train", "validation", "test")
 def load_tokens(path):
     """Memory-map a uint16 token file, with clear errors for missing, empty or malformed files."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"token file {path} does not exist (make one with prepare_data.py)")
+    why = not_a_file(path)
+    if why:
+        hint = " (make one with prepare_data.py)" if why == "does not exist" else ""
+        raise UserError(f"token file {path} {why}{hint}")
     size = os.path.getsize(path)
     if size == 0:
         raise UserError(f"token file {path} is empty")
@@ -73,8 +75,9 @@ def read_text_file(path, what="text file"):
     a UserError naming `what` (e.g. "text file", "input") and the path.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path} does not exist")
+    why = not_a_file(path)
+    if why:
+        raise UserError(f"{what} {path} {why}")
     try:
         with open(path, encoding="utf-8") as f:  # universal newlines, like datasets' text loader
             text = f.read()

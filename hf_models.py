@@ -428,26 +428,65 @@ def _needs_device_map(transformers, config, device, dtype):
     return n * torch.finfo(dtype).bits // 8 > 0.85 * free
 
 
+def _check_no_custom_code(directory):
+    """UserError when a model directory's config.json names a model type transformers does not know but maps
+    it to Python files of its own (auto_map): these scripts never run code from a model directory."""
+    if not os.path.lexists(os.path.join(directory, "config.json")):
+        raise UserError(f"{directory} holds no config.json: not a Hugging Face model directory (save_pretrained "
+                        f"writes one)")
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"cannot read {os.path.join(directory, 'config.json')} ({one_line(e, 150)}); the model "
+                        f"directory is damaged or incomplete: restore it, or save the model again") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{os.path.join(directory, 'config.json')} holds no model configuration (a JSON object); the "
+                        f"model directory is damaged: restore it, or save the model again")
+    if config.get("auto_map") and config.get("model_type") not in FAMILIES:
+        raise UserError(f"{directory} needs its own Python code (config.json maps model type "
+                        f"{config.get('model_type')!r} to auto_map classes), and these scripts never run code from a "
+                        f"model directory (trust_remote_code=False); supported types: {', '.join(FAMILIES)}")
+
+
+def _load_failure(name_or_dir, e):
+    """The UserError for a transformers load that failed: a local directory's files are damaged or incomplete,
+    a hub name needs network (or a cache), and custom code is never run."""
+    if "trust_remote_code" in str(e):
+        return UserError(f"{name_or_dir} needs its own Python code (custom modeling files), and these scripts never "
+                         f"run code from a model (trust_remote_code=False); supported types: {', '.join(FAMILIES)}")
+    if os.path.isdir(name_or_dir):
+        return UserError(f"cannot load the model in {name_or_dir} ({type(e).__name__}: {one_line(e, 200)}); its files "
+                         f"are damaged or incomplete: restore them, or save the model again")
+    return UserError(f"cannot load {name_or_dir!r} ({type(e).__name__}: {one_line(e, 200)}); a Hugging Face hub name "
+                     f"needs network or a cache, a directory needs config.json from save_pretrained")
+
+
 def load_hf_causal_lm(name_or_dir, device="cpu", dtype=None, attn_implementation=None):
     """An HFCausalLM in eval mode from a hub name or a save_pretrained directory, with transformers' default
     attention (SDPA where the family has it); the analysis switches to eager only while it records
-    probabilities."""
+    probabilities. No code from the model's files is ever run (trust_remote_code=False); weights that are
+    not finite are refused."""
+    if os.path.isdir(name_or_dir):
+        _check_no_custom_code(name_or_dir)
     transformers = _import_transformers()
     dtype = dtype or load_dtype(device)
     try:
-        config = transformers.AutoConfig.from_pretrained(name_or_dir)
+        config = transformers.AutoConfig.from_pretrained(name_or_dir, trust_remote_code=False)
     except Exception as e:
-        raise UserError(f"cannot load {name_or_dir!r}: {one_line(e, 200)} (a Hugging Face hub name needs network or "
-                        f"a cache; a directory needs config.json from save_pretrained)") from None
+        raise _load_failure(name_or_dir, e) from None
     family_of(config)
-    kwargs = {"dtype": dtype, **({"attn_implementation": attn_implementation} if attn_implementation else {})}
+    kwargs = {"dtype": dtype, "trust_remote_code": False,
+              **({"attn_implementation": attn_implementation} if attn_implementation else {})}
     sharded = _needs_device_map(transformers, config, device, dtype)
     if sharded:
         kwargs["device_map"] = "auto"  # accelerate spreads the layers over the GPUs (and CPU)
     try:
         hf = transformers.AutoModelForCausalLM.from_pretrained(name_or_dir, **kwargs)
     except Exception as e:
-        raise UserError(f"cannot load {name_or_dir!r} ({type(e).__name__}: {one_line(e, 200)})") from None
+        raise _load_failure(name_or_dir, e) from None
+    from checkpoint import check_finite_weights
+    check_finite_weights(name_or_dir, hf.named_parameters(), "the model's files are damaged; use another copy")
     model = HFCausalLM(hf, name_or_dir, tokenizer_dir=name_or_dir)
     if not sharded:
         model.to(device)
@@ -458,7 +497,7 @@ def load_tokenizer(model):
     """The model's own tokenizer (AutoTokenizer from its directory or hub name)."""
     transformers = _import_transformers()
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(model.tokenizer_dir)
+        tok = transformers.AutoTokenizer.from_pretrained(model.tokenizer_dir, trust_remote_code=False)
     except Exception as e:
         raise UserError(f"no tokenizer for {model.source!r} ({one_line(e, 200)}); pass token ids with --data FILE.bin") from None
     # without tokenizer files transformers builds an empty tokenizer of the config's class instead of failing

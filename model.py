@@ -215,6 +215,9 @@ class GPT(nn.Module):
             raise UserError(f"from_pretrained can only override {sorted(allowed)}, not {sorted(set(overrides) - allowed)}")
         directory = _pretrained_directory(name_or_dir)
         hf_config, hf_state = _read_hf_gpt2(directory)
+        from checkpoint import TIED_WEIGHTS, check_finite_weights, check_tied  # checkpoint imports this module
+        check_finite_weights(directory, hf_state.items(), "the model's files are damaged; use another copy")
+        check_tied(directory, hf_state, TIED_WEIGHTS)
         config = GPTConfig(
             n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
             block_size=hf_config.get("n_positions", 1024), vocab_size=hf_config.get("vocab_size", 50257),

@@ -35,7 +35,6 @@ docstrings). It needs no network, but it depends on the Python version and is no
 use it for demos and tests, never for results.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -49,8 +48,8 @@ import urllib.request
 import numpy as np
 
 import tokenizer
-from common import (UserError, atomic_path, check_output_dir, check_seed, cli_main, json_text, one_line, output_set,
-                    write_error)
+from common import (ArgumentParser, UserError, atomic_path, check_output_dir, check_seed, check_writable_dir, cli_main,
+                    json_text, not_a_file, one_line, output_set, write_error)
 from data import (TOKEN_DTYPE, WIKITEXT2, check_token_range, import_datasets, load_hf_dataset, read_text_file,
                   wikitext2_split)
 
@@ -88,7 +87,7 @@ BUILTIN_MIN_FILES = 10
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Tokenize a corpus (GPT-2 BPE) into train.bin / val.bin / meta.json for train.py.",
         epilog="See the module docstring (python -c 'import prepare_data; help(prepare_data)') for the split rule.")
     p.add_argument("--dataset", required=True, choices=DATASETS,
@@ -126,6 +125,8 @@ def main(argv=None):
         raise UserError(f"--input is only used with --dataset text or shakespeare, not {args.dataset}")
     if args.dataset == "text" and not args.input:
         raise UserError("--dataset text needs --input FILE_OR_FOLDER [...] (your own text files)")
+    if args.cache_dir is not None:  # the datasets cache, written while loading: not an input's fault when it fails
+        check_writable_dir(args.cache_dir, "--cache_dir")
     if args.hf_dataset and args.dataset not in HF_DATASETS:
         raise UserError(f"--hf_dataset is only used with --dataset openwebtext or wikitext2")
     tokenizer.get_tokenizer()  # fail early (and in one line) when the BPE ranks cannot be loaded
@@ -160,10 +161,10 @@ def _expand_inputs(paths):
             if not found:
                 raise UserError(f"input folder {path} holds no *.txt files")
             files.extend(found)
-        elif p.is_file():
+        elif not not_a_file(p):
             files.append(p)
         else:
-            raise UserError(f"input {path} does not exist")
+            raise UserError(f"input {path} {not_a_file(p)}")
     files = [str(f.resolve()) for f in files]
     if len(set(files)) != len(files):
         raise UserError("an input file is given more than once (directly or through a folder)")
@@ -408,7 +409,12 @@ def write_splits(splits, out_dir, source, split_rule, num_proc=1, overwrite=Fals
             meta[f"{part}_documents"] = len(tokenized[part])
             meta[f"{part}_sha256"] = digest
         old = _read_meta(out_dir)
-        if old and not overwrite and any(old.get(f"{p}_sha256") != meta[f"{p}_sha256"] for p in ("train", "val")):
+        if isinstance(old, dict) and not overwrite and any(old.get(f"{p}_sha256") != meta[f"{p}_sha256"]
+                                                           for p in ("train", "val")):
+            if old.get("source") != source:  # written meanwhile, by a concurrent run of another source
+                raise UserError(f"{out_dir} now holds data from {_describe(old.get('source'))}, written there while "
+                                f"this run prepared its own; pass --overwrite to replace it, or choose another "
+                                f"--out_dir")
             raise UserError(f"{out_dir} already holds data from the same source but with different contents "
                             f"(did the input change?); pass --overwrite to replace it")
         meta.update(source=source, split=split_rule, python=sys.version.split()[0],

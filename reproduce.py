@@ -38,8 +38,8 @@ import sys
 import sysconfig
 import time
 
-from common import (UserError, atomic_write_json, atomic_write_text, check_output_dir, check_seed, cli_main, is_number, json_safe,
-                    json_text, output_set, read_json_file, resolve_device)
+from common import (ArgumentParser, UserError, atomic_write_json, atomic_write_text, check_output_dir, check_seed,
+                    cli_main, is_number, json_safe, json_text, output_set, read_json_file, resolve_device)
 from reports import (have_matplotlib, loss_curve, markdown_table, number, plot_loss_curves, plot_top1, plot_top3,
                      pyplot, read_training_log, save_figure, signed_percent)
 from train_config import FREE_ON_RESUME
@@ -194,9 +194,9 @@ GPU_SCALES = ("gpu", "gpu-long", "gpu-long-2b")
 
 def parse_args(argv):
     import attention_variants
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", required=True, choices=SCALE_CHOICES,
                    help="tiny: CPU, minutes; gpu: one H100/H200 within --budget-s (9 min); gpu-long: one GPU, "
                         "~25 min (--recipe 2b: the paper's 2B-token reading); paper: the paper configs via torchrun")

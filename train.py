@@ -58,10 +58,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from checkpoint import all_finite, load_checkpoint, load_model, model_args_from, save_checkpoint
-from common import (UserError, atomic_path, atomic_write_json, autocast_context, check_fits, check_regular_file, cli_main, is_int,
-                    directory_lock, json_safe, one_line, read_json_file, resolve_device, resolve_dtype, run_metadata,
-                    write_error)
+from checkpoint import (all_finite, forward_loss, largest_weight, load_checkpoint, load_model, model_args_from,
+                        save_checkpoint)
+from common import (UserError, atomic_path, atomic_write_json, autocast_context, check_fits, check_regular_file, cli_main,
+                    directory_lock, file_stat, is_int, json_safe, not_a_file, one_line, read_json_file, resolve_device,
+                    resolve_dtype, run_metadata, unchanged_since, write_error)
 from data import TOKEN_DTYPE, load_tokens
 from model import GPT, GPTConfig
 from telemetry import training_telemetry
@@ -148,7 +149,10 @@ def check_data(cfg, data_dir):
     elif os.path.normpath(data_dir) != os.path.join("data", cfg.dataset):  # prepare_data's default out_dir
         cmd += f" --out_dir {data_dir}"
     for split in ("train", "val"):
-        if not os.path.isfile(os.path.join(data_dir, f"{split}.bin")):
+        why = not_a_file(os.path.join(data_dir, f"{split}.bin"))
+        if why and os.path.lexists(os.path.join(data_dir, f"{split}.bin")):
+            raise UserError(f"{os.path.join(data_dir, f'{split}.bin')} {why}")
+        if why:
             what = "does not exist" if not os.path.isdir(data_dir) else f"has no {split}.bin"
             raise UserError(f"data directory {data_dir} {what}; make it with: {cmd}"
                             + ("" if cfg.data_dir else " (or set --data_dir)"))
@@ -168,6 +172,47 @@ def check_data(cfg, data_dir):
         raise UserError(f"the data's vocabulary is larger than the model's: {where}, but vocab_size is "
                         f"{cfg.vocab_size}; set --vocab_size={data_vocab} or more")
     return meta
+
+
+def data_record(data_dir, meta):
+    """What run.json and ckpt.pt record of the data a launch trains on: the directory, its meta.json and the
+    token count of each split (nanoGPT data has no meta.json, hence no hashes, to compare)."""
+    return {"data_dir": os.path.abspath(data_dir), "meta": meta,
+            "tokens": {s: len(load_tokens(os.path.join(data_dir, f"{s}.bin"))) for s in ("train", "val")}}
+
+
+def data_differences(old, new):
+    """How the data of two data records differ: meta.json's SHA-256 of each split where both have it, else
+    the token counts where both have them (what cannot be compared is not called a difference)."""
+    def get(record, *keys):
+        for key in keys:
+            record = record.get(key) if isinstance(record, dict) else None
+        return record
+    diffs = []
+    for split in ("train", "val"):
+        a, b = get(old, "meta", f"{split}_sha256"), get(new, "meta", f"{split}_sha256")
+        if a is not None and b is not None:
+            if a != b:
+                diffs.append(f"{split}.bin's SHA-256 in meta.json")
+            continue
+        a, b = get(old, "tokens", split), get(new, "tokens", split)
+        if a is not None and b is not None and a != b:
+            diffs.append(f"{split}.bin holds {b} tokens, {a} then")
+    return diffs
+
+
+def check_same_data(cfg, ckpt_path, old, new):
+    """A resume continues on the data the run trained on; another data set is refused unless
+    --resume_on_new_data says the change is meant. Returns the replaced data record (None: same data)."""
+    diffs = data_differences(old, new) if isinstance(old, dict) else []
+    if not diffs:
+        return None
+    if not cfg.resume_on_new_data:
+        was = old.get("data_dir") if isinstance(old.get("data_dir"), str) else "other data"
+        raise UserError(f"cannot resume {ckpt_path} on {new['data_dir']}: the run trained on {was}, and the data "
+                        f"differ ({'; '.join(diffs)}); resume with --data_dir={was}, or pass "
+                        f"--resume_on_new_data=True if the change is meant (run.json then records both)")
+    return old
 
 
 def read_meta(path):
@@ -198,13 +243,41 @@ def read_run_record(path):
     return record
 
 
+def replaced_run_record(path):
+    """run.json of the run a start with --overwrite=True replaces: what it recorded, or {} when it cannot be read
+    (then none of its snapshots is known to be the run's, and none is deleted)."""
+    try:
+        return read_run_record(path)
+    except UserError:
+        return {}
+
+
 def training_bytes(cfg):
-    """A low estimate of training's memory: fp32 weights, gradients and AdamW moments, plus the activations
-    and logits one micro-batch keeps for the backward. Above the device's memory, the run cannot fit."""
+    """A low estimate of training's memory, by part: fp32 weights, gradients and AdamW moments; the activations
+    and logits one micro-batch keeps for the backward; the offsets of one iteration's windows (drawn at once for
+    every accumulation step); the fixed evaluation windows' offsets. Above the device's memory, the run cannot fit."""
     n_params = 12 * cfg.n_layer * cfg.n_embd ** 2 + (cfg.vocab_size + cfg.block_size) * cfg.n_embd
     tokens = cfg.batch_size * cfg.block_size
-    eval_windows = 2 * cfg.eval_iters * cfg.batch_size  # the fixed evaluation windows' offsets, both splits
-    return 16 * n_params + tokens * (16 * cfg.n_layer * cfg.n_embd + 4 * cfg.vocab_size) + 8 * eval_windows
+    return {"weights": 16 * n_params,
+            "activations": tokens * (16 * cfg.n_layer * cfg.n_embd + 4 * cfg.vocab_size),
+            "windows": 8 * cfg.gradient_accumulation_steps * cfg.batch_size,
+            "evaluation": 8 * 2 * cfg.eval_iters * cfg.batch_size}
+
+
+# what lowers the largest part of training_bytes
+MEMORY_FIXES = {"weights": "use a smaller model (--n_layer, --n_embd, --vocab_size)",
+                "activations": "lower --batch_size (raising --gradient_accumulation_steps keeps the tokens per "
+                               "iteration)",
+                "windows": "lower --gradient_accumulation_steps (an iteration draws all its windows at once)",
+                "evaluation": "lower --eval_iters"}
+
+
+def check_memory(cfg, device):
+    parts = training_bytes(cfg)
+    check_fits(sum(parts.values()), device,
+               f"training {cfg.n_layer} layers of width {cfg.n_embd} on {cfg.gradient_accumulation_steps:,} x "
+               f"{cfg.batch_size:,} x {cfg.block_size:,} tokens per iteration with {cfg.eval_iters:,} evaluation "
+               f"batches per split", MEMORY_FIXES[max(parts, key=parts.get)])
 
 
 # ================================================================================================ helpers
@@ -445,6 +518,10 @@ class TrainState:
     saved_at: Optional[int] = None               # the iteration ckpt.pt holds (None: none written by this run)
     wandb_id: Optional[str] = None
     pretrained_from: Optional[str] = None
+    start_iter: int = 0                          # the iteration this launch started at (no step taken before it)
+    data: Optional[dict] = None                  # data_record of the data this launch trains on
+    replaced_data: Optional[dict] = None         # the run's earlier data record (resume_on_new_data), else None
+    snapshots: dict = dataclasses.field(default_factory=dict)  # this run's snapshots run.json records (owned_snapshots)
 
     def checkpoint(self, cfg, rng, world_size, kind="train"):
         return TrainCheckpoint(
@@ -454,7 +531,7 @@ class TrainState:
             sampler=self.train_batches.state_dict(), rng=rng, world_size=world_size,
             best_val_loss=self.best_val_loss, last_eval_iter=self.last_eval_iter,
             last_telemetry_iter=self.last_telemetry_iter, log_offset=self.log.offset() if self.log else None,
-            wandb_run_id=self.wandb_id, pretrained_from=self.pretrained_from)
+            wandb_run_id=self.wandb_id, pretrained_from=self.pretrained_from, data=self.data)
 
     def restore(self, ckpt, path):
         """The optimizer, scaler, sampler and counters of a TrainCheckpoint."""
@@ -468,6 +545,7 @@ class TrainState:
         self.last_eval_iter, self.last_telemetry_iter = int(ckpt.last_eval_iter), int(ckpt.last_telemetry_iter)
         self.train_batches.load_state_dict(ckpt.sampler)
         self.wandb_id = ckpt.wandb_run_id
+        self.start_iter = self.iter_num
 
 
 # ================================================================================================ build
@@ -484,13 +562,16 @@ def build(cfg, origin, run):
     # every file of the run directory this launch reads or replaces, checked before anything is written
     check_regular_file(log_path, "training log")
     keeps_record = ckpt is not None or cfg.eval_only
-    previous_record = read_run_record(os.path.join(cfg.out_dir, "run.json")) if keeps_record else {}
-    check_fits(training_bytes(cfg), run.device,
-               f"training {cfg.n_layer} layers of width {cfg.n_embd} on {cfg.batch_size} x {cfg.block_size} tokens "
-               f"with {cfg.eval_iters:,} evaluation batches per split",
-               "lower --batch_size (raising --gradient_accumulation_steps keeps the tokens per iteration) or "
-               "--eval_iters")
+    record_path = os.path.join(cfg.out_dir, "run.json")
+    previous_record = read_run_record(record_path) if keeps_record else replaced_run_record(record_path)
+    snapshots = owned_snapshots(cfg.out_dir, previous_record)
+    check_snapshot_names(cfg, ckpt.iter_num if ckpt is not None else 0, snapshots)
+    check_memory(cfg, run.device)
     meta = check_data(cfg, data_dir)
+    data = data_record(data_dir, meta)
+    replaced_data = None
+    if ckpt is not None:
+        replaced_data = check_same_data(cfg, ckpt_path, ckpt.data or previous_record.get("data"), data)
     run.log(format_config(cfg, origin))
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     run.log(f"world size {run.world}, {run.local_accum} micro-steps of {cfg.batch_size} x {cfg.block_size} "
@@ -503,20 +584,25 @@ def build(cfg, origin, run):
                                                run.device_type)
     train_batches, eval_batches = make_batches(cfg, data_dir, run.device)
     val_batches, val_offsets = eval_batches["val"]
+    X_val, Y_val = val_batches.get(val_offsets[0])
     state = TrainState(model=model, eval_model=model, optimizer=optimizer,
                        scaler=torch.amp.GradScaler(run.device_type, enabled=(ptdtype == torch.float16)),
-                       train_batches=train_batches, eval_batches=eval_batches, X_fixed=val_batches.get(val_offsets[0])[0],
+                       train_batches=train_batches, eval_batches=eval_batches, X_fixed=X_val,
                        autocast=autocast_context(run.device, ptdtype), tokens_per_iter=tokens_per_iter,
-                       ckpt_path=ckpt_path, log_path=log_path, pretrained_from=pretrained_from)
+                       ckpt_path=ckpt_path, log_path=log_path, pretrained_from=pretrained_from, data=data,
+                       replaced_data=replaced_data, snapshots=snapshots)
     if ckpt is not None:
         state.restore(ckpt, ckpt_path)
+    loss = forward_loss(model, X_val, Y_val, state.autocast)
+    if run.any_rank(not math.isfinite(loss))[0]:  # before anything is written, and before a step could be blamed
+        run.fail(overflow_before_training(cfg, state, ptdtype, f"the loss on the first validation batch is {loss}"))
     state.eval_model = torch.compile(model) if cfg.compile else model  # no DDP: evaluation
     run.step_model = state.eval_model
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         run.step_model = DDP(state.eval_model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
     if run.master:
-        open_outputs(cfg, run, state, ckpt, meta, previous_record)
+        open_outputs(cfg, run, state, ckpt, previous_record)
     seed_rngs(cfg, run, ckpt, state.iter_num)
     return state
 
@@ -549,6 +635,48 @@ def load_resume(cfg, run, ckpt_path):
     return ckpt
 
 
+def owned_snapshots(out_dir, record):
+    """{name: file_stat} of the snapshots run.json records as this run's that nobody changed (or removed) since:
+    the only ckpt_N.pt files training replaces or deletes."""
+    recorded = record.get("snapshots")
+    if not isinstance(recorded, dict):
+        return {}
+    return {n: st for n, st in recorded.items() if isinstance(n, str) and SNAPSHOT.fullmatch(n)
+            and os.path.lexists(os.path.join(out_dir, n)) and unchanged_since(out_dir, n, st)}
+
+
+def check_snapshot_names(cfg, start_iter, owned):
+    """The snapshots this launch will write must not replace a ckpt_N.pt that is not the run's own (copied from
+    another run, or the user's): refused before anything is written."""
+    if not cfg.snapshot_interval or cfg.eval_only or not os.path.isdir(cfg.out_dir):
+        return
+    for name in sorted(os.listdir(cfg.out_dir)):
+        m = SNAPSHOT.fullmatch(name)
+        if not m or name in owned or name != f"ckpt_{int(m[1])}.pt":
+            continue
+        it = int(m[1])
+        if start_iter < it <= cfg.max_iters and it % cfg.snapshot_interval == 0:
+            raise UserError(f"{os.path.join(cfg.out_dir, name)} is not a snapshot of this run (run.json does not "
+                            f"record it, or it changed since), and this run's snapshot at iter {it} would replace it: "
+                            f"move it away, or choose another --out_dir")
+
+
+def overflow_before_training(cfg, state, dtype, what):
+    """The error for a forward that is not finite before this launch took a step: the learning rate is not the
+    cause; the weights, the model settings or float16's range are."""
+    if dtype == torch.float16:
+        cause = "float16's range (65504) is too small for the activations: use --dtype=bfloat16 or float32"
+    elif cfg.init_from == "scratch":
+        bias = f", e.g. sigmoid_bias = {cfg.sigmoid_bias:g}" if cfg.sigmoid_bias is not None else ""
+        cause = f"the model settings make the forward pass overflow{bias}: change them"
+    else:
+        source = state.ckpt_path if cfg.init_from == "resume" else cfg.init_from
+        cause = (f"the weights of {source} make the forward pass overflow (largest magnitude "
+                 f"{largest_weight(state.model):.3g}): they are damaged; use another copy or an earlier checkpoint")
+    return UserError(f"{what} at iter {state.iter_num}, before any training step of this launch, so the learning "
+                     f"rate is not the cause; {cause}")
+
+
 def refuse_to_replace_a_run(cfg, ckpt_path):
     """A start (scratch or pretrained weights) in an out_dir that holds a run's files (its checkpoint, log,
     record or snapshots) needs --overwrite, which replaces those files alone."""
@@ -564,7 +692,8 @@ def refuse_to_replace_a_run(cfg, ckpt_path):
         raise UserError(f"{cfg.out_dir} already holds a run ({ckpt_path}); continue it with --init_from=resume, "
                         f"or pass --overwrite=True to start over, or choose another --out_dir")
     raise UserError(f"{cfg.out_dir} holds the files of a training run ({what}) but no ckpt.pt to continue; pass "
-                    f"--overwrite=True to start over there (they are replaced), or choose another --out_dir")
+                    f"--overwrite=True to start over there (the run's own files are replaced), or choose another "
+                    f"--out_dir")
 
 
 def check_resume_config(cfg, run, ckpt, ckpt_path):
@@ -621,7 +750,7 @@ def make_batches(cfg, data_dir, device):
     return train, evals
 
 
-def open_outputs(cfg, run, state, ckpt, meta, previous_record):
+def open_outputs(cfg, run, state, ckpt, previous_record):
     """Rank 0: out_dir's leftovers cleared, log.jsonl opened (wandb too), run.json with this launch."""
     for name in os.listdir(cfg.out_dir):  # temp files of writes killed midway: ours alone, as we hold the lock
         ours = name.startswith(".ckpt") or any(name.startswith(f".{f}.") for f in OUTPUT_FILES)
@@ -629,20 +758,21 @@ def open_outputs(cfg, run, state, ckpt, meta, previous_record):
             os.remove(os.path.join(cfg.out_dir, name))
     if ckpt is not None:
         truncate_log(state.log_path, ckpt.log_offset)
-    elif not cfg.eval_only:
-        for name in os.listdir(cfg.out_dir):  # start over: old snapshots and log belong to the old run
-            if name == "log.jsonl" or SNAPSHOT.fullmatch(name):
+    elif not cfg.eval_only:  # start over: the old run's log and the snapshots its run.json records go
+        for name in ["log.jsonl", *state.snapshots]:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(cfg.out_dir, name))
+        state.snapshots = {}
     wandb_run = None
     if cfg.wandb_log:
         wandb_run, state.wandb_id = init_wandb(cfg, state.wandb_id)
     state.log = JsonlLog(state.log_path, wandb_run)
     start = ckpt is None and not cfg.eval_only
-    state.run_record = run_record(cfg, run, state, meta, {} if start else previous_record)
+    state.run_record = run_record(cfg, run, state, {} if start else previous_record)
     atomic_write_json(os.path.join(cfg.out_dir, "run.json"), state.run_record)
 
 
-def run_record(cfg, run, state, meta, record):
+def run_record(cfg, run, state, record):
     """run.json: the resolved config and model, the data, and one entry per launch (this one 'running')."""
     launch = {**run_metadata(run.device), "init_from": cfg.init_from, "start_iter": state.iter_num,
               "world_size": run.world, "status": "running", "end_iter": None}
@@ -651,7 +781,11 @@ def run_record(cfg, run, state, meta, record):
     record["model_args"] = dataclasses.asdict(state.model.config)
     record["num_params"] = state.model.get_num_params()
     record["tokens_per_iter"] = state.tokens_per_iter
-    record["data"] = {"data_dir": os.path.abspath(cfg.data_dir or os.path.join("data", cfg.dataset)), "meta": meta}
+    if state.replaced_data is not None:  # --resume_on_new_data: the data trained on until now stays on record
+        earlier = record.get("previous_data") if isinstance(record.get("previous_data"), list) else []
+        record["previous_data"] = [*earlier, {**state.replaced_data, "until_iter": state.iter_num}]
+    record["data"] = state.data
+    record["snapshots"] = state.snapshots
     record["wandb_run_id"] = state.wandb_id
     record.setdefault("launches", []).append(launch)
     return record
@@ -706,12 +840,13 @@ def train(cfg, run, state):
     finally:
         run.stop.uninstall()
         if run.master:
-            # when the run already failed (e.g. a full disk), its own error is the one to report
-            with contextlib.suppress(*(() if status in ("finished", "stopped") else (UserError,))):
-                finish_run_record(cfg, state, status)
             state.log.close()
             if state.log.wandb_run is not None:
                 state.log.wandb_run.finish(exit_code=0 if status in ("finished", "stopped") else 1)
+            unrecorded = end_launch(cfg, state, status)
+            error = sys.exc_info()[1]
+            if unrecorded and isinstance(error, UserError):  # the run's own error, and run.json's state with it
+                raise type(error)(f"{error}; {unrecorded}") from None
     out = cfg.out_dir
     run.log(f"{status} at iter {state.iter_num}: checkpoint {os.path.join(out, 'ckpt.pt')}, log "
             f"{os.path.join(out, 'log.jsonl')}, run record {os.path.join(out, 'run.json')}"
@@ -775,8 +910,10 @@ def evaluate_and_save(cfg, run, state, it):
         state.log.write({"kind": "eval", "iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
                          "lr": get_lr(cfg, it), "tokens": it * state.tokens_per_iter})
     if not all(math.isfinite(v) for v in losses.values()):
-        run.fail(diverged(cfg, state, it, f"the evaluation loss is not finite (train {losses['train']}, "
-                                          f"val {losses['val']})"))
+        what = f"the evaluation loss is not finite (train {losses['train']}, val {losses['val']})"
+        if it == state.start_iter:  # no step of this launch can be blamed
+            run.fail(overflow_before_training(cfg, state, resolve_dtype(cfg.dtype, run.device), what))
+        run.fail(diverged(cfg, state, it, what))
     improved = losses["val"] < state.best_val_loss
     state.best_val_loss = min(state.best_val_loss, losses["val"])
     if it > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
@@ -894,17 +1031,43 @@ def save(cfg, run, state, reason):
 
 
 def snapshot(cfg, run, state):
-    """Weights-only ckpt_{iter}.pt for studying outliers over training (rank 0, no collectives)."""
+    """Weights-only ckpt_{iter}.pt for studying outliers over training (rank 0, no collectives), recorded in
+    run.json as this run's (before it is written: a crash midway leaves no snapshot that is nobody's)."""
     if not run.master:
         return
-    path = os.path.join(cfg.out_dir, f"ckpt_{state.iter_num}.pt")
+    name = f"ckpt_{state.iter_num}.pt"
+    path = os.path.join(cfg.out_dir, name)
+    state.snapshots[name] = None
+    write_run_record(cfg, state)
     snap = TrainCheckpoint(model=state.model.state_dict(), model_args=model_args_from(state.model.config),
                            iter_num=state.iter_num, config=dataclasses.asdict(cfg), kind="snapshot")
     save_checkpoint(path, snap.to_checkpoint())
+    state.snapshots[name] = file_stat(path)
     if cfg.keep_snapshots:
-        snaps = sorted((int(m[1]), m[0]) for m in map(SNAPSHOT.fullmatch, os.listdir(cfg.out_dir)) if m)
-        for _, name in snaps[:-cfg.keep_snapshots]:
+        prune_snapshots(cfg, state)
+    write_run_record(cfg, state)
+
+
+def prune_snapshots(cfg, state):
+    """Keep the newest keep_snapshots of this run's snapshots; a ckpt_N.pt run.json does not record as the run's
+    (or that changed since) is neither counted nor deleted."""
+    owned = owned_snapshots(cfg.out_dir, {"snapshots": state.snapshots})
+    state.snapshots = owned
+    for _, name in sorted((int(SNAPSHOT.fullmatch(n)[1]), n) for n in owned)[:-cfg.keep_snapshots]:
+        try:
             os.remove(os.path.join(cfg.out_dir, name))
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # kept, and still the run's: pruned at the next snapshot
+            print(f"warning: cannot remove the old snapshot {os.path.join(cfg.out_dir, name)}: {e.strerror}",
+                  flush=True)
+            continue
+        del state.snapshots[name]
+
+
+def write_run_record(cfg, state):
+    state.run_record["snapshots"] = state.snapshots
+    atomic_write_json(os.path.join(cfg.out_dir, "run.json"), state.run_record)
 
 
 def check_weights(cfg, run, state):
@@ -924,10 +1087,24 @@ def diverged(cfg, state, it, what):
     return Diverged(f"training diverged at iter {it}: {what}; {where}")
 
 
+def end_launch(cfg, state, status):
+    """Write how the launch ended into run.json. A failing write is the error of a run that ended well; after a
+    failure, whose own error is the one to report, it becomes a note for that error (run.json still says
+    'running')."""
+    try:
+        finish_run_record(cfg, state, status)
+    except UserError as e:
+        if status in ("finished", "stopped"):
+            raise
+        return (f"{os.path.join(cfg.out_dir, 'run.json')} could not be updated either and still says this launch "
+                f"is running ({str(e).partition(': ')[2].split(';')[0]})")
+    return None
+
+
 def finish_run_record(cfg, state, status):
     state.run_record["launches"][-1].update(status=status, end_iter=state.iter_num,
                                             end_date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    atomic_write_json(os.path.join(cfg.out_dir, "run.json"), state.run_record)
+    write_run_record(cfg, state)
 
 
 if __name__ == "__main__":

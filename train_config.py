@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-from common import UserError, check_seed, is_int, is_number
+from common import UserError, check_seed, is_int, is_number, not_a_file, read_json_file
 from model import PRETRAINED as GPT2_SIZES, config_fields
 
 
@@ -29,7 +29,8 @@ class TrainConfig:
     eval_only: bool = False             # evaluate once and exit
     always_save_checkpoint: bool = True  # False: ckpt.pt only when the val loss improves (plus at the end / on signals)
     init_from: str = "scratch"          # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | HF GPT-2 dir
-    overwrite: bool = False             # scratch/gpt2 start in an out_dir that holds a run: replace it (else error)
+    overwrite: bool = False             # start over in an out_dir that holds a run (command line only; else error)
+    resume_on_new_data: bool = False    # resume on data other than the checkpoint's (else error); run.json keeps both
     snapshot_interval: int = 0          # also keep weights-only snapshots ckpt_{iter}.pt every this many iters (0: off)
     keep_snapshots: int = 0             # keep only the newest N snapshots (0: keep all)
     outlier_interval: int = 500         # telemetry.training_telemetry on a fixed val batch every N iters (0: off)
@@ -82,7 +83,11 @@ PRETRAINED = tuple(GPT2_SIZES)  # init_from names of OpenAI's GPT-2 checkpoints
 # keys whose change on resume does not affect the computed numbers
 FREE_ON_RESUME = {"init_from", "max_iters", "out_dir", "eval_only", "log_interval", "wandb_log", "wandb_project",
                   "wandb_run_name", "overwrite", "snapshot_interval", "keep_snapshots", "compile", "attn_backend",
-                  "always_save_checkpoint", "data_dir", "dataset", "device", "backend"}
+                  "always_save_checkpoint", "data_dir", "dataset", "device", "backend", "resume_on_new_data"}
+# keys only the command line may set: a config file names no directory of the user's, so it must not replace one
+COMMAND_LINE_ONLY = {"overwrite": "replacing the run in an out_dir is asked for on the command line only "
+                                  "(--overwrite=True), so that a config file never replaces a run in a directory "
+                                  "named elsewhere"}
 
 
 def _optional_float(tp):
@@ -137,7 +142,11 @@ def _coerce_value(key, value, where):
         raise UserError(f"{where}: {key} = {value!r} is a {type(value).__name__}, expected {_type_name(tp)} "
                         f"(default {getattr(TrainConfig(), key)!r})")
     if tp is float or (_optional_float(tp) and value is not None):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float's range, e.g. 10**400
+            raise UserError(f"{where}: {key} is an integer of about {int(value.bit_length() * math.log10(2)) + 1} "
+                            f"digits, beyond the range of a float (about 1.8e308)") from None
     return value
 
 
@@ -148,7 +157,10 @@ def _unknown_key(key, where):
 
 
 def _read_config_file(path):
-    if not os.path.isfile(path):
+    why = not_a_file(path)
+    if why and os.path.exists(path):  # a directory, a device: there, but not a config file
+        raise UserError(f"config file {path} {why}; name a Python file of settings (e.g. config/tiny.py)")
+    if why:
         here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
         available = sorted(f for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_")) \
             if os.path.isdir(here) else []
@@ -180,6 +192,9 @@ def _read_config_file(path):
         if key not in CONFIG_KEYS:
             raise _unknown_key(key, path)
         values[key] = _coerce_value(key, value, path)
+        if key in COMMAND_LINE_ONLY and values[key] != getattr(TrainConfig(), key):
+            raise UserError(f"config file {path} sets {key} = {values[key]!r}; {COMMAND_LINE_ONLY[key]}: remove the "
+                            f"line")
     return values
 
 
@@ -241,7 +256,11 @@ def validate_config(cfg):
          f"sigmoid_bias must be a finite number or None, got {cfg.sigmoid_bias}")
     need(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1), got {cfg.dropout}")
     need(cfg.learning_rate > 0 and cfg.min_lr >= 0, "learning_rate must be > 0 and min_lr >= 0")
+    need(not cfg.decay_lr or cfg.min_lr <= cfg.learning_rate,
+         f"min_lr ({cfg.min_lr:g}) is above learning_rate ({cfg.learning_rate:g}): the schedule would rise while it "
+         f"decays; lower --min_lr (or raise --learning_rate)")
     need(cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables clipping), got {cfg.grad_clip}")
+    need(cfg.weight_decay >= 0, f"weight_decay must be >= 0 (a negative one grows the weights), got {cfg.weight_decay}")
     need(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
     need(not cfg.decay_lr or cfg.lr_decay_iters > cfg.warmup_iters,
          f"lr_decay_iters ({cfg.lr_decay_iters}) must be larger than warmup_iters ({cfg.warmup_iters})")
@@ -256,9 +275,26 @@ def validate_config(cfg):
     need(cfg.init_from in ("scratch", "resume") + PRETRAINED or os.path.isdir(cfg.init_from),
          f"init_from must be scratch, resume, one of {', '.join(PRETRAINED)} or a Hugging Face GPT-2 "
          f"directory, not {cfg.init_from!r}")
+    if os.path.isdir(cfg.init_from):
+        _check_init_dir(cfg.init_from)
     import attention_variants
     attention_variants.get_variant(cfg.attention)
     attention_variants.check_backend(cfg.attn_backend)
+
+
+def _check_init_dir(directory):
+    """init_from a directory: Hugging Face GPT-2 weights, which train.py loads into this repo's GPT."""
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        hint = (f"; to continue the run there, pass --init_from=resume --out_dir={directory}"
+                if os.path.isfile(os.path.join(directory, "ckpt.pt")) else "")
+        raise UserError(f"init_from {directory} holds no config.json: not a Hugging Face GPT-2 directory{hint}")
+    config = read_json_file(config_path, "model configuration")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "gpt2":
+        raise UserError(f"init_from {directory} holds a {model_type!r} model, not GPT-2: train.py trains this repo's "
+                        f"GPT and starts only from GPT-2 weights (analyse other models with analyze_outliers.py "
+                        f"--pretrained {directory})")
 
 
 def format_config(cfg, origin):

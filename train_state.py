@@ -32,6 +32,7 @@ class TrainCheckpoint:
     log_offset: Optional[int] = None     # log.jsonl's length when written: a resume truncates to it
     wandb_run_id: Optional[str] = None
     pretrained_from: Optional[str] = None
+    data: Optional[dict] = None          # train.data_record of the data trained on (a resume compares it)
 
     SNAPSHOT_KEYS = ("model", "model_args", "iter_num", "config", "kind")
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
 sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, BENCH_DIR)  # bench_utils, for parse_args
 from attention_variants import VARIANTS as ALL_VARIANTS  # noqa: E402  (imports no triton)
 MODES = ("fwd", "bwd", "fwdbwd")
 SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -52,8 +53,9 @@ SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIE
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common import ArgumentParser
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--tokens", type=int, default=16 * 1024, help="B*T per case (default 16k)")
     p.add_argument("--heads", type=int, default=12)
@@ -72,7 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--interpret-smoke", action="store_true",
                    help="run one tiny shape on CPU through the Triton interpreter (checks the code path only; "
                         "the timings mean nothing)")
-    return p.parse_args(argv)
+    import bench_utils
+    return bench_utils.parse_with_smoke(p, argv, "--interpret-smoke",
+                                        {"seq_lens": [80], "tokens": 80, "heads": 2, "head_dim": 16})
 
 
 def flops_fwd(B, H, T, D):
@@ -92,10 +96,9 @@ class Setting:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.interpret_smoke:
+    if args.interpret_smoke:  # its sizes are set by parse_args
         # must happen before triton (and fused_attention) is imported
         os.environ["TRITON_INTERPRET"] = "1"
-        args.seq_lens, args.tokens, args.heads, args.head_dim = [80], 80, 2, 16
     import torch
 
     if not args.interpret_smoke and not torch.cuda.is_available():
@@ -348,4 +351,5 @@ def markdown_table(results):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common import cli_main
+    cli_main(main)

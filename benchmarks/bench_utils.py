@@ -21,6 +21,25 @@ if REPO_ROOT not in sys.path:
 import common  # noqa: E402  (the repo is flat: its modules import by name)
 
 
+def parse_with_smoke(parser, argv, smoke_flag, smoke_sizes):
+    """parser.parse_args(argv), where the smoke mode (`smoke_flag`, e.g. '--smoke') fixes the settings
+    `smoke_sizes` ({dest: its smoke value}): given together with it, one is refused (common.UserError) rather
+    than ignored while the recorded command line shows it."""
+    defaults = {dest: parser.get_default(dest) for dest in smoke_sizes}
+    parser.set_defaults(**dict.fromkeys(smoke_sizes))
+    args = parser.parse_args(argv)
+    smoke = getattr(args, smoke_flag.lstrip("-").replace("-", "_"))
+    given = ["--" + dest.replace("_", "-") for dest in smoke_sizes if getattr(args, dest) is not None]
+    if smoke and given:
+        raise common.UserError(f"{smoke_flag} runs its own tiny sizes, so {', '.join(given)} would be ignored (while "
+                               f"the results record the command line): leave {'it' if len(given) == 1 else 'them'} "
+                               f"out, or drop {smoke_flag}")
+    for dest, value in (smoke_sizes if smoke else defaults).items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+    return args
+
+
 def _driver_version():
     """NVIDIA driver version (e.g. '550.54.15') via NVML or nvidia-smi; None if neither answers."""
     try:

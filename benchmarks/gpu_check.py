@@ -56,7 +56,7 @@ REPO_ROOT = os.path.dirname(BENCH_DIR)
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, BENCH_DIR)
 
-from common import UserError, atomic_write_json, atomic_write_text  # noqa: E402
+from common import ArgumentParser, UserError, atomic_write_json, atomic_write_text  # noqa: E402
 
 RESULTS_MD = os.path.join(BENCH_DIR, "RESULTS.md")
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
@@ -210,8 +210,8 @@ def plan_text(plan, notes, budget_s):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(BENCH_DIR, "results", "gpu-check.json"))
     p.add_argument("--budget-s", "--budget_s", dest="budget_s", type=float, default=BUDGET_S,
                    help=f"wall-clock budget in seconds (default {BUDGET_S}); a smaller one shortens or drops steps")

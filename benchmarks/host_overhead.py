@@ -50,8 +50,9 @@ CUDA_KEYS = ("sdpa_fwd_us", "sdpa_fwd_bwd_us", "fused_graph_fwd_us", "fused_grap
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common import ArgumentParser
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="cpu: stubbed launches; cuda: real ones (default: cuda when available)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024])
@@ -191,9 +192,37 @@ def measure_cuda(q, k, v, fwd_bwd, fused, calls, repeats, sync):
     return out
 
 
+# the head dims the fused kernel takes (fused_attention.SUPPORTED_HEAD_DIMS; that module needs triton to import)
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+def check_args(args):
+    """Every size checked before anything is allocated or imported: one line, exit 2."""
+    from common import UserError, check_fits, check_writable_dir
+    for name in ("tokens", "heads", "repeats"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.calls is not None and args.calls < 1:
+        raise UserError(f"--calls must be at least 1, got {args.calls}")
+    if min(args.seq_lens) < 1:
+        raise UserError(f"--seq-lens must be at least 1, got {min(args.seq_lens)}")
+    if args.head_dim not in HEAD_DIMS:
+        raise UserError(f"--head-dim {args.head_dim} is not one the fused kernel takes; choose one of "
+                        f"{', '.join(map(str, HEAD_DIMS))}")
+    T = max(args.seq_lens)
+    per_case = max(1, args.tokens // T) * T * args.heads * args.head_dim * 4 * 12  # fp32 draws, q/k/v, o, grads
+    check_fits(per_case, "cpu", f"--tokens {args.tokens:,} x --heads {args.heads} x --head-dim {args.head_dim}",
+               "lower --tokens or --heads")
+    if args.out is not None:  # before the measurements, not after them
+        if os.path.isdir(args.out):
+            raise UserError(f"--out {args.out} is a directory; name the JSON file to write")
+        check_writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out's directory")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    check_args(args)
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -241,4 +270,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common import cli_main
+    cli_main(main)

@@ -13,7 +13,6 @@ occupancy).
     python benchmarks/kernel_registers.py --arch 80 --head-dim 128 --check
 """
 
-import argparse
 import inspect
 import os
 import re
@@ -42,7 +41,8 @@ DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from common import ArgumentParser
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200, 80: A100)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -144,9 +144,28 @@ def problems(rows, max_sink_reg_ratio=None):
     return out
 
 
+# compute capabilities (x 10) of the GPUs fused_attention's tile tables are for, which triton compiles for
+ARCHS = (80, 86, 89, 90, 100, 120)
+
+
+def check_args(args):
+    """--arch and --head-dim before anything is compiled (an unknown architecture aborts inside LLVM)."""
+    from common import UserError
+    import fused_attention as fa
+    if args.arch not in ARCHS:
+        raise UserError(f"--arch {args.arch} is not a GPU architecture these kernels are tuned for; choose one of "
+                        f"{', '.join(map(str, ARCHS))} (compute capability x 10: 90 for H100/H200, 80 for A100)")
+    if args.head_dim not in fa.SUPPORTED_HEAD_DIMS:
+        raise UserError(f"--head-dim {args.head_dim} is not one the fused kernel takes; choose one of "
+                        f"{', '.join(map(str, fa.SUPPORTED_HEAD_DIMS))}")
+    if args.max_sink_reg_ratio is not None and not args.max_sink_reg_ratio > 0:
+        raise UserError(f"--max-sink-reg-ratio must be a positive number, got {args.max_sink_reg_ratio}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's
+    check_args(args)
     rows = sweep(args.arch, args.head_dim, args.dtype, args.first_only)
     bad = problems(rows, args.max_sink_reg_ratio)
     for line in bad:
@@ -155,4 +174,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common import cli_main
+    cli_main(main)

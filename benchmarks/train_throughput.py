@@ -31,12 +31,14 @@ import traceback
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
 sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, BENCH_DIR)  # bench_utils, for parse_args
 from attention_variants import VARIANTS as ALL_VARIANTS  # noqa: E402  (imports no triton)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common import ArgumentParser
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=ALL_VARIANTS)
     p.add_argument("--backends", nargs="+", default=["triton", "sdpa"],
                    choices=["triton", "sdpa", "reference", "auto"])
@@ -56,16 +58,17 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="tiny model for 2 steps on CPU (Triton interpreter for the fused kernel): checks the "
                         "code path only, the numbers mean nothing")
-    return p.parse_args(argv)
+    import bench_utils
+    return bench_utils.parse_with_smoke(p, argv, "--smoke",
+                                        {"batch_size": 2, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32,
+                                         "vocab_size": 128, "warmup_steps": 1, "steps": 2})
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.smoke:
+    if args.smoke:  # its sizes are set by parse_args
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-        args.batch_size, args.block_size, args.n_layer, args.n_head, args.n_embd = 2, 64, 2, 2, 32
-        args.vocab_size, args.warmup_steps, args.steps = 128, 1, 2
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
@@ -215,4 +218,5 @@ def markdown_table(results, backends):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common import cli_main
+    cli_main(main)

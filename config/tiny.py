@@ -5,7 +5,8 @@
 # a smoke test of the whole pipeline, not a result.
 dataset = "builtin"
 out_dir = "out/demo"
-overwrite = True                 # re-running the demo starts over (use --init_from=resume to continue)
+# a second run into out/demo is refused; `make demo` starts over with --overwrite=True on its command line
+# (a config file never sets overwrite: it would replace the run of whatever --out_dir is named)
 
 n_layer = 2
 n_head = 4

@@ -50,8 +50,12 @@ def test_other_shape_names_the_key(tmp_path):
     path = tmp_path / "c.pt"
     write(model, path)
     ckpt = load_checkpoint(path)
-    ckpt["model_args"]["n_embd"] = 64
-    with pytest.raises(UserError, match=r"transformer\.wte\.weight.*shape"):
+    ckpt["model_args"]["n_embd"] = 64  # the dict form is checked as a file's is: model_args against the weights
+    with pytest.raises(UserError, match=r"model_args\['n_embd'\] = 64, but the weights have n_embd 32"):
+        model_from_checkpoint(ckpt)
+    ckpt = load_checkpoint(path)
+    ckpt["model"]["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(3, 32)
+    with pytest.raises(UserError, match=r"transformer\.h\.0\.mlp\.c_fc\.weight.*shape \(3, 32\)"):
         model_from_checkpoint(ckpt)
     ckpt = load_checkpoint(path)
     ckpt["model_args"]["attention"] = "attention_bias"
