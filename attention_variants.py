@@ -165,7 +165,7 @@ def softmax1_sdpa(q, k, v, dropout_p=0.0, **_):
 def _kernel(**flags):
     """The fused kernel with `flags` (see fused_attention.fused_attention)."""
     def run(q, k, v, sigmoid_bias=None, **inputs):
-        from fused_attention import fused_attention
+        from kernels.fused_attention import fused_attention
         return fused_attention(q, k, v, sigmoid_bias=sigmoid_bias, **flags, **inputs)
     return run
 
@@ -380,7 +380,7 @@ def readme_table():
 
 def _triton_supported(q, dropout_p):
     try:
-        from fused_attention import is_supported
+        from kernels.fused_attention import is_supported
     except ImportError:  # triton missing or the kernel module unavailable
         return False
     return is_supported(q, dropout_p)

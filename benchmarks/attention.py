@@ -107,7 +107,7 @@ def main(argv=None):
     import triton
 
     import bench_utils
-    import fused_attention  # noqa: F401  (imported under the interpreter flag set above; its launch cache is recorded)
+    import kernels.fused_attention  # noqa: F401  (imported under the interpreter flag set above; its launch cache is recorded)
 
     device = "cpu" if args.interpret_smoke else "cuda"
     s = Setting(args, device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype],

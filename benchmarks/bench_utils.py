@@ -75,7 +75,7 @@ def bench_metadata(benchmark, script, argv, device):
 def chosen_tile_configs():
     """fused_attention's launch cache (the tile config each kernel ran with) as JSON rows;
     empty when the fused kernel was not used in this process."""
-    fa = sys.modules.get("fused_attention")
+    fa = sys.modules.get("kernels.fused_attention")
     if fa is None or not hasattr(fa, "_CHOSEN"):
         return []
     fields = getattr(fa, "_CHOSEN_KEY_FIELDS", None)

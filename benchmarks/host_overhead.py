@@ -203,7 +203,7 @@ def main(argv=None):
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before fused_attention is imported: it accepts CPU tensors
     import bench_utils
-    import fused_attention as fa
+    import kernels.fused_attention as fa
 
     if device == "cpu" and not fa.interpreting():
         print("error: fused_attention was imported without TRITON_INTERPRET=1; run this script on its own",

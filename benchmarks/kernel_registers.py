@@ -83,7 +83,7 @@ def compile_usage(kernel, flags, cfg, head_dim, dtype, arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import fused_attention as fa
+    import kernels.fused_attention as fa
 
     bm, bn, warps, stages = cfg
     constexprs = dict(SIGMOID=False, HEAD_D=head_dim, BLOCK_M=bm, BLOCK_N=bn,
@@ -112,7 +112,7 @@ def sweep(arch, head_dim, dtype, first_only=False, log=print):
     """One row per (kernel, flags, tile config)."""
     import torch
 
-    import fused_attention as fa
+    import kernels.fused_attention as fa
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     kernels = {"fwd": (fa._fwd_kernel, FWD_FLAGS), "dkdv": (fa._bwd_dkdv_kernel, BWD_FLAGS["dkdv"]),

@@ -14,7 +14,7 @@ from common import UserError
 from model import GPT, GPTConfig
 
 try:
-    import fused_attention  # noqa: F401
+    import kernels.fused_attention  # noqa: F401
     HAVE_TRITON = True
 except Exception:  # triton not installed
     HAVE_TRITON = False

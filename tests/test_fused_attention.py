@@ -36,8 +36,8 @@ if not torch.cuda.is_available():  # conftest does this too; harmless if repeate
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import attention_variants as av  # noqa: E402
-import fused_attention as fa  # noqa: E402
-from fused_attention import fused_attention, interpreting, is_supported  # noqa: E402
+import kernels.fused_attention as fa  # noqa: E402
+from kernels.fused_attention import fused_attention, interpreting, is_supported  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
