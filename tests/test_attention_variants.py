@@ -11,10 +11,11 @@ import torch
 import attention_variants
 from attention_variants import RECORDS, VARIANTS, attention, get_variant
 from common import UserError
+from fused_kernels.flags import KernelFlags
 from model import GPT, GPTConfig
 
 try:
-    import kernels.fused_attention  # noqa: F401
+    import fused_kernels.fused_attention  # noqa: F401
     HAVE_TRITON = True
 except Exception:  # triton not installed
     HAVE_TRITON = False
@@ -365,7 +366,7 @@ def test_auto_keeps_the_sdpa_form_where_nothing_was_measured(on_cuda):
         if variant.fused_from_t == attention_variants.DEFAULT_KERNEL_FROM_T:
             assert _auto(name, 6000) == "sdpa" and _auto(name, 16384) == "triton", name
         assert _auto(name, 16384, dropout_p=0.1) in ("sdpa", "reference"), name  # the kernel has no dropout
-    unmeasured = attention_variants.AttentionVariant("unmeasured", "f", "s", reference=None, sdpa=None, triton=None,
-                                                     kernel="")
+    unmeasured = attention_variants.AttentionVariant("unmeasured", "f", "s", reference=None, sdpa=None,
+                                                     kernel_flags=KernelFlags())
     assert unmeasured.fused_from_t is None
     assert HALF.fused_from_t == attention_variants.DEFAULT_KERNEL_FROM_T  # an output step runs the default kernel
