@@ -292,6 +292,25 @@ def test_new_variant_needs_only_a_registry_entry(half_variant, backend):
         attention_variants.register(half_variant)
 
 
+# a variant whose attention core the kernel already has: one entry naming the flags it runs with
+ZERO_SINK_COPY = attention_variants.AttentionVariant(
+    "zero_sink_copy", "softmax1 under another name", "a throw-away test variant",
+    attention_variants.softmax1_reference, attention_variants.softmax1_sdpa, KernelFlags(sink="zero"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_new_variant_reusing_kernel_flags_is_one_entry(monkeypatch, backend):
+    """Registered from inside the test with softmax1's flags, it computes softmax-off-by-one on every backend
+    (the float64 formula), and the README table describes its kernel from the flags."""
+    monkeypatch.setitem(attention_variants.REGISTRY, ZERO_SINK_COPY.name, ZERO_SINK_COPY)
+    _, q, k, v, layer, x = random_inputs("softmax1")
+    got = run(backend, ZERO_SINK_COPY, q, k, v, layer, x).double()
+    tol = 1e-10 if backend != "triton" else 2e-5
+    torch.testing.assert_close(got, naive_attention("softmax1", q, k, v, layer, x), atol=tol, rtol=tol)
+    row = next(line for line in attention_variants.readme_table().splitlines() if "`zero_sink_copy`" in line)
+    assert "| flag `sink='zero'` |" in row
+
+
 @pytest.mark.parametrize("name", ["scaling", "gated", "softmax1"])
 def test_analysis_reports_each_variant_by_its_entry(name):
     """The analysis labels a gate with what its entry says it is (never another variant's S(x)), reports
