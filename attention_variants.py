@@ -17,9 +17,10 @@ input (after ln_1).
 
 An `AttentionVariant` entry owns: the parameters the attention layer creates for it (names are part
 of the checkpoint format; shapes, initialisation, weight decay), how it computes its per-call inputs
-from x, its reference formula, its SDPA form (or none), how the fused kernel runs it, its formula text,
-what it records for the analysis, and its parameter count at GPT-2 124M. The model, the kernel tests,
-the benchmarks, the analysis and the README table all read it from here.
+from x, its reference formula, its SDPA form (or none), the flags the fused kernel runs it with (a
+`KernelFlags`, data), its formula text, what it records for the analysis, and its parameter count at
+GPT-2 124M. The model, the kernel tests, the benchmarks (the register/spill check compiles the flag sets
+of the entries), the analysis and the README table all read it from here.
 
 A variant that is "default attention, then an elementwise step on its output" (fixed_bias, scaling,
 gated) is built by `output_step_variant`: its reference, SDPA and kernel paths are default attention
@@ -29,7 +30,8 @@ Backends:
     reference  the formula as written (materialized scores, explicit mask); the ground truth for the
                other backends, and the only path that returns attention weights (the analysis uses it)
     sdpa       torch scaled_dot_product_attention wherever the variant has such a form
-    triton     the fused kernel in fused_attention.py (CUDA, or TRITON_INTERPRET=1 on CPU)
+    triton     the fused kernel in fused_kernels/fused_attention.py with the entry's `kernel_flags` (CUDA, or
+               TRITON_INTERPRET=1 on CPU)
     auto       triton on CUDA when the kernel supports the call and T >= the entry's `fused_from_t` (where
                it was measured not to be slower than the variant's SDPA form), else sdpa, else reference
 """
@@ -43,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UserError
+from fused_kernels.flags import KernelFlags  # data only: imports no triton
 
 BACKENDS = ("auto", "reference", "sdpa", "triton")
 
@@ -160,21 +163,6 @@ def softmax1_sdpa(q, k, v, dropout_p=0.0, **_):
 
 
 # ----------------------------------------------------------------------------------------------
-# kernel paths: fused_attention.py with the flags of a variant (imported lazily: triton is optional)
-
-def _kernel(**flags):
-    """The fused kernel with `flags` (see fused_attention.fused_attention)."""
-    def run(q, k, v, sigmoid_bias=None, **inputs):
-        from fused_attention import fused_attention
-        return fused_attention(q, k, v, sigmoid_bias=sigmoid_bias, **flags, **inputs)
-    return run
-
-
-def _describe_kernel(flags):
-    return "flag " + ", ".join(f"`{k}={v!r}`" for k, v in flags.items()) if flags else "default kernel"
-
-
-# ----------------------------------------------------------------------------------------------
 # the registry
 
 @dataclass(frozen=True)
@@ -193,8 +181,7 @@ class AttentionVariant:
     source: str                   # where the design comes from
     reference: Callable           # (q, k, v, *, dropout_p, sigmoid_bias, **inputs) -> (out, records)
     sdpa: Optional[Callable]      # (q, k, v, *, dropout_p, **inputs) -> out; None: no SDPA form
-    triton: Callable              # (q, k, v, *, sigmoid_bias, **inputs) -> out, through the fused kernel
-    kernel: str                   # how `triton` runs it, in words
+    kernel_flags: KernelFlags     # the fused kernel's flags (fused_kernels/flags.py); `triton` runs with them
     params: tuple = ()            # VariantParam entries
     make_inputs: Optional[Callable] = None  # (layer, x) -> dict of per-call tensors; None: the params as they are
     records: tuple = ("probs",)   # keys of RECORDS that `reference` returns
@@ -203,6 +190,23 @@ class AttentionVariant:
     # `auto` runs the fused kernel on CUDA from this sequence length on, where it was measured to be at least
     # as fast as this entry's SDPA form (benchmarks/RESULTS.md); None: never (not measured)
     fused_from_t: Optional[int] = None
+    # (y, **inputs) -> y: an elementwise step in torch on the kernel's output (output_step_variant); None:
+    # the inputs go to the kernel (e.g. the sink vectors)
+    output_step: Optional[Callable] = None
+
+    def triton(self, q, k, v, sigmoid_bias=None, **inputs):
+        """(q, k, v, *, sigmoid_bias, **inputs) -> out, through the fused kernel with `kernel_flags` (imported
+        here: triton is optional)."""
+        from fused_kernels.fused_attention import fused_attention
+        if self.output_step is not None:
+            return self.output_step(fused_attention(q, k, v, **self.kernel_flags.kwargs()), **inputs)
+        return fused_attention(q, k, v, sigmoid_bias=sigmoid_bias, **self.kernel_flags.kwargs(), **inputs)
+
+    @property
+    def kernel(self):
+        """How `triton` runs it, in words (the README's "fused kernel" column)."""
+        step = ", then the step in torch" if self.output_step is not None else ""
+        return self.kernel_flags.describe() + step
 
 
 # Where the default kernel is at least as fast as SDPA (FlashAttention-2), fwd+bwd, H200, bf16, D = 64, 16k
@@ -225,15 +229,10 @@ def output_step_variant(name, formula, source, step, *, gate_record=None, **fiel
     def sdpa(q, k, v, dropout_p=0.0, **inputs):
         return step(default_sdpa(q, k, v, dropout_p), **inputs)
 
-    default_kernel = _kernel()
-
-    def triton(q, k, v, sigmoid_bias=None, **inputs):
-        return step(default_kernel(q, k, v), **inputs)
-
     records = ("probs", "gate") if gate_record is not None else ("probs",)
     fields.setdefault("fused_from_t", DEFAULT_KERNEL_FROM_T)
-    return AttentionVariant(name, formula, source, reference, sdpa, triton,
-                            kernel="default kernel, then the step in torch", records=records, **fields)
+    return AttentionVariant(name, formula, source, reference, sdpa, KernelFlags(), records=records,
+                            output_step=step, **fields)
 
 
 def _head_vector(n_embd, n_head):
@@ -258,22 +257,21 @@ PAPER = "An et al. 2025, Systematic Outliers in LLMs"
 
 BUILTIN = [
     AttentionVariant(
-        "default", "softmax(QKᵀ/√d) V", PAPER, default_reference, default_sdpa, _kernel(),
-        _describe_kernel({}), n_params_124m=123_587_328, fused_from_t=DEFAULT_KERNEL_FROM_T),
+        "default", "softmax(QKᵀ/√d) V", PAPER, default_reference, default_sdpa, KernelFlags(),
+        n_params_124m=123_587_328, fused_from_t=DEFAULT_KERNEL_FROM_T),
     output_step_variant(
         "fixed_bias", "softmax(QKᵀ/√d) V + v′", PAPER,
         step=lambda y, v_bias: y + v_bias[None, :, None, :].to(y.dtype),
         params=(V_BIAS,), n_params_124m=123_596_544),
     AttentionVariant(
         "context_bias", "softmax(QKᵀ/√d) V + softmax(Q[k′; K]ᵀ/√d) [v′; 0]", PAPER,
-        context_bias_reference, context_bias_sdpa, _kernel(sink="context"),
-        _describe_kernel({"sink": "context"}), params=(K_BIAS, V_BIAS), records=("probs", "sink_probs"),
-        n_params_124m=123_605_760, fused_from_t=1024),  # training at T = 1024: 1.30x its SDPA form
+        context_bias_reference, context_bias_sdpa, KernelFlags(sink="context"), params=(K_BIAS, V_BIAS),
+        records=("probs", "sink_probs"), n_params_124m=123_605_760,
+        fused_from_t=1024),  # training at T = 1024: 1.30x its SDPA form
     AttentionVariant(
         "attention_bias", "softmax(Q[k′; K]ᵀ/√d) [v′; V]", PAPER,
-        attention_bias_reference, attention_bias_sdpa, _kernel(sink="learned"),
-        _describe_kernel({"sink": "learned"}), params=(K_BIAS, V_BIAS), records=("probs", "sink_probs"),
-        n_params_124m=123_605_760, fused_from_t=1024),  # training at T = 1024: 1.10x
+        attention_bias_reference, attention_bias_sdpa, KernelFlags(sink="learned"), params=(K_BIAS, V_BIAS),
+        records=("probs", "sink_probs"), n_params_124m=123_605_760, fused_from_t=1024),  # training at T = 1024: 1.10x
     output_step_variant(
         "scaling", "S(x) · softmax(QKᵀ/√d) V, S(x) = 2·sigmoid(Wx + b) per token and head", PAPER,
         step=lambda y, gate: y * gate.unsqueeze(-1).to(y.dtype),
@@ -284,7 +282,7 @@ BUILTIN = [
         n_params_124m=123_698_064),
     AttentionVariant(
         "sigmoid", "sigmoid(QKᵀ/√d + b) V, b = −ln T unless `sigmoid_bias` is set", PAPER,
-        sigmoid_reference, None, _kernel(sigmoid=True), _describe_kernel({"sigmoid": True}),
+        sigmoid_reference, None, KernelFlags(sigmoid=True),
         # no SDPA form: the alternative materialises the T x T weights (training at T = 1024: 2.30x, 1.8x less memory)
         n_params_124m=123_587_328, fused_from_t=1),
     output_step_variant(
@@ -298,9 +296,8 @@ BUILTIN = [
         n_params_124m=130_665_216),
     AttentionVariant(
         "softmax1", "Σⱼ exp(sⱼ) vⱼ / (1 + Σⱼ exp(sⱼ)), s = QKᵀ/√d: a sink with logit 0 and value 0",
-        "Miller 2023, Attention Is Off By One", softmax1_reference, softmax1_sdpa, _kernel(sink="zero"),
-        _describe_kernel({"sink": "zero"}), records=("probs", "sink_probs"), n_params_124m=123_587_328,
-        fused_from_t=1024),  # training at T = 1024: 1.17x
+        "Miller 2023, Attention Is Off By One", softmax1_reference, softmax1_sdpa, KernelFlags(sink="zero"),
+        records=("probs", "sink_probs"), n_params_124m=123_587_328, fused_from_t=1024),  # training at T = 1024: 1.17x
 ]
 REGISTRY = {v.name: v for v in BUILTIN}
 VARIANTS = tuple(REGISTRY)  # the built-in variants; `register` adds more at run time
@@ -380,7 +377,7 @@ def readme_table():
 
 def _triton_supported(q, dropout_p):
     try:
-        from fused_attention import is_supported
+        from fused_kernels.fused_attention import is_supported
     except ImportError:  # triton missing or the kernel module unavailable
         return False
     return is_supported(q, dropout_p)

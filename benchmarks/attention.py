@@ -13,8 +13,8 @@ the other variants the table's SDPA ratio is labelled "vs causal SDPA (default)"
 
 Implementations:
     fused    the variant's `triton` path in attention_variants.py (the fused kernel with
-             the variant's flags, plus its elementwise step in torch for fixed_bias /
-             scaling / gated)                                                  every variant
+             the entry's `kernel_flags`, then its elementwise `output_step` in torch
+             where it has one: fixed_bias / scaling / gated)                   every variant
     sdpa     F.scaled_dot_product_attention(is_causal=True), its best backend  'default' only
     unfused  the variant's PyTorch path in attention_variants.py: its `sdpa` form (an explicit
              mask and an extra key column for the sink variants, SDPA plus the elementwise
@@ -97,7 +97,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.interpret_smoke:  # its sizes are set by parse_args
-        # must happen before triton (and fused_attention) is imported
+        # must happen before triton (and the kernels) are imported
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
@@ -110,7 +110,7 @@ def main(argv=None):
     import triton
 
     import bench_utils
-    import fused_attention  # noqa: F401  (imported under the interpreter flag set above; its launch cache is recorded)
+    import fused_kernels.fused_attention  # noqa: F401  (imported under the interpreter flag above: tiles recorded)
 
     device = "cpu" if args.interpret_smoke else "cuda"
     s = Setting(args, device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype],

@@ -92,19 +92,13 @@ def bench_metadata(benchmark, script, argv, device):
 
 
 def chosen_tile_configs():
-    """fused_attention's launch cache (the tile config each kernel ran with) as JSON rows;
+    """The tile config each fused-attention kernel ran with (fused_kernels.launch.chosen_tiles()) as JSON rows;
     empty when the fused kernel was not used in this process."""
-    fa = sys.modules.get("fused_attention")
-    if fa is None or not hasattr(fa, "_CHOSEN"):
+    launch = sys.modules.get("fused_kernels.launch")
+    if launch is None:
         return []
-    fields = getattr(fa, "_CHOSEN_KEY_FIELDS", None)
-    rows = []
-    for key, (bm, bn, warps, stages) in list(fa._CHOSEN.items()):
-        key = [str(x).replace("torch.", "") if not isinstance(x, (int, type(None))) else x for x in key]
-        row = dict(zip(fields, key)) if fields and len(fields) == len(key) else {"key": key}
-        row.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-        rows.append(row)
-    return rows
+    return [{name: value if isinstance(value, (int, type(None))) else str(value).replace("torch.", "")
+             for name, value in row.items()} for row in launch.chosen_tiles()]
 
 
 def check_out_dir(out_dir, benchmark):

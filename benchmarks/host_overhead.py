@@ -76,21 +76,17 @@ class _StubKernel:
         pass
 
 
-@contextlib.contextmanager
-def stubbed_launches(fa, counter):
+def stubbed_launches(counter):
     """fused_attention with every launch a no-op: a launch key's first launch 'compiles' to the stub
     (counted in counter[0]), later ones take the launch cache's direct path to it."""
-    def compile_and_launch(call, kind, args):
-        counter[0] += 1
-        return _StubKernel(), (1,), {name: None for name in fa._KERNELS[kind].arg_names[len(args):]}
+    from fused_kernels import launch
+    from fused_kernels.attention_kernels import KERNELS
 
-    saved = fa._compile_and_launch, fa._FAST_LAUNCH
-    fa._compile_and_launch, fa._FAST_LAUNCH = compile_and_launch, True
-    try:
-        yield
-    finally:
-        fa._compile_and_launch, fa._FAST_LAUNCH = saved
-        fa._CALLS.clear()  # their launch caches point at the stub
+    def compile_and_launch(plan, kind, args):
+        counter[0] += 1
+        return _StubKernel(), (1,), {name: None for name in KERNELS[kind].arg_names[len(args):]}
+
+    return launch.overrides(compile_and_launch=compile_and_launch)
 
 
 def floor_function():
@@ -232,7 +228,7 @@ def main(argv=None):
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before fused_attention is imported: it accepts CPU tensors
     import bench_utils
-    import fused_attention as fa
+    import fused_kernels.fused_attention as fa
 
     if device == "cpu" and not fa.interpreting():
         print("error: fused_attention was imported without TRITON_INTERPRET=1; run this script on its own",
@@ -244,7 +240,7 @@ def main(argv=None):
     counter = [0]
     # stdout carries the JSON line alone (fused_attention prints its autotuning choices)
     with contextlib.redirect_stdout(sys.stderr):
-        with stubbed_launches(fa, counter) if device == "cpu" else contextlib.nullcontext():
+        with stubbed_launches(counter) if device == "cpu" else contextlib.nullcontext():
             rows = [measure(args, T, device, dtype, fa, counter) for T in args.seq_lens]
     keys = KEYS + ("fwd_vs_floor", "fwd_bwd_vs_floor") + (CUDA_KEYS if device == "cuda" else ())
     result = {key: max(row[key] for row in rows) for key in keys}

@@ -2,8 +2,9 @@
 """Registers and spills of every fused-attention kernel, compiled ahead of time for a GPU
 architecture without a GPU (triton.compile for a GPUTarget; ptxas and cuobjdump ship with triton).
 
-For each kernel (fwd, dkdv, dq), each combination of its tl.constexpr flags that a registry variant
-uses, and each tile candidate of fused_attention's table for (arch, head dim, dtype), it prints
+For each kernel (fwd, dkdv, dq), each combination of its tl.constexpr switches that the kernel flags of
+a registry variant (attention_variants.py) give it, and each tile candidate of fused_kernels/launch.py's table
+for (arch, head dim, dtype), it prints
 registers per thread, spill bytes (LOCAL / STACK) and shared memory. `--check` exits 1 when a
 config spills, or, with --max-sink-reg-ratio R, when a sink variant's forward needs more than R
 times the registers of the default forward with the same tiles (its extra state must not cost
@@ -23,20 +24,7 @@ import tempfile
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(BENCH_DIR))
 
-# the flag combinations the registry's variants use, per kernel (elementwise-step variants
-# run the default kernel)
-FWD_FLAGS = {
-    "softmax": {},
-    "learned sink": {"LEARNED_SINK": True},
-    "context sink": {"CONTEXT_SINK": True},
-    "zero sink": {"ZERO_SINK": True},
-    "sigmoid": {"SIGMOID": True},
-}
-BWD_FLAGS = {
-    "dkdv": {"softmax": {}, "sigmoid": {"SIGMOID": True}},
-    "dq": {"softmax": {}, "sink params": {"SINK_PARAMS": True},
-           "sigmoid": {"SIGMOID": True}},
-}
+KINDS = ("fwd", "dkdv", "dq")  # the preprocess kernel has no tiles to choose
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
 
 
@@ -77,26 +65,37 @@ def _signature(fn, dtype_ptr, constexprs):
     return sig, attrs
 
 
+def flag_sets(variants=None):
+    """{kernel: {label: switches}}: the distinct tl.constexpr switches each kernel runs with for the kernel
+    flags of ``variants`` (default: every registered attention variant), in registry order; a label names
+    the switches that are on ("softmax" when none is)."""
+    from attention_variants import REGISTRY
+    from fused_kernels.attention_kernels import switches
+
+    variants = REGISTRY.values() if variants is None else variants
+    sets = {kind: {} for kind in KINDS}
+    for variant in variants:
+        for kind in KINDS:
+            on = switches(kind, variant.kernel_flags)
+            label = " ".join(name.lower().replace("_", " ") for name, value in on.items() if value) or "softmax"
+            sets[kind].setdefault(label, on)
+    return sets
+
+
 def compile_usage(kernel, flags, cfg, head_dim, dtype, arch):
     """Resource usage of one compiled kernel: dict(regs, local, stack, shared)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import fused_attention as fa
+    from fused_kernels.launch import LAUNCH_OPTS
 
     bm, bn, warps, stages = cfg
-    constexprs = dict(SIGMOID=False, HEAD_D=head_dim, BLOCK_M=bm, BLOCK_N=bn,
-                      PREC="tf32", UPCAST=False)
-    names = inspect.signature(kernel.fn).parameters
-    for name in ("LEARNED_SINK", "CONTEXT_SINK", "ZERO_SINK", "SINK_PARAMS"):
-        if name in names:
-            constexprs[name] = False
-    constexprs.update(flags)
+    constexprs = dict(**flags, HEAD_D=head_dim, BLOCK_M=bm, BLOCK_N=bn, PREC="tf32", UPCAST=False)
     sig, attrs = _signature(kernel, DTYPES[dtype], constexprs)
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", arch, 128 if arch >= 90 else 64),
-                              options={"num_warps": warps, "num_stages": stages, **fa._LAUNCH_OPTS})
+                              options={"num_warps": warps, "num_stages": stages, **LAUNCH_OPTS})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -112,17 +111,16 @@ def sweep(arch, head_dim, dtype, first_only=False, log=print):
     """One row per (kernel, flags, tile config)."""
     import torch
 
-    import fused_attention as fa
+    from fused_kernels.attention_kernels import KERNELS
+    from fused_kernels.launch import candidates
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    kernels = {"fwd": (fa._fwd_kernel, FWD_FLAGS), "dkdv": (fa._bwd_dkdv_kernel, BWD_FLAGS["dkdv"]),
-               "dq": (fa._bwd_dq_kernel, BWD_FLAGS["dq"])}
     rows = []
-    for kind, (kernel, flag_sets) in kernels.items():
-        candidates = fa._candidates(kind, head_dim, torch_dtype, arch)
-        for cfg in candidates[:1] if first_only else candidates:
-            for label, flags in flag_sets.items():
-                usage = compile_usage(kernel, flags, cfg, head_dim, dtype, arch)
+    for kind, labelled in flag_sets().items():
+        cands = candidates(kind, head_dim, torch_dtype, arch)
+        for cfg in cands[:1] if first_only else cands:
+            for label, flags in labelled.items():
+                usage = compile_usage(KERNELS[kind], flags, cfg, head_dim, dtype, arch)
                 row = {"kernel": kind, "flags": label, "config": cfg, **usage}
                 rows.append(row)
                 log(f"sm_{arch} D={head_dim} {dtype} {kind:4s} {label:13s} BLOCK_M={cfg[0]:3d} BLOCK_N={cfg[1]:3d} "
@@ -144,14 +142,14 @@ def problems(rows, max_sink_reg_ratio=None):
     return out
 
 
-# compute capabilities (x 10) of the GPUs fused_attention's tile tables are for, which triton compiles for
+# compute capabilities (x 10) of the GPUs the tile tables of fused_kernels/launch.py are for, which triton compiles for
 ARCHS = (80, 86, 89, 90, 100, 120)
 
 
 def check_args(args):
     """--arch and --head-dim before anything is compiled (an unknown architecture aborts inside LLVM)."""
     from common import UserError
-    import fused_attention as fa
+    from fused_kernels import fused_attention as fa
     if args.arch not in ARCHS:
         raise UserError(f"--arch {args.arch} is not a GPU architecture these kernels are tuned for; choose one of "
                         f"{', '.join(map(str, ARCHS))} (compute capability x 10: 90 for H100/H200, 80 for A100)")

@@ -7,7 +7,7 @@ For each (variant, backend) it builds GPT(GPTConfig(attention=variant, attn_back
 train.py, and reports after the warm-up steps: ms per step, tokens/s, MFU
 (model.estimate_mfu; PaLM FLOPs over the GPU's peak dense bf16) and peak memory.
 
-Backends: 'triton' is the fused kernel (fused_attention.py); 'sdpa' is the project's unfused
+Backends: 'triton' is the fused kernel (fused_kernels/fused_attention.py); 'sdpa' is the project's unfused
 PyTorch path (torch SDPA where the variant has such a form, the materialised reference for
 sigmoid); 'reference' and 'auto' are accepted too.  An out-of-memory case is recorded as "OOM".
 

@@ -26,7 +26,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 # --- Triton interpreter on machines without CUDA ---------------------------------------------------
 # Triton decides interpreter vs. GPU when a kernel is decorated with @triton.jit, i.e. when
-# fused_attention is first imported (possibly lazily, through attention_variants / model).
+# fused_kernels/attention_kernels.py is first imported (possibly lazily, through attention_variants / model).
 # Setting the variable at collection time, before any test module is imported, makes the
 # kernels run on CPU tensors in CI.
 try:

@@ -11,10 +11,11 @@ import torch
 import attention_variants
 from attention_variants import RECORDS, VARIANTS, attention, get_variant
 from common import UserError
+from fused_kernels.flags import KernelFlags
 from model import GPT, GPTConfig
 
 try:
-    import fused_attention  # noqa: F401
+    import fused_kernels.fused_attention  # noqa: F401
     HAVE_TRITON = True
 except Exception:  # triton not installed
     HAVE_TRITON = False
@@ -291,6 +292,25 @@ def test_new_variant_needs_only_a_registry_entry(half_variant, backend):
         attention_variants.register(half_variant)
 
 
+# a variant whose attention core the kernel already has: one entry naming the flags it runs with
+ZERO_SINK_COPY = attention_variants.AttentionVariant(
+    "zero_sink_copy", "softmax1 under another name", "a throw-away test variant",
+    attention_variants.softmax1_reference, attention_variants.softmax1_sdpa, KernelFlags(sink="zero"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_new_variant_reusing_kernel_flags_is_one_entry(monkeypatch, backend):
+    """Registered from inside the test with softmax1's flags, it computes softmax-off-by-one on every backend
+    (the float64 formula), and the README table describes its kernel from the flags."""
+    monkeypatch.setitem(attention_variants.REGISTRY, ZERO_SINK_COPY.name, ZERO_SINK_COPY)
+    _, q, k, v, layer, x = random_inputs("softmax1")
+    got = run(backend, ZERO_SINK_COPY, q, k, v, layer, x).double()
+    tol = 1e-10 if backend != "triton" else 2e-5
+    torch.testing.assert_close(got, naive_attention("softmax1", q, k, v, layer, x), atol=tol, rtol=tol)
+    row = next(line for line in attention_variants.readme_table().splitlines() if "`zero_sink_copy`" in line)
+    assert "| flag `sink='zero'` |" in row
+
+
 @pytest.mark.parametrize("name", ["scaling", "gated", "softmax1"])
 def test_analysis_reports_each_variant_by_its_entry(name):
     """The analysis labels a gate with what its entry says it is (never another variant's S(x)), reports
@@ -365,7 +385,7 @@ def test_auto_keeps_the_sdpa_form_where_nothing_was_measured(on_cuda):
         if variant.fused_from_t == attention_variants.DEFAULT_KERNEL_FROM_T:
             assert _auto(name, 6000) == "sdpa" and _auto(name, 16384) == "triton", name
         assert _auto(name, 16384, dropout_p=0.1) in ("sdpa", "reference"), name  # the kernel has no dropout
-    unmeasured = attention_variants.AttentionVariant("unmeasured", "f", "s", reference=None, sdpa=None, triton=None,
-                                                     kernel="")
+    unmeasured = attention_variants.AttentionVariant("unmeasured", "f", "s", reference=None, sdpa=None,
+                                                     kernel_flags=KernelFlags())
     assert unmeasured.fused_from_t is None
     assert HALF.fused_from_t == attention_variants.DEFAULT_KERNEL_FROM_T  # an output step runs the default kernel

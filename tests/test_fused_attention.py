@@ -1,4 +1,4 @@
-"""Correctness tests for the fused Triton attention kernels (fused_attention.py), run through every
+"""Correctness tests for the fused Triton attention kernels (fused_kernels/), run through every
 attention variant's registry entry (attention_variants.py): its `triton` path against its `reference`.
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1,
@@ -36,8 +36,10 @@ if not torch.cuda.is_available():  # conftest does this too; harmless if repeate
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import attention_variants as av  # noqa: E402
-import fused_attention as fa  # noqa: E402
-from fused_attention import fused_attention, interpreting, is_supported  # noqa: E402
+import fused_kernels.fused_attention as fa  # noqa: E402
+from fused_kernels import attention_kernels, launch  # noqa: E402
+from fused_kernels.flags import SWITCHES, KernelFlags  # noqa: E402
+from fused_kernels.fused_attention import fused_attention, interpreting, is_supported  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -354,8 +356,8 @@ def test_bad_inputs_raise_value_error():
         fused_attention(q, k, v, v_bias=zeros)  # a sink vector that would be silently ignored
 
 
-# The GPU tile tables, run under the interpreter through the test-only _FORCE_ARCH and
-# _FORCE_CANDIDATE hooks: the interpreter's own table uses small tiles, these are the configs the
+# The GPU tile tables, run under the interpreter through launch.overrides(arch=..., candidate=...): the
+# interpreter's own table uses small tiles, these are the configs the
 # autotuner may pick on a GPU (BLOCK_M != BLOCK_N, several off-diagonal blocks, diagonal
 # sub-blocks and ragged tails).  Every candidate of the main training shape (sm_90, D = 64, bf16)
 # runs; the other tables run their first and second candidates.
@@ -376,14 +378,15 @@ GPU_TILE_CASES = [
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter run of the GPU tile tables")
 @pytest.mark.parametrize("arch,index,variant,dtype,T,D", GPU_TILE_CASES, ids=lambda x: str(x).replace("torch.", ""))
 @pytest.mark.slow
-def test_gpu_tile_table_under_interpreter(monkeypatch, arch, index, variant, dtype, T, D):
-    monkeypatch.setattr(fa, "_FORCE_ARCH", arch)
-    monkeypatch.setattr(fa, "_FORCE_CANDIDATE", index)
-    monkeypatch.setattr(fa, "_CHOSEN", {})
-    _check_against_truth(_master(variant, 1, 2, T, D, seed=T + D + arch), dtype)
-    used = {k[0]: cfg for k, cfg in fa._CHOSEN.items() if k[1] == D and k[2] == dtype and k[6] == arch}
+def test_gpu_tile_table_under_interpreter(arch, index, variant, dtype, T, D):
+    with launch.overrides(arch=arch, candidate=index):
+        _check_against_truth(_master(variant, 1, 2, T, D, seed=T + D + arch), dtype)
+        chosen = launch.chosen_tiles()
+    used = {row["kernel"]: (row["BLOCK_M"], row["BLOCK_N"], row["num_warps"], row["num_stages"]) for row in chosen
+            if (row["head_dim"], row["dtype"], row["arch"]) == (D, dtype, arch)}
+    assert len(used) == len(chosen) == 3  # fwd, dkdv, dq; the preprocess has one fixed tile
     for kind in ("fwd", "dkdv", "dq"):
-        cands = fa._candidates(kind, D, dtype, arch)
+        cands = launch.candidates(kind, D, dtype, arch)
         expected = cands[min(index, len(cands) - 1)]
         assert used[kind] == expected, (kind, used.get(kind), expected)
         assert T % expected[0] and T % expected[1]  # ragged tails in both tile dims
@@ -393,13 +396,14 @@ def test_gpu_tile_table_under_interpreter(monkeypatch, arch, index, variant, dty
 def test_autotune_key_and_buckets():
     """The tuning key covers head dim, dot precision, every flag and the T bucket (dtype is added by
     triton); sequence lengths share a result within a power-of-two bucket."""
-    assert [fa._t_bucket(t) for t in (1, 16, 17, 1024, 1025, 10**6)] == [16, 16, 32, 1024, 2048, 65536]
-    for kind, kernel in (("fwd", fa._fwd_kernel), ("dkdv", fa._bwd_dkdv_kernel), ("dq", fa._bwd_dq_kernel)):
+    assert [launch.t_bucket(t) for t in (1, 16, 17, 1024, 1025, 10**6)] == [16, 16, 32, 1024, 2048, 65536]
+    for kind in ("fwd", "dkdv", "dq"):
+        kernel = attention_kernels.KERNELS[kind]
         names = set(kernel.arg_names)
         flags = {n for n in names if n.isupper() and n not in {"Q", "K", "V", "O", "OU", "LSE", "KB", "VB", "DO",
                                                                 "DELTA", "DS0", "DK", "DV", "DQ", "H", "T",
                                                                 "BLOCK_M", "BLOCK_N", "UPCAST"}}
-        assert flags <= set(fa._TUNE_KEY), (kind, flags - set(fa._TUNE_KEY))
+        assert flags <= set(launch.TUNE_KEY), (kind, flags - set(launch.TUNE_KEY))
 
 
 def test_tile_tables_are_consistent():
@@ -409,7 +413,7 @@ def test_tile_tables_are_consistent():
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for D in (16, 32, 64, 128):
                 for kind in ("fwd", "dkdv", "dq"):
-                    cands = fa._candidates(kind, D, dtype, arch)
+                    cands = launch.candidates(kind, D, dtype, arch)
                     assert cands, (arch, dtype, D, kind)
                     assert len(set(cands)) == len(cands), (arch, dtype, D, kind)
                     for bm, bn, warps, stages in cands:
@@ -418,13 +422,13 @@ def test_tile_tables_are_consistent():
                         else:
                             assert bm % bn == 0, (arch, dtype, D, kind, bm, bn)
                         assert warps in (1, 2, 4, 8) and stages >= 1
-    assert fa._candidates("dkdv", 128, torch.bfloat16, 80) != fa._candidates("dkdv", 128, torch.bfloat16, 90)
+    assert launch.candidates("dkdv", 128, torch.bfloat16, 80) != launch.candidates("dkdv", 128, torch.bfloat16, 90)
 
 
 def test_interpreting_flag():
     """interpreting() reports the decision triton took when the kernels were decorated."""
     import triton
-    assert interpreting() == (not isinstance(fa._fwd_kernel, triton.runtime.jit.JITFunction))
+    assert interpreting() == (not isinstance(attention_kernels.fwd_kernel, triton.runtime.jit.JITFunction))
     if not torch.cuda.is_available():  # conftest sets TRITON_INTERPRET=1 before the import
         assert interpreting()
 
@@ -475,11 +479,13 @@ class _Recorder:
     def __init__(self):
         self.through_triton = []  # (kind, args, named) of each launch that missed the cache
         self.direct = []          # (kind, every argument of the launcher call) of each cached launch
+        self.switches = []        # (kind, the tl.constexpr switches triton would get) of each missed launch
 
-    def compile_and_launch(self, call, kind, args):
-        named = {name: ("named", name) for name in fa._KERNELS[kind].arg_names[len(args):]}
-        named["T_BUCKET"] = fa._t_bucket(call.shape[2]) if "T_BUCKET" in named else None
+    def compile_and_launch(self, plan, kind, args):
+        named = {name: ("named", name) for name in attention_kernels.KERNELS[kind].arg_names[len(args):]}
+        named["T_BUCKET"] = launch.t_bucket(plan.shape[2]) if "T_BUCKET" in named else None
         self.through_triton.append((kind, args, named))
+        self.switches.append((kind, {n: v for n, v in plan.constexprs[kind].items() if n in SWITCHES}))
         recorder = self
 
         class Compiled:
@@ -497,12 +503,10 @@ class _Recorder:
 
 
 @pytest.fixture
-def recorder(monkeypatch):
+def recorder():
     rec = _Recorder()
-    monkeypatch.setattr(fa, "_compile_and_launch", rec.compile_and_launch)
-    monkeypatch.setattr(fa, "_FAST_LAUNCH", True)
-    monkeypatch.setattr(fa, "_CALLS", {})
-    return rec
+    with launch.overrides(compile_and_launch=rec.compile_and_launch):
+        yield rec
 
 
 def _model_qkv(B=2, T=40, H=2, D=16, dtype=torch.float32, offset=0):
@@ -524,7 +528,7 @@ def test_launch_cache_launches_directly_with_the_kernels_arguments(recorder):
     assert grid == (7, 3, 1) and stream == 0 and function == ("function", "fwd")
     assert metadata == ("metadata", "fwd") and launch_meta is None and enter is None and exit_ is None
     # every kernel parameter, by name: triton's launcher takes them all, in the kernel's order
-    names = fa._fwd_kernel.arg_names
+    names = attention_kernels.fwd_kernel.arg_names
     full = dict(zip(names, launched[9:]))
     assert len(launched) - 9 == len(names)
     assert full["Q"] is q and full["K"] is k and full["V"] is v
@@ -533,7 +537,7 @@ def test_launch_cache_launches_directly_with_the_kernels_arguments(recorder):
     B, H, T, D = q.shape
     assert (full["stride_qb"], full["stride_qh"], full["stride_qt"], full["stride_qd"]) == q.stride()
     assert (full["stride_ob"], full["stride_oh"], full["stride_ot"], full["stride_od"]) == out.stride()
-    assert (full["H"], full["T"], full["T_BUCKET"]) == (H, T, fa._t_bucket(T))
+    assert (full["H"], full["T"], full["T_BUCKET"]) == (H, T, launch.t_bucket(T))
     assert full["qk_scale"] == pytest.approx(math.log2(math.e) / math.sqrt(D))
     for name in ("SIGMOID", "LEARNED_SINK", "CONTEXT_SINK", "ZERO_SINK", "HEAD_D", "BLOCK_M", "BLOCK_N", "PREC",
                  "UPCAST"):
@@ -573,7 +577,7 @@ def test_launch_cache_backward(recorder):
         torch.autograd.grad(fused_attention(q, k, v), (q, k, v), dout)
     assert recorder.kinds() == ["fwd", "pre", "dkdv", "dq"]
     assert [kind for kind, _ in recorder.direct] == ["fwd", "pre", "dkdv", "dq"]
-    dkdv = dict(zip(fa._bwd_dkdv_kernel.arg_names, recorder.direct[2][1][9:]))
+    dkdv = dict(zip(attention_kernels.bwd_dkdv_kernel.arg_names, recorder.direct[2][1][9:]))
     assert dkdv["DO"] is dout and (dkdv["stride_dob"], dkdv["stride_doh"], dkdv["stride_dot"],
                                    dkdv["stride_dod"]) == dout.stride()
     torch.autograd.grad(fused_attention(q, k, v), (q, k, v), dout.contiguous())  # dO in another layout
@@ -627,8 +631,81 @@ def test_launch_cache_unused_under_the_interpreter():
         pytest.skip("interpreter only")
     q, k, v = _model_qkv(T=9)
     fused_attention(q, k, v)
-    call = next(c for c in fa._CALLS.values() if c.shape == tuple(q.shape) and c.dtype == q.dtype)
-    assert call.launches and all(fast is None for fast in call.launches.values())
+    plan = launch.plan(q, k, v, None, None, None, False, fa._check)  # the plan the call above made
+    assert plan.launches and all(fast is None for fast in plan.launches.values())
+
+
+def test_overrides_end_with_their_block():
+    """Plans and chosen tiles made under launch.overrides stay inside it: after the block, the same arguments
+    get the interpreter's plan and tiles again, not the forced architecture's."""
+    if not interpreting():
+        pytest.skip("interpreter only")
+    q, k, v = _model_qkv(T=70)
+    with launch.overrides(arch=80, candidate=1):
+        fused_attention(q, k, v)
+        inside = launch.plan(q, k, v, None, None, None, False, fa._check)
+        assert inside.arch == 80 and {row["arch"] for row in launch.chosen_tiles()} == {80}
+    fused_attention(q, k, v)
+    after = launch.plan(q, k, v, None, None, None, False, fa._check)
+    assert after is not inside and after.arch is None
+    assert all(row["arch"] is None for row in launch.chosen_tiles())
+
+
+# ----------------------------------------------------------------------------
+# Kernel flags are data: each registry entry's flags are what its fused path runs, and the register/spill
+# check compiles every flag set the registry gives the kernels
+# ----------------------------------------------------------------------------
+
+EVERY_FLAG_SET = [KernelFlags(), KernelFlags(sink="learned"), KernelFlags(sink="context"), KernelFlags(sink="zero"),
+                  KernelFlags(sigmoid=True)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_runs_the_kernel_with_its_flags(variant):
+    """The variant's fused output is the kernel's with its entry's flags (then its output step, if any), and
+    not the kernel's with any other flag set: the flags in the entry are the ones that run."""
+    spec = av.get_variant(variant)
+    m = _master(variant, 1, 2, 20, 16, seed=37)
+    q, k, v = _split(m["qkv"], 2, "qkv")
+    inputs = av.variant_inputs(m["layer"], spec, m["x"])
+    g = torch.Generator().manual_seed(41)
+    sink_vectors = {name: inputs.get(name, torch.randn(2, 16, generator=g).to(DEVICE)) for name in ("k_bias", "v_bias")}
+    with torch.no_grad():
+        got = spec.triton(q, k, v, **inputs)
+        by_flags = {}
+        for flags in EVERY_FLAG_SET:
+            core = fused_attention(q, k, v, sink=flags.sink, sigmoid=flags.sigmoid,
+                                   **(sink_vectors if flags.sink in ("learned", "context") else {}))
+            by_flags[flags] = spec.output_step(core, **inputs) if spec.output_step is not None else core
+    assert spec.kernel_flags in by_flags
+    assert torch.equal(got, by_flags[spec.kernel_flags])
+    for flags, out in by_flags.items():
+        if flags != spec.kernel_flags:
+            assert _err(got, out) > 1e-3, (variant, flags)  # another core gives another output
+
+
+def test_kernel_registers_covers_every_flag_set_of_the_registry(recorder):
+    """The register/spill check compiles, per kernel, exactly the switch sets the registry's variants launch
+    the kernels with (recorded from their fused forward and backward); it follows the registry."""
+    registers = _load_script("kernel_registers.py")
+    for variant in VARIANTS:
+        spec = av.get_variant(variant)
+        m = _master(variant, 1, 2, 9, 16, seed=43)
+        qkv = m["qkv"].clone().requires_grad_()
+        q, k, v = _split(qkv, 2, "qkv")
+        spec.triton(q, k, v, **av.variant_inputs(m["layer"], spec, m["x"])).sum().backward()
+    compiled = registers.flag_sets()
+    assert set(compiled) == {"fwd", "dkdv", "dq"}
+    for kind, labelled in compiled.items():
+        launched = {tuple(sorted(switches.items())) for k, switches in recorder.switches if k == kind}
+        assert launched == {tuple(sorted(switches.items())) for switches in labelled.values()}, kind
+    # what the counts of the sm_90 check below rest on: 5 forward cores, 2 dK/dV, 3 dQ
+    assert {kind: len(labelled) for kind, labelled in compiled.items()} == {"fwd": 5, "dkdv": 2, "dq": 3}
+    assert set(compiled["fwd"]) == {"softmax", "learned sink", "context sink", "zero sink", "sigmoid"}
+    # derived from the entries given: without sigmoid's entry no kernel is compiled with SIGMOID on
+    without_sigmoid = registers.flag_sets([av.get_variant(name) for name in VARIANTS if name != "sigmoid"])
+    assert all(not s.get("SIGMOID") for labelled in without_sigmoid.values() for s in labelled.values())
+    assert len(without_sigmoid["dkdv"]) == 1
 
 
 # ----------------------------------------------------------------------------
