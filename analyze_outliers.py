@@ -74,8 +74,8 @@ def parse_args(argv):
     p.add_argument("--intervene", choices=["none", "zero", "mean"], default="none",
                    help="set the massive activations to zero / their mean where they are generated, where they are only "
                         "carried, and everywhere, and the gamma-driven LayerNorm channels to the median gamma; report each "
-                        "loss change (replays the analysis' forward from the first edited layer: at most about the "
-                        "analysis' own time)")
+                        "loss change (each replays the analysis' forward from the first edited layer; the three "
+                        "targets in one batched forward)")
     p.add_argument("--surface_layer", type=int, default=None, help="layer of the 3-D magnitude plot (default: largest top-1)")
     p.add_argument("--max_list", type=int, default=100, help="outliers kept in each list of outliers.json (largest first; totals are counted)")
     p.add_argument("--out", help="output directory (default: beside the checkpoint, or out/outliers_<name>)")
@@ -811,7 +811,8 @@ def report_weights(doc):
     lines += [markdown_table(["layer"] + [f"{mod}: extremal ratio (column; # outliers)" for mod in modules], rows), ""]
     wd = doc["weight"].get(down_proj_name(doc))
     if wd and wd["top_entries"]:
-        score = "column share |w|/sum|w|" if doc["thresholds"]["weight"]["rule"] == "column" else "|w|/row-mean"
+        score = {"ratio": "|w|/column-mean", "column": "column share |w|/sum|w|",
+                 "paper": "|w|/row-mean"}[doc["thresholds"]["weight"]["rule"]]
         lines += [f"Largest {score} entries of {down_proj_name(doc)} (W_down): " + ", ".join(
             f"L{e[0]} out {e[1]} in {e[2]}: {number(e[3])}" for e in wd["top_entries"][:5]) + ".", ""]
     if figs.get("down_proj_weights"):

@@ -786,6 +786,10 @@ class ConsistencyAccumulator:
         }
 
 
+# a down-projection input that makes up at least 5% of the generating output is named a driver in Figure 7
+MEANINGFUL_DRIVER = 0.05
+
+
 class OutlierAnalyzer:
     """Everything of analyze_outliers.py that is computed per batch of sequences, streaming.
 
@@ -897,9 +901,10 @@ class OutlierAnalyzer:
         out["weight"] = self.weights
         out["lifecycle"] = self.lifecycle.result(ti)
         drivers = out["lifecycle"][0]["mlp_drivers"] if out["lifecycle"] else []
-        # Figure 7 shows the layer whose MLP generates the largest massive activation
+        # Figure 7 shows the layer whose MLP generates the largest massive activation, and the units that do
         out["weight_link"] = weight_link(self.model, self.x_acc.chan, layer=drivers[0]["layer"] if drivers else None,
-                                         drivers=[d["down_input_channel"] for d in drivers])
+                                         drivers=[d["down_input_channel"] for d in drivers
+                                                  if abs(d["share"]) >= MEANINGFUL_DRIVER])
         gate = getattr(getattr(self.view.attn[0], "variant", None), "gate", None)
         out["attention"] = self.attention.result(gate_meaning=gate)
         out["consistency"] = self.consistency.result(self.weights, self.view.down_name, self.h_acc, self.x_acc,
