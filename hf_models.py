@@ -104,6 +104,8 @@ FAMILY_NAMES = {"llama": "LLaMA 1/2/3", "mistral": "Mistral", "qwen2": "Qwen2 / 
                 "gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3 (text)",
                 "phi3": "Phi-3", "phi": "Phi-1.5 / Phi-2", "opt": "OPT", "falcon": "Falcon", "gpt_neox": "GPT-NeoX / Pythia",
                 "gpt2": "GPT-2"}
+# multimodal model types whose language model is a supported family (their configs nest it; not supported whole)
+WRAPPED_TEXT_MODELS = {"gemma3": "gemma3_text"}
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2", "openai-community/gpt2-medium",
               "openai-community/gpt2-large", "openai-community/gpt2-xl")
@@ -402,6 +404,10 @@ def family_of(config):
     if any(getattr(config, k, None) for k in MOE_KEYS):
         raise UserError(f"{config.model_type} is a mixture-of-experts model; its MLP has no single down projection, "
                         f"so the x_down and W_down analyses are not defined for it (not supported)")
+    if config.model_type in WRAPPED_TEXT_MODELS:
+        raise UserError(f"model type {config.model_type!r} wraps a vision model around a "
+                        f"{WRAPPED_TEXT_MODELS[config.model_type]!r} language model, which is supported on its own: "
+                        f"analyse a text-only checkpoint (e.g. Gemma 3 1B) or the language model saved alone")
     if config.model_type not in FAMILIES:
         raise UserError(f"model type {config.model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
     return FAMILIES[config.model_type]

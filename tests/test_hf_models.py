@@ -571,6 +571,8 @@ def test_mixture_of_experts_and_unknown_families_are_refused(tmp_path):
         hf_models.family_of(cfg)
     with pytest.raises(UserError, match="not supported"):
         hf_models.family_of(transformers.BloomConfig(vocab_size=V, hidden_size=C, n_layer=1, n_head=NH))
+    with pytest.raises(UserError, match="'gemma3_text' language model"):  # Gemma 3 with vision
+        hf_models.family_of(transformers.Gemma3Config())
 
 
 def test_compress_text_uses_the_models_tokenizer(tmp_path):
