@@ -135,39 +135,57 @@ def intervention_losses(model, batches, mode, means, gamma_channels=None, autoca
     means: {target: {(layer, channel): value}}) and, with gamma_channels ({norm: [channel]}), with those
     LayerNorm gains at their norm's median. -> ({target: (loss, activations changed)}, gamma loss or None)."""
     view = model_view(model)
-    device = next(model.parameters()).device
     totals = {target: [0.0, 0] for target in INTERVENTION_TARGETS}
     gamma_total, n_seqs = 0.0, 0
-    gamma_first = GammaIntervention(model, gamma_channels).first_layer() if gamma_channels else None
     with analysis_attention(model), torch.no_grad(), autocast or contextlib.nullcontext():
         for batch in batches:
             B = batch.X.shape[0]
             n_seqs += B
-            edits = {target: batch.edits(target, mode, means.get(target, {})) for target in INTERVENTION_TARGETS}
-            group = [target for target, e in edits.items() if e is not None and len(e[0])]
-            for target in INTERVENTION_TARGETS:
-                totals[target][0] += batch.loss * B  # replaced below where the target edits something
-            if group:  # one forward for the targets: the batch repeated, each copy with its own edits
-                offset = lambda e, g: (e[0], e[1] + g * B, e[2], e[3], e[4])  # noqa: E731
-                nll, n = replayed_nll(model, view, batch.X.repeat(len(group), 1).to(device),
-                                      batch.Y.repeat(len(group), 1).to(device), batch.start,
-                                      None if batch.h_start is None else batch.h_start.repeat(len(group), 1, 1),
-                                      batch.returns_tuple, [offset(edits[t], g) for g, t in enumerate(group)])
-                for g, target in enumerate(group):
-                    loss = float(nll[g * B:(g + 1) * B].sum() / max(int(n[g * B:(g + 1) * B].sum()), 1))
-                    totals[target][0] += (loss - batch.loss) * B
-                    totals[target][1] += len(edits[target][0])
+            for target, (loss, count) in _target_losses(model, view, batch, mode, means).items():
+                totals[target][0] += loss * B
+                totals[target][1] += count
             if gamma_channels:
-                start = batch.start if batch.h_start is not None and gamma_first >= batch.start else 0
-                with GammaIntervention(model, gamma_channels):
-                    nll, n = replayed_nll(model, view, batch.X.to(device), batch.Y.to(device), start,
-                                          batch.h_start if start else None, batch.returns_tuple)
-                gamma_total += float(nll.sum() / max(int(n.sum()), 1)) * B
+                gamma_total += _gamma_loss(model, view, batch, gamma_channels) * B
             if progress is not None:
                 progress.update(B)
     n_seqs = max(n_seqs, 1)
     losses = {target: (total / n_seqs, count) for target, (total, count) in totals.items()}
     return losses, (gamma_total / n_seqs if gamma_channels else None)
+
+
+def _target_losses(model, view, batch, mode, means):
+    """{target: (loss, edits)} of one batch. The targets that edit something share forwards: the batch is
+    repeated, each copy with its target's edits, in forwards of at most max(B, number of targets) sequences
+    (the analysis' own batch size where that is larger, so that memory stays as the analysis needed)."""
+    B = batch.X.shape[0]
+    edits = {target: batch.edits(target, mode, means.get(target, {})) for target in INTERVENTION_TARGETS}
+    out = {target: (batch.loss, 0) for target in INTERVENTION_TARGETS}  # a target without edits: the clean loss
+    group = [target for target, e in edits.items() if e is not None and len(e[0])]
+    per_forward = max(1, max(B, len(group)) // B)  # copies of the batch in one forward
+    device = next(model.parameters()).device
+    for first in range(0, len(group), per_forward):
+        part = group[first:first + per_forward]
+        copies = len(part)
+        shifted = [(e[0], e[1] + g * B, e[2], e[3], e[4]) for g, e in enumerate(edits[t] for t in part)]
+        h = None if batch.h_start is None else batch.h_start.repeat(copies, 1, 1)
+        nll, n = replayed_nll(model, view, batch.X.repeat(copies, 1).to(device), batch.Y.repeat(copies, 1).to(device),
+                              batch.start, h, batch.returns_tuple, shifted)
+        for g, target in enumerate(part):
+            rows = slice(g * B, (g + 1) * B)
+            out[target] = (float(nll[rows].sum() / max(int(n[rows].sum()), 1)), len(edits[target][0]))
+    return out
+
+
+def _gamma_loss(model, view, batch, channels):
+    """The loss of one batch with the gains of `channels` at their norm's median: resumed from the batch's
+    recorded layer when every changed norm lies after it, else from the embeddings."""
+    gamma = GammaIntervention(model, channels)
+    start = batch.start if batch.h_start is not None and gamma.first_layer() >= batch.start else 0
+    device = next(model.parameters()).device
+    with gamma:
+        nll, n = replayed_nll(model, view, batch.X.to(device), batch.Y.to(device), start,
+                              batch.h_start if start else None, batch.returns_tuple)
+    return float(nll.sum() / max(int(n.sum()), 1))
 
 
 def layer_norms(model):
