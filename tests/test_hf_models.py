@@ -480,7 +480,9 @@ def token_file(tmp_path, n=600):
     return str(path)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# the Gemma families' runs (about 20 s each here) are new: marked slow, `make test-fast` leaves them out
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f.startswith("gemma") else f
+                                    for f in FAMILIES])
 def test_command_lines(family, tmp_path):
     import analyze_outliers
     path, data = build(family, tmp_path), token_file(tmp_path)
