@@ -26,7 +26,7 @@ import numpy as np
 from common import (ArgumentParser, UserError, autocast_context, check_fits, check_output_dir, check_seed, cli_main,
                     json_safe, not_a_file, output_set, resolve_device, resolve_dtype, run_metadata)
 from data import check_vocab, input_tokens, read_text_file
-from reports import (layer_ranges, loss_curve, markdown_table, number, percent, plot_loss_curves, plot_top1, plot_top3,
+from reports import (layer_axis, layer_ranges, loss_curve, markdown_table, number, percent, plot_loss_curves, plot_top1, plot_top3,
                      pyplot, read_training_log, save_figure, token_code)
 
 FORMAT = "outlier-gpt/outliers"
@@ -39,7 +39,7 @@ def parse_args(argv):
     p.add_argument("ckpt", nargs="?", help="checkpoint of this repo (any attention variant)")
     p.add_argument("--pretrained", help="OpenAI GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local Hugging Face GPT-2 "
                                         "directory), or any supported Hugging Face causal LM: a hub name ORG/NAME or a "
-                                        "save_pretrained directory (LLaMA, Mistral, Qwen2/3, Phi-2/3, OPT, Falcon, GPT-NeoX)")
+                                        "save_pretrained directory (LLaMA, Mistral, Qwen2/3, Gemma 1/2/3, Phi-2/3, OPT, Falcon, GPT-NeoX)")
     p.add_argument("--attention", default="default", help="attention variant for --pretrained (default: default)")
     p.add_argument("--compare", nargs="+", metavar="CKPT", help="draw top-3 activation per layer of several checkpoints (or Hugging Face model "
                                                                       "directories) on one figure (Figure 11)")
@@ -56,9 +56,12 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--tau", type=float, default=1000.0, help="outlier threshold tau (default 1000, the paper's)")
     p.add_argument("--tau_activation", type=float, default=None, help="tau for activation outliers (default --tau)")
-    p.add_argument("--weight_rule", choices=["column", "paper"], default="column",
-                   help="column (default): an entry holding >= --weight_share of its column's total |w|; "
-                        "paper: |w_ij| > tau_weight x mean_j |w_ij| (row-wise)")
+    p.add_argument("--weight_rule", choices=["ratio", "column", "paper"], default="ratio",
+                   help="ratio (default): an entry >= --weight_ratio x its column's mean |w|, the same threshold for "
+                        "every module (rows / 2 where a column has fewer than 2 x --weight_ratio rows); column: an "
+                        "entry holding >= --weight_share of its column's total |w| (a threshold that grows with the "
+                        "row count); paper: |w_ij| > tau_weight x mean_j |w_ij| (row-wise)")
+    p.add_argument("--weight_ratio", type=float, default=50.0, help="ratio rule threshold (default 50)")
     p.add_argument("--weight_share", type=float, default=0.1, help="column rule share (default 0.1)")
     p.add_argument("--tau_weight", type=float, default=None, help="tau for --weight_rule paper (default --tau)")
     p.add_argument("--attention_rule", choices=["authors", "paper"], default="authors",
@@ -70,7 +73,9 @@ def parse_args(argv):
                    help="LayerNorm channel-wise outliers: mean |y_c| over tokens > tau_channel x median over channels (default 10)")
     p.add_argument("--intervene", choices=["none", "zero", "mean"], default="none",
                    help="set the massive activations to zero / their mean where they are generated, where they are only "
-                        "carried, and everywhere, and the gamma-driven LayerNorm channels to the median gamma; report each loss change")
+                        "carried, and everywhere, and the gamma-driven LayerNorm channels to the median gamma; report each "
+                        "loss change (each replays the analysis' forward from the first edited layer; the three "
+                        "targets in one batched forward)")
     p.add_argument("--surface_layer", type=int, default=None, help="layer of the 3-D magnitude plot (default: largest top-1)")
     p.add_argument("--max_list", type=int, default=100, help="outliers kept in each list of outliers.json (largest first; totals are counted)")
     p.add_argument("--out", help="output directory (default: beside the checkpoint, or out/outliers_<name>)")
@@ -90,7 +95,8 @@ def validate_args(args):
     n_models = sum(x is not None for x in (args.ckpt, args.pretrained, args.compare))
     if n_models != 1:
         raise UserError("give exactly one of: a checkpoint path, --pretrained NAME, or --compare CKPT CKPT ...")
-    for name in ("tau", "tau_activation", "tau_weight", "tau_attention", "tau_channel", "weight_share", "attention_share"):
+    for name in ("tau", "tau_activation", "tau_weight", "tau_attention", "tau_channel", "weight_share", "weight_ratio",
+                 "attention_share"):
         v = getattr(args, name)
         if not (v > 0 and math.isfinite(v)):
             raise UserError(f"--{name} must be a positive number, not {v}")
@@ -273,58 +279,47 @@ def analyse(args, model, seqs, device, dtype, token_info):
     an = OutlierAnalyzer(
         model, tau_act=args.tau_activation, tau_weight=args.tau_weight, tau_attn=args.tau_attention,
         tau_channel=args.tau_channel, max_list=args.max_list, token_info=token_info, seq_len=seqs.shape[1] - 1,
-        weight_rule=args.weight_rule, weight_share=args.weight_share, attention_rule=args.attention_rule,
-        attention_share=args.attention_share, record_qkv=args.attention_capture == "auto")
+        weight_rule=args.weight_rule, weight_share=args.weight_share, weight_ratio=args.weight_ratio,
+        attention_rule=args.attention_rule, attention_share=args.attention_share,
+        record_qkv=args.attention_capture == "auto", keep_replay=args.intervene != "none")
     t0 = time.time()
     with progress(len(seqs), args.no_progress, "analysing") as bar:
-        for X, _ in batches(seqs, bs, device):
-            an.run_batch(X, autocast=autocast_context(device, dtype))
+        for X, Y in batches(seqs, bs, device):
+            # the loss (the interventions' reference) only where it is needed: this repo's GPT then computes
+            # the logits of every position, not only of the last
+            an.run_batch(X, Y if args.intervene != "none" else None, autocast=autocast_context(device, dtype))
             bar.update(X.shape[0])
     result = an.result()
     timing = {"analysis_s": time.time() - t0}
     if args.intervene != "none":
         t0 = time.time()
-        result["intervention"] = intervene(args, model, seqs, bs, device, dtype, an.lifecycle, result["normalization"])
+        result["intervention"] = intervene(args, model, an, device, dtype, result["normalization"])
         timing["intervention_s"] = time.time() - t0
     return an, result, timing
 
 
-def intervene(args, model, seqs, bs, device, dtype, lifecycle, normalization):
-    """Mean loss over the sequences without and with each intervention: massive activations removed at
-    each target of interventions.Intervention, and the gamma-driven LayerNorm channels set to the median
-    gamma. All through the model's usual attention backend (the analysis pass runs the reference path,
-    which differs slightly). The top-level fields are those of the 'generated' target."""
-    import torch
-    from interventions import INTERVENTION_TARGETS, GammaIntervention, Intervention
-
-    def mean_loss(desc):
-        total = 0.0
-        with progress(len(seqs), args.no_progress, desc) as bar, torch.no_grad():
-            for X, Y in batches(seqs, bs, device):
-                with autocast_context(device, dtype):
-                    _, loss = model(X, Y)
-                total += float(loss) * X.shape[0]
-                bar.update(X.shape[0])
-        return total / len(seqs)
+def intervene(args, model, an, device, dtype, normalization):
+    """Mean loss over the sequences without and with each intervention: massive activations edited at each
+    target of interventions.INTERVENTION_TARGETS, and the gamma-driven LayerNorm channels set to the median
+    gamma. The loss without is the analysis' own; the intervened forwards replay it (same attention path)
+    from the first edited layer. The top-level fields are those of the 'generated' target."""
+    from interventions import INTERVENTION_TARGETS, intervention_losses
 
     def changed(loss):
         return {"loss_intervened": loss, "perplexity_intervened": math.exp(min(loss, 700)), "loss_change": loss - base}
 
-    base = mean_loss("loss")
-    targets = {}
-    for target in INTERVENTION_TARGETS:
-        means = None
-        if args.intervene == "mean":  # a generated value's own mean; carried copies: the mean of all massive ones
-            means = lifecycle.generated_means() if target == "generated" else lifecycle.massive_means()
-        with Intervention(model, args.tau_activation, args.intervene, means, target) as iv:
-            loss = mean_loss(f"loss, {target} massive activations set to {args.intervene}")
-        targets[target] = {"activations_changed": iv.count, **changed(loss)}
+    base = an.loss_sum / an.loss_n
+    # 'mean': each edited value becomes the mean of the values its target edits at that (layer, channel)
+    means = {target: an.lifecycle.means(target) for target in INTERVENTION_TARGETS} if args.intervene == "mean" else {}
     gamma = {n["module"]: n["gamma_driven"] for n in normalization if n["gamma_driven"]}
+    with progress(an.n_seqs, args.no_progress, f"interventions ({args.intervene})") as bar:
+        losses, gamma_loss = intervention_losses(model, an.replay, args.intervene, means, gamma or None,
+                                                 autocast_context(device, dtype), bar)
+    targets = {target: {"activations_changed": n, **changed(loss)} for target, (loss, n) in losses.items()}
     gamma_result = {"channels": gamma, "count": sum(map(len, gamma.values())),
                     "loss_intervened": None, "perplexity_intervened": None, "loss_change": None}
     if gamma:
-        with GammaIntervention(model, gamma):
-            gamma_result.update(changed(mean_loss("loss, gamma-driven channels at the median gamma")))
+        gamma_result.update(changed(gamma_loss))
     return {"mode": args.intervene, "loss": base, "perplexity": math.exp(min(base, 700)), **targets["generated"],
             "targets": targets, "gamma": gamma_result}
 
@@ -344,12 +339,11 @@ def thresholds(args, model_info, data_info, res):
         },
         "weight": {
             "rule": args.weight_rule,
-            "definition": (f"|w_ij| >= {args.weight_share} x sum_i |w_ij| (W (out, in); an entry holding that share "
-                           f"of its input column's magnitude), i.e. column extremal ratio >= {args.weight_share} x out"
-                           if args.weight_rule == "column" else f"|w_ij| > {args.tau_weight} x mean_j |w_ij| (row-wise)"),
+            "definition": weight_definition(args),
             "effective": weight,
-            "paper_formula": "|w_ij| > tau_W x mean_j |w_ij| (row-wise), tau_W = 1000: at most `in` (768 / 3072 for "
-                             "GPT-2), so it cannot fire; the paper's text speaks of column extremal ratios",
+            "paper_formula": "|w_ij| > tau_W x mean_j |w_ij| (row-wise), tau_W = 1000: the row ratio is at most the "
+                             f"input size ({in_sizes(res['weight'])} in this model), so it cannot fire; the paper's "
+                             "text speaks of column extremal ratios",
         },
         "attention": {
             "rule": args.attention_rule,
@@ -368,6 +362,24 @@ def thresholds(args, model_info, data_info, res):
     if args.tau_activation >= T * C:
         out["activation"]["note"] = f"tau {args.tau_activation} >= T x C = {T * C}: no activation can qualify"
     return out
+
+
+def weight_definition(args):
+    if args.weight_rule == "ratio":
+        return (f"|w_ij| >= {number(args.weight_ratio)} x mean_i |w_ij| (W (out, in); the entry is at least "
+                f"{number(args.weight_ratio)} times its input column's mean magnitude): column extremal ratio >= "
+                f"{number(args.weight_ratio)} in every module with at least {number(2 * args.weight_ratio)} rows, "
+                "rows / 2 in smaller ones, never below 8")
+    if args.weight_rule == "column":
+        return (f"|w_ij| >= {args.weight_share} x sum_i |w_ij| (W (out, in); an entry holding that share of its input "
+                f"column's magnitude), i.e. column extremal ratio >= {args.weight_share} x rows (at least 8)")
+    return f"|w_ij| > {args.tau_weight} x mean_j |w_ij| (row-wise)"
+
+
+def in_sizes(weight):
+    """'576 / 1536': the input sizes of the model's projections (what bounds the paper's row ratio)."""
+    sizes = sorted({len(w["profile"]["column_max_abs"]) for w in weight.values()})
+    return " / ".join(str(n) for n in sizes)
 
 
 def build_json(args, model_info, data_info, an, res, timing):
@@ -410,7 +422,7 @@ def fig_activation(out_dir, acc, title, name):
     ax.set_xlabel("layer")
     ax.set_ylabel("|activation| (mean over sequences)")
     ax.set_title(title)
-    ax.set_xticks(x)
+    layer_axis(ax, L)
     ax.legend(fontsize=8)
     return save_figure(fig, out_dir, name)
 
@@ -435,15 +447,28 @@ def fig_surface(out_dir, surface, layer, token_text, name="surface.png"):
 
 
 def fig_weights(out_dir, weight, name="weights.png"):
+    """Extremal ratio per layer and module, with each module's outlier threshold (column rules): a module
+    has weight outliers in a layer exactly where its curve reaches its threshold line."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for module, res in weight.items():
-        ax.plot(res["extremal_ratio"], marker="o", label=module)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    L = len(next(iter(weight.values()))["extremal_ratio"])
+    thresholds = {}
+    for i, (module, res) in enumerate(weight.items()):
+        ax.plot(res["extremal_ratio"], marker="o", ms=3, color=f"C{i}", label=module)
+        if "extremal_ratio" in res["threshold"]:
+            thresholds.setdefault(res["threshold"]["extremal_ratio"], []).append(i)
+    for value, modules in thresholds.items():
+        color = f"C{modules[0]}" if len(modules) == 1 else "k"
+        ax.axhline(value, color=color, ls="--", lw=0.8)
+        label = "outlier threshold" + ("" if len(modules) == len(weight) else f" ({len(modules)} modules)")
+        ax.annotate(f"{label} {number(value)}", (0.99, value), xycoords=("axes fraction", "data"), fontsize=7,
+                    color=color, va="bottom", ha="right")
     ax.set_yscale("log")
+    layer_axis(ax, L)
     ax.set_xlabel("layer")
     ax.set_ylabel("max over columns of max|w|/mean|w|")
     ax.set_title("weight extremal ratio by layer and module")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return save_figure(fig, out_dir, name)
 
 
@@ -456,7 +481,7 @@ def fig_attention(out_dir, att, name="attention.png"):
     ax.plot(x, top2[:, 1], marker="s", label="top 2")
     ax.plot(x, med, marker="x", color="gray", label="median")
     ax.set_yscale("log")
-    ax.set_xticks(x)
+    layer_axis(ax, len(med))
     ax.set_xlabel("layer")
     ax.set_ylabel("cumulative attention (head mean)")
     ax.set_title("cumulative attention per key: top-2 and median by layer")
@@ -470,6 +495,7 @@ def fig_heads(out_dir, att, name="attention_heads.png"):
     fig, ax = plt.subplots(figsize=(7, 4))
     im = ax.imshow(np.log10(np.maximum(ratio, 1e-12)), aspect="auto", cmap="magma")
     fig.colorbar(im, ax=ax, label="log10(top-1 / median) of cumulative attention")
+    layer_axis(ax, ratio.shape[0], "y", limits=False)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title("per-head spread of cumulative attention")
@@ -492,23 +518,57 @@ def fig_categories(out_dir, groups, name="token_categories.png"):
     return save_figure(fig, out_dir, name)
 
 
+def position_label(e):
+    """'position 5 ('the')', or where the position holds different tokens in different sequences (position
+    0 does) how many."""
+    if e.get("distinct_tokens", 1) <= 1:
+        return f"position {e['position']} ({e['token']!r})"
+    return f"position {e['position']} ({e['distinct_tokens']} different tokens in {e['count']} sequences)"
+
+
+def stage_summary(e):
+    """'early 2-8 (L2 mlp); generated 11 (mlp); cancelled 28 (mlp)': the stages of one lifecycle entry."""
+    def writers(ws):
+        return ", ".join(f"{w['layer']} ({w['branch']})" for w in ws)
+    parts = []
+    if e.get("early_stage"):
+        parts.append(f"early {layer_ranges(e['early_stage']['layers'])}"
+                     + (f" (written at {writers(e['early_stage']['writers'])})" if e["early_stage"]["writers"] else ""))
+    if e["generation"]:
+        parts.append(f"generated at {writers(e['generation'])}")
+    elif e.get("emerged_at") is not None:
+        parts.append(f"emerged at {e['emerged_at']}")
+    parts.append(f"cancelled at {writers(e['cancellation'])}" if e["cancellation"] else "not cancelled")
+    return "; ".join(parts)
+
+
+def shade_stages(ax, e):
+    """Bands behind a lifecycle plot: the early stage, the generation and the cancellation layers."""
+    for layers, color in ((e["early_stage"]["layers"] if e.get("early_stage") else [], "tab:orange"),
+                          (e["generated_at"], "tab:green"), (e["cancelled_at"], "tab:red")):
+        for l in layers:
+            ax.axvspan(l - 0.5, l + 0.5, color=color, alpha=0.15, lw=0)
+
+
 def fig_lifecycle(out_dir, lifecycle, name="lifecycle.png"):
+    """The largest massive activations' |h| along the layers on a log scale, against the layer's median |h|
+    and the tau threshold: an early stage reads as a value far above the median before the generation, a
+    value kept while the threshold rises stays flat. Bands: early stage, generation, cancellation layers."""
     plt = pyplot()
     entries = lifecycle[:3]
-    fig, axes = plt.subplots(len(entries), 1, figsize=(7, 2.8 * len(entries)), squeeze=False)
+    fig, axes = plt.subplots(len(entries), 1, figsize=(8, 2.9 * len(entries)), squeeze=False)
     for ax, e in zip(axes[:, 0], entries):
         L = len(e["trajectory"])
         x = np.arange(L)
-        ax.bar(x - 0.2, e["attn_contrib"], 0.4, label="attention branch")
-        ax.bar(x + 0.2, e["mlp_contrib"], 0.4, label="MLP branch")
-        ax.plot(x, e["trajectory"], marker="o", color="k", label="h after layer")
-        ax.axhline(0, color="gray", lw=0.5)
-        ax.set_xticks(x)
-        gen = e["generated_at"]
-        ax.set_title(f"position {e['position']} ({e['token']!r}), channel {e['channel']}: "
-                     f"generated at layer {gen if gen is not None else '-'} by {e['generated_by'] or '-'}", fontsize=9)
+        shade_stages(ax, e)
+        ax.plot(x, np.abs(e["trajectory"]), marker="o", ms=3, color="k", label=f"|h| at channel {e['channel']}")
+        ax.plot(x, e["threshold"], color="tab:purple", ls=":", label="tau x mean|h| (massive above)")
+        ax.plot(x, e["median"], color="gray", ls="--", label="median |h| of the layer")
+        ax.set_yscale("log")
+        layer_axis(ax, L)
         ax.set_xlabel("layer")
-        ax.legend(fontsize=7)
+        ax.set_title(f"{position_label(e)}, channel {e['channel']}\n{stage_summary(e)}", fontsize=8)
+        ax.legend(fontsize=6, loc="lower right")
     return save_figure(fig, out_dir, name)
 
 
@@ -522,8 +582,7 @@ def fig_channel_scatter(out_dir, act, name="outlier_channels.png"):
             size = 12 + 60 * pts[:, 2] / pts[:, 2].max()
             sc = ax.scatter(pts[:, 0], pts[:, 1], s=size, c=np.log10(pts[:, 2]), cmap="viridis")
             fig.colorbar(sc, ax=ax, label="log10(# outliers)")
-        ax.set_xlim(-0.5, len(act[key]["count"]) - 0.5)
-        ax.set_xticks(np.arange(len(act[key]["count"])))
+        layer_axis(ax, len(act[key]["count"]))
         ax.set_xlabel("layer")
         ax.set_ylabel("channel")
         ax.set_title(f"{label}: outlier channels ({len(pts)})", fontsize=9)
@@ -556,7 +615,8 @@ def fig_down_weights(out_dir, weight, name="down_proj_weights.png", down="mlp.c_
     col = np.asarray(prof["column_abs"])
     ax.bar(np.arange(len(col)), col, width=1.0, color="tab:gray")
     i = int(np.argmax(col))
-    ax.bar([i], [col[i]], width=1.0, color="tab:red", label=f"row {i}")
+    ax.bar([i], [col[i]], width=1.0, color="tab:red")
+    ax.scatter([i], [col[i]], color="tab:red", zorder=3, label=f"row {i}")  # one bar of hundreds is a pixel wide
     ax.set_xlabel("output row (h channel)")
     ax.set_ylabel(f"|w_i,{j}|")
     ax.set_title(f"column {j} (extremal ratio {number(w['extremal_ratio'][l])})", fontsize=9)
@@ -574,7 +634,7 @@ def fig_outlier_key_share(out_dir, att, name="attention_outlier_share.png"):
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt="o-", capsize=3, label="mean over heads (min-max)")
     ax.set_ylim(0, 1.02)
-    ax.set_xticks(x)
+    layer_axis(ax, len(x))
     ax.set_xlabel("layer")
     ax.set_ylabel("attention share of outlier keys")
     ax.set_title("share of attention taken by attention-outlier keys", fontsize=9)
@@ -583,49 +643,62 @@ def fig_outlier_key_share(out_dir, att, name="attention_outlier_share.png"):
 
 
 def fig_weight_link(out_dir, link, name="weight_link.png"):
-    """Figure 7: MLP units of the layer with the most x_down spikes, c_fc row norm against W_down column
-    max |w|; the units whose x_down spikes are marked."""
+    """Figure 7: the MLP units of the layer that generates the largest massive activation (or, without one,
+    of the layer with the most x_down spikes): up-projection row norm against down-projection column max;
+    the units whose x_down spikes and the units that drive the massive activation are marked."""
     plt = pyplot()
     prof = link["profile"]
     norms, cols = np.asarray(prof["fc_row_norm"]), np.asarray(prof["down_column_max_abs"])
-    units = prof["units"]
+    units, drivers = prof["units"], prof.get("drivers", [])
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.scatter(norms, cols, s=6, color="tab:gray", label="MLP units")
-    ax.scatter(norms[units], cols[units], s=30, color="tab:red", label=f"units with x_down outliers ({len(units)})")
-    for k in sorted(units, key=lambda k: -cols[k])[:5]:
-        ax.annotate(str(k), (norms[k], cols[k]), fontsize=7)
+    if units:
+        ax.scatter(norms[units], cols[units], s=30, color="tab:red", label=f"units with x_down outliers ({len(units)})")
+    if drivers:
+        ax.scatter(norms[drivers], cols[drivers], s=80, facecolors="none", edgecolors="tab:blue", lw=1.5,
+                   label="units generating the largest massive activation")
+    for k in list(dict.fromkeys(drivers + sorted(units, key=lambda k: -cols[k])))[:5]:
+        ax.annotate(str(k), (norms[k], cols[k]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_yscale("log")
-    ax.set_xlabel("|c_fc row| (L2)")
-    ax.set_ylabel("max |W_down column|")
-    ax.set_title(f"layer {prof['layer']}: up-projection rows and down-projection columns of spiking units", fontsize=9)
+    ax.set_xlabel("|up-projection row| (L2)")
+    ax.set_ylabel("max |down-projection column|")
+    ax.set_title(f"layer {prof['layer']}: up-projection rows and down-projection columns of the MLP units", fontsize=9)
     ax.legend(fontsize=7)
     return save_figure(fig, out_dir, name)
 
 
 def fig_cancellation(out_dir, lifecycle, name="lifecycle_cancellation.png"):
-    """Figures 8-9: each branch output relative to the residual value it meets, for the largest massive
-    activations; -1 cancels it, cancelled layers are marked with the sign of the cancelling branch."""
+    """Figures 8-9 in values: per layer the attention and MLP branch outputs at the coordinate and the value
+    h after the layer, all as a share of the peak value (signed along it, so that the peak is +1): a
+    generation is a bar up to the line, a cancellation a bar down with the line falling after it. The
+    dashed lines are the rules' 25% of the peak (a branch that adds / removes that much generates /
+    cancels) and half the peak (below it the value counts as cancelled)."""
     plt = pyplot()
     entries = lifecycle[:3]
-    fig, axes = plt.subplots(len(entries), 1, figsize=(7, 2.6 * len(entries)), squeeze=False)
+    fig, axes = plt.subplots(len(entries), 1, figsize=(8, 2.9 * len(entries)), squeeze=False)
     for ax, e in zip(axes[:, 0], entries):
         L = len(e["trajectory"])
         x = np.arange(L)
-        for key, marker in (("attn", "o"), ("mlp", "s")):
-            r = np.asarray([np.nan if v is None else v for v in e["relative_contrib"][key]], dtype=float)
-            ax.plot(x, r, marker=marker, label=f"{key} output / residual")
-        ax.axhline(-1, color="k", ls="--", lw=0.8, label="exact cancellation")
+        peak = e["trajectory"][e["peak_layer"]] or 1.0
+        shade_stages(ax, e)
+        ax.bar(x - 0.2, np.asarray(e["attn_contrib"]) / peak, 0.4, color="tab:blue", label="attention branch / peak")
+        ax.bar(x + 0.2, np.asarray(e["mlp_contrib"]) / peak, 0.4, color="tab:orange", label="MLP branch / peak")
+        ax.plot(x, np.asarray(e["trajectory"]) / peak, marker="o", ms=3, color="k", label="h after the layer / peak")
+        for y, style in ((0.25, "--"), (-0.25, "--"), (0.5, ":")):
+            ax.axhline(y, color="gray", ls=style, lw=0.7)
         ax.axhline(0, color="gray", lw=0.5)
         for c in e["cancellation"]:
-            ax.axvline(c["layer"], color="tab:red", lw=1)
-            ax.annotate(f"{c['branch']}: {'opposite' if c['opposite_sign'] else 'same'} sign", (c["layer"], -1),
-                        fontsize=7, color="tab:red")
-        ax.set_ylim(bottom=min(-1.25, ax.get_ylim()[0]))
-        ax.set_xticks(x)
+            right = c["layer"] > 0.75 * L  # keep the label inside the axes
+            ax.annotate(f"L{c['layer']} {c['branch']}: {-c['share']:+.0%} of the peak", (c["layer"], -c["share"]),
+                        fontsize=7, color="tab:red", ha="right" if right else "left", va="top",
+                        xytext=(-4 if right else 4, -2), textcoords="offset points")
+        ax.set_ylim(min(-1.1, ax.get_ylim()[0]), max(1.25, ax.get_ylim()[1]))
+        layer_axis(ax, L)
         ax.set_xlabel("layer")
-        ax.set_title(f"position {e['position']} ({e['token']!r}), channel {e['channel']}: cancelled at "
-                     f"{layer_ranges(e['cancelled_at'])}", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_ylabel("share of the peak")
+        ax.set_title(f"{position_label(e)}, channel {e['channel']}, peak {number(peak)} at layer {e['peak_layer']}\n"
+                     f"{stage_summary(e)}", fontsize=8)
+        ax.legend(fontsize=6, loc="lower left")
     return save_figure(fig, out_dir, name)
 
 
@@ -682,9 +755,7 @@ def report_header(doc):
               f"- activation: {th['activation']['rule']}, tau = {number(th['activation']['tau'])}; |h| threshold per "
               "layer " + ", ".join(number(x) for x in th["activation"]["effective"]["layer_output"]) + ".",
               f"- weight ({th['weight']['rule']}): {th['weight']['definition']}"
-              + ("; extremal-ratio threshold " + ", ".join(f"{k} {number(v['extremal_ratio'])}"
-                                                           for k, v in th["weight"]["effective"].items())
-                 if th["weight"]["rule"] == "column" else "") + f". Paper: {th['weight']['paper_formula']}.",
+              + weight_thresholds_text(th["weight"]) + f". Paper: {th['weight']['paper_formula']}.",
               f"- attention ({th['attention']['rule']}): {th['attention']['definition']}; Ahat threshold per layer "
               + ", ".join(number(x) for x in th["attention"]["effective"]) + f". Paper: {th['attention']['paper_formula']}.",
               f"- channel: {th['channel']['rule']}, tau_channel = {number(t['channel'])}.", "",
@@ -693,6 +764,20 @@ def report_header(doc):
         lines.append(f"\n> Note: with softmax the mean cumulative attention is 1, so no key can exceed tau_attention "
                      f"{number(t['attention'])} >= seq_len {d['seq_len']}; use a smaller --tau_attention.")
     return lines + [""]
+
+
+def weight_thresholds_text(th):
+    """'; extremal-ratio threshold 50 in every module' or per module with its row count (column rules)."""
+    if th["rule"] == "paper":
+        return ""
+    eff = th["effective"]
+    values = {v["extremal_ratio"] for v in eff.values()}
+    if len(values) == 1:
+        rows = sorted({v["rows"] for v in eff.values()})
+        return (f"; extremal-ratio threshold {number(values.pop())} in every module of this model (rows "
+                + " / ".join(map(str, rows)) + ")")
+    return "; extremal-ratio threshold per module (rows): " + ", ".join(
+        f"{k} {number(v['extremal_ratio'])} ({v['rows']})" for k, v in eff.items())
 
 
 def report_activations(doc):
@@ -737,7 +822,8 @@ def report_weights(doc):
     lines += [markdown_table(["layer"] + [f"{mod}: extremal ratio (column; # outliers)" for mod in modules], rows), ""]
     wd = doc["weight"].get(down_proj_name(doc))
     if wd and wd["top_entries"]:
-        score = "column share |w|/sum|w|" if doc["thresholds"]["weight"]["rule"] == "column" else "|w|/row-mean"
+        score = {"ratio": "|w|/column-mean", "column": "column share |w|/sum|w|",
+                 "paper": "|w|/row-mean"}[doc["thresholds"]["weight"]["rule"]]
         lines += [f"Largest {score} entries of {down_proj_name(doc)} (W_down): " + ", ".join(
             f"L{e[0]} out {e[1]} in {e[2]}: {number(e[3])}" for e in wd["top_entries"][:5]) + ".", ""]
     if figs.get("down_proj_weights"):
@@ -750,18 +836,22 @@ def report_weight_link(doc):
     if not link["units"]:
         return []
     lines = ["### Weight-outlier link (Figure 7)", "",
-             "MLP units whose output x_down spikes: their c_fc row (L2 norm over the median row; largest entry) "
-             "and W_down column (extremal ratio; share and row of its largest entry).", ""]
+             "MLP units whose output x_down spikes: their up-projection row (L2 norm over the median row; largest "
+             "entry) and down-projection (W_down) column (extremal ratio; share and row of its largest entry). The "
+             f"figure shows layer {link['profile']['layer'] if link['profile'] else '–'}"
+             + (", whose MLP generates the largest massive activation (through units "
+                + ", ".join(map(str, link["profile"]["drivers"])) + ")" if link["profile"] and link["profile"].get("drivers")
+                else ", the layer with the most x_down spikes") + ".", ""]
     if figs.get("weight_link"):
         lines += [f"![weight link]({figs['weight_link']})", ""]
-    gated = any("gate_row_norm_ratio" in u for u in link["units"])  # SwiGLU: c_fc is the up projection
+    gated = any("gate_row_norm_ratio" in u for u in link["units"])  # SwiGLU: also the gate projection
     rows = [[u["layer"], u["unit"], u["spikes"], number(u["fc_row_norm_ratio"]),
              f"{u['fc_top_input']} ({number(u['fc_top_weight'])})"]
             + ([number(u.get("gate_row_norm_ratio")), f"{u.get('gate_top_input')} ({number(u.get('gate_top_weight'))})"]
                if gated else [])
             + [number(u["down_extremal_ratio"]), f"{percent(u['down_top_share'])} (row {u['down_top_output']})"]
             for u in link["units"]]
-    return lines + [markdown_table(["layer", "unit", "x_down outliers", "c_fc row norm / median", "c_fc top input (w)"]
+    return lines + [markdown_table(["layer", "unit", "x_down outliers", "up row norm / median", "up top input (w)"]
                                    + (["gate row norm / median", "gate top input (w)"] if gated else [])
                                    + ["W_down col. extremal ratio", "W_down top share (row)"], rows), ""]
 
@@ -844,49 +934,81 @@ def report_lifecycle(doc):
     lines = ["## Lifecycle of massive activations", ""]
     if not doc["lifecycle"]:
         return lines + ["No massive activations at this threshold.", ""]
+    lines += ["Each (position, channel) that is an activation outlier of some layer output, followed by its **value** "
+              "along the layers (never by the threshold, which grows with depth while the value stays), over the "
+              "sequences where it is massive; a stage is listed where it holds in at least half of them. Peak: the "
+              "largest |h| along the layers (mean over those sequences). **Generated** at every layer (up to the peak) whose attention or MLP branch adds at least "
+              "25% of the peak (share in parentheses); **emerged** where no branch does (the first layer at half the "
+              "peak); **propagated** while the residual stream carries it; **cancelled** at the layers after the peak "
+              "whose branch removes at least 25% of it, once the value falls below half of it. **Early stage**: "
+              "before the generation, the value is already at least 100x the median |h| of its layer (Sun et al. "
+              "call |x| > 100 and ~1000x the median massive); its writers add 25% of that stage's peak. Drivers: the "
+              "down-projection inputs k whose products w[c, k] x_down[k] make up the generating MLP output.", ""]
     if figs.get("lifecycle"):
         lines += [f"![lifecycle]({figs['lifecycle']})", ""]
-    lines += ["Per (position, channel), over the sequences where it is massive: first massive layer; layer where a "
-              "branch output is itself massive (generated) and which branch; layers where the residual stream only "
-              "carries it (propagated); layers where it stops being massive (cancelled); the W_down input channels "
-              "whose products w x x_down make up the generating MLP output.", "",
-              markdown_table(["position", "token", "channel", "sequences", "peak |h|", "massive from", "generated at",
-                              "by", "propagated in", "cancelled at", "W_down input channels driving it (share)"],
+    lines += [markdown_table(["position", "tokens", "channel", "sequences", "peak |h| (layer)", "massive from",
+                              "early stage (x median; written at)", "generated at (share)", "propagated in",
+                              "cancelled at (share removed)", "down-projection inputs driving it (share)"],
                              [lifecycle_row(e) for e in doc["lifecycle"][:10]]), ""]
+    if len(doc["lifecycle"]) > 10:
+        lines += [f"{len(doc['lifecycle']) - 10} more in `outliers.json`.", ""]
+    early = [(e, w) for e in doc["lifecycle"][:10] if e.get("early_stage") for w in e["early_stage"]["writers"]
+             if w.get("drivers")]
+    if early:
+        lines += ["Early-stage writers' down-projection inputs: " + "; ".join(
+            f"position {e['position']} channel {e['channel']}, layer {w['layer']}: " + drivers_text(w["drivers"])
+            for e, w in early) + ".", ""]
     if figs.get("lifecycle_cancellation"):
-        lines += ["Branch outputs relative to the residual value they meet (Figures 8-9; -1 cancels it):", "",
-                  f"![cancellation]({figs['lifecycle_cancellation']})", ""]
+        lines += ["Branch outputs and the value as a share of the peak (Figures 8-9 in values; a cancellation is a "
+                  "bar down to where the line falls):", "", f"![cancellation]({figs['lifecycle_cancellation']})", ""]
     rows = [[e["position"], e["channel"], c["layer"], c["branch"], number(c["previous"]), number(c["branch_output"]),
-             "yes" if c["opposite_sign"] else "no"] for e in doc["lifecycle"] for c in e["cancellation"]]
+             percent(c["share"]), "yes" if c["opposite_sign"] else "no"] for e in doc["lifecycle"] for c in e["cancellation"]]
     if rows:
         lines += [markdown_table(["position", "channel", "cancelled at", "by", "h before", "branch output",
-                                  "opposite sign"], rows), ""]
+                                  "share of the peak removed", "opposite sign"], rows), ""]
     return lines
+
+
+def drivers_text(drivers):
+    """'1229 (73.2%), 1487 (26.4%)' (with the SwiGLU gate and up values where recorded)."""
+    return ", ".join(f"{d['down_input_channel']} ({percent(d['share'])}"
+                     + (f"; gate {number(d['gate'])}, up {number(d['up'])}" if "gate" in d else "") + ")"
+                     for d in drivers) or "–"
 
 
 def lifecycle_row(e):
     prop = [l for l, s in enumerate(e["status"]) if s == "propagated"]
-    drivers = ", ".join(f"{dd['down_input_channel']} ({percent(dd['share'])}"
-                        + (f"; gate {number(dd['gate'])}, up {number(dd['up'])}" if "gate" in dd else "") + ")"
-                        for dd in e["mlp_drivers"]) or "–"
-    return [e["position"], token_code(e["token"]), e["channel"], e["count"], number(e["peak"]), e["first_massive_at"],
-            e["generated_at"] if e["generated_at"] is not None else "–", e["generated_by"] or "–",
-            layer_ranges(prop), layer_ranges(e["cancelled_at"]), drivers]
+    early = e.get("early_stage")
+    early_text = (f"{layer_ranges(early['layers'])} ({number(early['peak_over_median'])}x; "
+                  + (", ".join(f"L{w['layer']} {w['branch']}" for w in early["writers"]) or "–") + ")") if early else "–"
+    gen = ", ".join(f"{w['layer']} {w['branch']} ({percent(w['share'])})" for w in e["generation"])
+    if not gen:
+        gen = f"– (emerged at {e['emerged_at']})" if e.get("emerged_at") is not None else "–"
+    cancel = ", ".join(f"{c['layer']} {c['branch']} ({percent(c['share'])})" for c in e["cancellation"]) or "–"
+    tokens = token_code(e["token"]) if e.get("distinct_tokens", 1) <= 1 else f"{e['distinct_tokens']} different"
+    return [e["position"], tokens, e["channel"], e["count"], f"{number(e['peak'])} ({e['peak_layer']})",
+            e["first_massive_at"], early_text, gen, layer_ranges(prop), cancel, drivers_text(e["mlp_drivers"])]
+
+
+def listed(items, n=5):
+    """The first n items, comma-separated, and '… (+k more)' when some are left out ('–' when none)."""
+    items = list(items)
+    text = ", ".join(map(str, items[:n])) or "–"
+    return text + (f", … (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def report_normalization(doc):
     rows = []
     for n in doc["normalization"]:
         top = n["top"][0]
-        rows.append([n["module"], len(n["outlier_channels"]), ", ".join(map(str, n["outlier_channels"][:5])) or "–",
-                     ", ".join(map(str, n["gamma_driven"][:5])) or "–",
+        rows.append([n["module"], len(n["outlier_channels"]), listed(n["outlier_channels"]), listed(n["gamma_driven"]),
                      top["channel"], number(top["ratio"]), number(top["gamma"]), number(top["ratio_before_gamma"])])
     return ["## Normalization (channel-wise outliers)", "",
             f"Channels whose mean |LayerNorm output| over tokens exceeds tau_channel "
             f"({number(doc['tau_by_type']['channel'])}) x the median "
-            "channel; 'before gamma' divides out the LayerNorm gain (a ratio near 1 there means the outlier "
-            "comes from gamma's rescaling). 'gamma-driven': outlier channels whose ratio before gamma is at most "
-            "tau_channel (gamma alone makes them outliers).", "",
+            "channel, largest first; 'before gamma' divides out the LayerNorm gain (a ratio near 1 there means the "
+            "outlier comes from gamma's rescaling). 'gamma-driven': outlier channels whose ratio before gamma is at "
+            "most tau_channel (gamma alone makes them outliers).", "",
             markdown_table(["LayerNorm", "# outlier channels", "channels", "gamma-driven", "top channel", "ratio",
                             "gamma", "ratio before gamma"], rows), ""]
 
@@ -901,9 +1023,13 @@ def report_intervention(doc):
             + [["gamma", iv["gamma"]["count"], number(iv["gamma"]["loss_intervened"], 5),
                 number(iv["gamma"]["perplexity_intervened"], 5), number(iv["gamma"]["loss_change"], 4)]])
     return ["## Intervention", "",
-            f"Massive activations set to **{iv['mode']}**: where a branch output generates them (generated), "
-            "only where the residual stream carries them (propagated), or everywhere (all); and the LayerNorm "
-            "channels whose outlier comes from gamma alone set to the median gamma (gamma).", "",
+            f"Massive activations set to **{iv['mode']}**"
+            + (" (the mean of the values the target edits at that layer and channel)" if iv["mode"] == "mean" else "")
+            + ": at their generation layers (generated; each layer of a value written in several steps), only where "
+            "the residual stream carries them (propagated), or both (all); the layers are those of the clean "
+            "forward's lifecycle. And the LayerNorm channels whose outlier comes from gamma alone set to the "
+            "median gamma (gamma). The loss without is the analysis' own; each intervened forward replays it (the "
+            "same attention path) from the first edited layer.", "",
             markdown_table(["intervention", "activations / channels changed", "loss", "perplexity", "loss change"],
                            rows), ""]
 

@@ -1,4 +1,4 @@
-"""Hugging Face causal LMs (LLaMA, Mistral, Qwen2/3, Phi-2/3, OPT, Falcon, GPT-NeoX, GPT-2) for the
+"""Hugging Face causal LMs (LLaMA, Mistral, Qwen2/3, Gemma 1/2/3, Phi-2/3, OPT, Falcon, GPT-NeoX, GPT-2) for the
 outlier analysis and the compression table, next to this repo's own GPT.
 
 One `Family` entry per architecture says where things are (FAMILIES, keyed by config.model_type); the
@@ -52,17 +52,29 @@ class Family:
     parallel: object = False  # attention and MLP read the same block input: a bool, or a function of the config
     fused_gate_up: bool = False
     capture: str = "eager"   # how attention probabilities are obtained: 'eager' or 'record' (this repo's GPT)
+    norm_gain_offset: float = 0.0  # the norms' gain is weight + this (Gemma's RMSNorm: 1 + weight)
 
 
 _LLAMA = Family(blocks="model.layers", attn="self_attn", attn_branch="self_attn.o_proj", mlp_branch="mlp.down_proj",
                 down="mlp.down_proj", up="mlp.up_proj", gate="mlp.gate_proj",
                 norms=("input_layernorm", "post_attention_layernorm"), final_norm="model.norm")
 
+# Gemma 2 / 3 normalize each branch before adding it to the residual: the branch outputs are those norms'
+_GEMMA2 = Family(blocks="model.layers", attn="self_attn", attn_branch="post_attention_layernorm",
+                 mlp_branch="post_feedforward_layernorm", down="mlp.down_proj", up="mlp.up_proj", gate="mlp.gate_proj",
+                 norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                        "post_feedforward_layernorm"), final_norm="model.norm", norm_gain_offset=1.0)
+
 FAMILIES = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
+    "gemma": Family(blocks="model.layers", attn="self_attn", attn_branch="self_attn.o_proj", mlp_branch="mlp.down_proj",
+                    down="mlp.down_proj", up="mlp.up_proj", gate="mlp.gate_proj",
+                    norms=("input_layernorm", "post_attention_layernorm"), final_norm="model.norm", norm_gain_offset=1.0),
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA2,
     "phi3": Family(blocks="model.layers", attn="self_attn", attn_branch="self_attn.o_proj", mlp_branch="mlp.down_proj",
                    down="mlp.down_proj", up="mlp.gate_up_proj", gate=None, fused_gate_up=True,
                    norms=("input_layernorm", "post_attention_layernorm"), final_norm="model.norm"),
@@ -89,8 +101,11 @@ NANOGPT = Family(blocks="transformer.h", attn="attn", attn_branch="attn", mlp_br
                  up="mlp.c_fc", gate=None, norms=("ln_1", "ln_2"), final_norm="transformer.ln_f", capture="record")
 # what the README lists per family
 FAMILY_NAMES = {"llama": "LLaMA 1/2/3", "mistral": "Mistral", "qwen2": "Qwen2 / Qwen2.5", "qwen3": "Qwen3",
+                "gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3 (text)",
                 "phi3": "Phi-3", "phi": "Phi-1.5 / Phi-2", "opt": "OPT", "falcon": "Falcon", "gpt_neox": "GPT-NeoX / Pythia",
                 "gpt2": "GPT-2"}
+# multimodal model types whose language model is a supported family (their configs nest it; not supported whole)
+WRAPPED_TEXT_MODELS = {"gemma3": "gemma3_text"}
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2", "openai-community/gpt2-medium",
               "openai-community/gpt2-large", "openai-community/gpt2-xl")
@@ -154,6 +169,10 @@ class ModelView:
         self.d_ff = weight_of(self.down[0]).shape[1]
         self.parallel = bool(family.parallel(root.config) if callable(family.parallel) else family.parallel)
 
+    def norm_gain(self, norm):
+        """A norm's effective gain gamma (Gemma's RMSNorm multiplies by 1 + weight)."""
+        return norm.weight.detach().float() + self.family.norm_gain_offset
+
     def weight_names(self, gpt_names=None):
         """Relative names of the Linear (or Conv1D) modules of a block, in module order."""
         if gpt_names is not None:  # this repo's GPT: a fixed order the reports and tests rely on
@@ -210,6 +229,8 @@ QKV_NOT_REGISTERED = ("the model's attention modules have no eager attention fun
 QKV_OFF = "q/k/v recording switched off (--attention_capture eager); probabilities only"
 QKV_ADDITIVE_MASK = ("the attention mask adds a bias to q.k (ALiBi): the logits are not q.k/sqrt(d); "
                      "probabilities only")
+QKV_SOFTCAP = ("the attention logits are soft-capped (cap * tanh(logit / cap), Gemma 2): they are not q.k/sqrt(d); "
+               "probabilities only")
 
 
 def _family_eager(module):
@@ -231,8 +252,8 @@ def _record_attention(module, query, key, value, attention_mask=None, *args, **k
     probabilities) and its v on the module. q is stored times scaling * sqrt(d), so that q.k / sqrt(d) is
     the logit the model used: OPT scales q before the call and passes scaling=1."""
     out, probs = _family_eager(module)(module, query, key, value, attention_mask, *args, **kwargs)
-    if not _is_pure_mask(attention_mask):
-        setattr(module, _QKV, {"qkv_missing": QKV_ADDITIVE_MASK})
+    if not _is_pure_mask(attention_mask) or kwargs.get("softcap") is not None:
+        setattr(module, _QKV, {"qkv_missing": QKV_ADDITIVE_MASK if kwargs.get("softcap") is None else QKV_SOFTCAP})
         return out, probs
     d = query.shape[-1]
     scaling = kwargs.get("scaling")
@@ -358,6 +379,13 @@ class HFCausalLM(nn.Module):
         """Whether lm_head shares its weight with the input embedding (quantizing one changes both)."""
         return self.lm_head.weight is self.hf.get_input_embeddings().weight
 
+    def head_logits(self, hidden):
+        """lm_head's logits of final hidden states, soft-capped where the model caps them (Gemma 2:
+        cap * tanh(logits / cap)) as its own forward does."""
+        logits = self.lm_head(hidden)
+        cap = getattr(self.hf.config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
     def final_hidden(self, idx):
         """(B, T, C) hidden states that lm_head maps to logits (after the final norm and any projection)."""
         # on the input's device: under device_map="auto" the last block may sit on another GPU
@@ -376,6 +404,10 @@ def family_of(config):
     if any(getattr(config, k, None) for k in MOE_KEYS):
         raise UserError(f"{config.model_type} is a mixture-of-experts model; its MLP has no single down projection, "
                         f"so the x_down and W_down analyses are not defined for it (not supported)")
+    if config.model_type in WRAPPED_TEXT_MODELS:
+        raise UserError(f"model type {config.model_type!r} wraps a vision model around a "
+                        f"{WRAPPED_TEXT_MODELS[config.model_type]!r} language model, which is supported on its own: "
+                        f"analyse a text-only checkpoint (e.g. Gemma 3 1B) or the language model saved alone")
     if config.model_type not in FAMILIES:
         raise UserError(f"model type {config.model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
     return FAMILIES[config.model_type]

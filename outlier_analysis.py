@@ -12,9 +12,11 @@ import numpy as np
 import torch
 
 from hf_models import NANOGPT, model_view
-from outlier_stats import (ATTENTION_SHARE, CATEGORIES, WEIGHT_MIN_RATIO, WEIGHT_MODULES, WEIGHT_SHARE, _TINY,
-                           TokenInfo, attention_rule_mask, b2_overlaps, column_extremal_ratio, cumulative_attention,
-                           find_activation_outliers, overlap, row_overlap, top_and_median, weight_rule_mask)
+from interventions import INTERVENTION_TARGETS, ReplayBatch, edit_masks
+from outlier_stats import (ATTENTION_SHARE, CATEGORIES, LIFECYCLE_STATUSES, WEIGHT_MIN_RATIO, WEIGHT_MODULES,
+                           WEIGHT_RATIO, WEIGHT_SHARE, _TINY, TokenInfo, attention_rule_mask, b2_overlaps,
+                           column_extremal_ratio, cumulative_attention, find_activation_outliers, lifecycle_stages,
+                           median_rows, overlap, ratio_threshold, row_overlap, top_and_median, weight_rule_mask)
 from probe import Probe
 
 
@@ -127,190 +129,240 @@ class ActivationAccumulator:
 
 
 class LifecycleAccumulator:
-    """Massive activations keyed by (position, channel), aggregated over sequences (capped)."""
+    """Massive activations keyed by (position, channel), aggregated over sequences (capped): the stages of
+    each (sequence, position, channel) from its values (outlier_stats.lifecycle_stages), then per (position,
+    channel) the layers that hold a stage in at least half of its sequences. Also the sums behind
+    --intervene mean and, for the interventions, the last batch's coordinates and their edit masks."""
 
     def __init__(self, L, cap=256, per_seq=32):
         self.L, self.cap, self.per_seq = L, cap, per_seq
         self.entries = {}
-        self.gen_sum = collections.defaultdict(float)  # (layer, channel) -> sum of generated values
-        self.gen_cnt = collections.defaultdict(int)
-        self.mass_sum = collections.defaultdict(float)  # the same over every massive activation
-        self.mass_cnt = collections.defaultdict(int)
+        # target -> (layer, channel) -> [sum of the values it edits, count], for --intervene mean
+        self.edit_sums = {target: collections.defaultdict(lambda: [0.0, 0]) for target in INTERVENTION_TARGETS}
         self.instances = 0
+        self.last = None  # (coords (n, 3) [b, t, c], {target: (n, L) edit mask}) of the last batch
 
-    def update(self, H, A, M, XD, wdown, h_out, tau, tokens, token_info, up_gate=None):
+    def update(self, H, A, M, XD, wdown, h_out, tau, tokens, token_info, up_gate=None, down_bias=None):
         """Lists over layers: H, A, M (B, T, C) layer outputs, attention and MLP branch outputs; XD
-        (B, T, d_ff) down-projection inputs (or None); wdown (C, d_ff) weights; h_out the Outliers of H;
-        up_gate: per layer (up, gate) SwiGLU projection outputs (B, T, d_ff), x_down = act(gate) * up,
-        or (None, None): the drivers then also carry the mean up and gate values (Figure 7's mechanism)."""
+        (B, T, d_ff) down-projection inputs (or None); wdown (C, d_ff) weights and down_bias (C,) biases
+        (or None); h_out the Outliers of H (their `median`, when given, allows the early stage); up_gate: per
+        layer (up, gate) SwiGLU projection outputs (B, T, d_ff), x_down = act(gate) * up, or (None, None):
+        the drivers then also carry the mean up and gate values (Figure 7's mechanism)."""
         # layers may sit on different GPUs (device_map="auto"): the few gathered values meet on the first's device
         dev = h_out[0].idx.device
         coords = torch.cat([o.idx.to(dev) for o in h_out])
+        self.last = None
         if coords.shape[0] == 0:
             return
         coords = torch.unique(coords, dim=0)  # (n, 3): b, t, c
-        b, t, c = coords[:, 0], coords[:, 1], coords[:, 2]
+        b, t, c = coords.unbind(1)
         gather = lambda xs: torch.stack([x[b.to(x.device), t.to(x.device), c.to(x.device)].float().to(dev)  # noqa: E731
-                                         for x in xs])  # (L, n)
+                                         for x in xs], 1)  # (n, L)
         traj, attn, mlp = gather(H), gather(A), gather(M)
-        thr = tau * torch.stack([o.mean[b.to(o.mean.device)].to(dev) for o in h_out])  # (L, n)
+        per_seq = lambda vals: torch.stack([v.to(dev)[b] for v in vals], 1)  # noqa: E731  (B,) per layer -> (n, L)
+        thr = tau * per_seq([o.mean for o in h_out])
+        median = per_seq([o.median if o.median is not None else median_rows(h.float().abs().flatten(1))
+                          for o, h in zip(h_out, H)])
         massive = traj.abs() > thr
-        gen_attn = massive & (attn.abs() > thr)
-        gen_mlp = massive & (mlp.abs() > thr)
-        self._add_means(traj, massive, gen_attn | gen_mlp, c, H[0].shape[-1])
-        keep = self._largest_per_sequence(traj, b)
-        to_np = lambda x: x[..., keep].cpu().numpy()  # noqa: E731
-        rows = {"traj": to_np(traj), "attn": to_np(attn), "mlp": to_np(mlp), "thr": to_np(thr),
-                "massive": to_np(massive), "gen_attn": to_np(gen_attn), "gen_mlp": to_np(gen_mlp),
-                "b": b.cpu().numpy()[keep.cpu().numpy()], "t": to_np(t), "c": to_np(c)}
-        for j in range(len(rows["b"])):
-            self._add_instance({k: v[..., j] for k, v in rows.items()}, XD, wdown, tokens, up_gate)
+        st = lifecycle_stages(traj, attn, mlp, median)
+        masks = edit_masks(st.generated, massive)
+        self._add_edit_sums(traj, masks, c)
+        self.last = (coords.cpu(), {k: m.cpu() for k, m in masks.items()})
+        cols = {"traj": traj, "attn": attn, "mlp": mlp, "thr": thr, "median": median, "massive": massive,
+                **st._asdict()}
+        keep = self._largest_per_sequence(traj, b).cpu().numpy()
+        rows = {k: v.cpu().numpy()[keep] for k, v in cols.items()}
+        bs, ts, cs = (x.cpu().numpy()[keep] for x in (b, t, c))
+        for j in range(len(keep)):
+            self._add_instance({k: v[j] for k, v in rows.items()}, int(bs[j]), int(ts[j]), int(cs[j]), XD, wdown,
+                               down_bias, tokens, up_gate)
         if len(self.entries) > 2 * self.cap:
             self._prune()
 
-    def _add_means(self, traj, massive, generated, c, C):
-        """Sums of the generated and of all massive values per (layer, channel), for --intervene mean."""
-        for mask, sums, counts in ((generated, self.gen_sum, self.gen_cnt), (massive, self.mass_sum, self.mass_cnt)):
-            gl, gi = mask.nonzero(as_tuple=True)
-            keys = (gl * C + c[gi]).cpu().numpy()
-            vals = traj[gl, gi].cpu().numpy()
-            for key, v in zip(keys.tolist(), vals.tolist()):
-                sums[divmod(key, C)] += v
-                counts[divmod(key, C)] += 1
+    def _add_edit_sums(self, traj, masks, c):
+        """Per target, sums of the values it edits per (layer, channel), for --intervene mean."""
+        for target, mask in masks.items():
+            i, l = mask.nonzero(as_tuple=True)
+            sums = self.edit_sums[target]
+            for key, v in zip(zip(l.tolist(), c[i].tolist()), traj[i, l].tolist()):
+                sums[key][0] += v
+                sums[key][1] += 1
 
     def _largest_per_sequence(self, traj, b):
         """Indices of the `per_seq` coordinates of each sequence with the largest peak |h|, sorted."""
         keep = []
         bs = b.cpu().numpy()
-        peak = traj.abs().max(0).values.cpu().numpy()
+        peak = traj.abs().max(1).values.cpu().numpy()
         for seq in np.unique(bs):
             idx = np.nonzero(bs == seq)[0]
             keep.extend(idx[np.argsort(-peak[idx])[:self.per_seq]].tolist())
-        return torch.as_tensor(sorted(keep), device=traj.device)
+        return torch.as_tensor(sorted(keep), dtype=torch.long)
 
-    def _add_instance(self, r, XD, wdown, tokens, up_gate):
-        """One massive (sequence, position, channel): its per-layer status into its (position, channel) entry."""
-        L = self.L
-        self.instances += 1
-        m, ga, gm = r["massive"], r["gen_attn"], r["gen_mlp"]
-        gen = ga | gm
-        prev = np.concatenate([[False], m[:-1]])
-        # 2 generated, 1 propagated (massive before, no massive branch), 3 emerged (newly massive from
-        # several non-massive contributions), 0 not massive
-        status = np.where(gen, 2, np.where(m & prev, 1, np.where(m, 3, 0)))
-        first_gen = int(np.argmax(gen)) if gen.any() else None
-        branch = None
-        if first_gen is not None:
-            branch = "both" if ga[first_gen] and gm[first_gen] else ("attn" if ga[first_gen] else "mlp")
-        cancelled = [l for l in range(1, L) if m[l - 1] and not m[l]]
-        key = (int(r["t"]), int(r["c"]))
+    def _entry(self, key):
         e = self.entries.get(key)
         if e is None:
+            L = self.L
             e = self.entries[key] = {
                 "count": 0, "traj": np.zeros(L), "attn": np.zeros(L), "mlp": np.zeros(L), "thr": np.zeros(L),
-                "status": np.zeros((L, 4), dtype=np.int64), "gen": collections.Counter(),
-                "first": collections.Counter(),
-                "branch": collections.Counter(), "cancel": collections.Counter(), "tokens": collections.Counter(),
-                "drivers": collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0, 0.0, 0.0, 0]), "peak": 0.0}
+                "median": np.zeros(L), "status": np.zeros((L, len(LIFECYCLE_STATUSES)), dtype=np.int64),
+                "first": collections.Counter(), "peak_layer": collections.Counter(), "emerged": collections.Counter(),
+                "tokens": collections.Counter(), "peak_sum": 0.0, "early": np.zeros(L, dtype=np.int64),
+                "early_peak": [0.0, 0.0, 0],  # sum of the early stage's peak value, of its ratio to the median, count
+                # (stage, layer, branch) -> [sum of the branch output, sum of its share of the (stage's) peak, count]
+                "writers": collections.defaultdict(lambda: [0.0, 0.0, 0]),
+                # (layer, down-projection input k) -> [share, x_down, weight, count, up, gate, count with up/gate]
+                "drivers": collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0, 0.0, 0.0, 0])}
+        return e
+
+    def _add_instance(self, r, seq, pos, ch, XD, wdown, down_bias, tokens, up_gate):
+        """One massive (sequence, position, channel): its stages into its (position, channel) entry."""
+        self.instances += 1
+        e = self._entry((pos, ch))
         e["count"] += 1
-        e["traj"] += r["traj"]
-        e["attn"] += r["attn"]
-        e["mlp"] += r["mlp"]
-        e["thr"] += r["thr"]
-        e["status"][np.arange(L), status] += 1
-        e["gen"][first_gen] += 1
-        e["first"][int(np.argmax(m))] += 1
-        e["branch"][branch] += 1
-        e["cancel"].update(cancelled)
-        e["tokens"][int(tokens[r["b"], r["t"]])] += 1
-        e["peak"] = max(e["peak"], float(np.abs(r["traj"]).max()))
-        if first_gen is not None and gm[first_gen] and XD is not None and XD[first_gen] is not None:
-            self._add_drivers(e, first_gen, int(r["b"]), key, float(r["mlp"][first_gen]), XD, wdown, up_gate)
+        for k in ("traj", "attn", "mlp", "thr", "median"):
+            e[k] += r[k]
+        e["status"][np.arange(self.L), r["status"]] += 1
+        e["first"][int(np.argmax(r["massive"])) if r["massive"].any() else None] += 1
+        lp, sign = int(r["peak_layer"]), float(r["sign"])
+        e["peak_layer"][lp] += 1
+        e["emerged"][int(r["emerged_at"]) if r["emerged_at"] >= 0 else None] += 1
+        e["tokens"][int(tokens[seq, pos])] += 1
+        e["peak_sum"] += abs(float(r["traj"][lp]))
+        e["early"] += r["early"]
+        early_peak = 0.0
+        if r["early"].any():
+            ep = int(np.argmax(np.where(r["early"], sign * r["traj"], -np.inf)))
+            early_peak = abs(float(r["traj"][ep]))
+            e["early_peak"][0] += float(r["traj"][ep])
+            e["early_peak"][1] += early_peak / max(float(r["median"][ep]), _TINY)
+            e["early_peak"][2] += 1
+        peak = abs(float(r["traj"][lp]))
+        stages = (("generation", r["gen_attn"], r["gen_mlp"], peak), ("cancellation", r["cancel_attn"], r["cancel_mlp"], peak),
+                  ("early", r["early_attn"], r["early_mlp"], early_peak))
+        for stage, attn_mask, mlp_mask, peak in stages:
+            for branch, mask in (("attn", attn_mask), ("mlp", mlp_mask)):
+                for l in np.nonzero(mask)[0].tolist():
+                    out = float(r[branch][l])
+                    w = e["writers"][(stage, l, branch)]
+                    w[0] += out
+                    w[1] += sign * out / max(peak, _TINY)
+                    w[2] += 1
+                    if branch == "mlp" and stage != "cancellation" and XD is not None and XD[l] is not None:
+                        self._add_drivers(e, l, seq, pos, ch, XD, wdown, down_bias, up_gate)
 
     @staticmethod
-    def _add_drivers(e, layer, seq, key, total, XD, wdown, up_gate):
-        """The 3 down-projection inputs k contributing most to the generating MLP output x_down[k] w[c, k]."""
-        xd = XD[layer][seq, key[0]].float()
-        w = wdown[layer][key[1]].float().to(xd.device)
+    def _add_drivers(e, layer, seq, pos, ch, XD, wdown, down_bias, up_gate):
+        """The 3 down-projection inputs k contributing most to the down projection's output at `ch`,
+        x_down[k] w[ch, k]; their share is of that output (bias included), which is the MLP branch itself
+        except where a norm follows the MLP (Gemma 2/3)."""
+        xd = XD[layer][seq, pos].float()
+        w = wdown[layer][ch].float().to(xd.device)
         prod = xd * w
+        total = float(prod.sum()) + (float(down_bias[layer][ch]) if down_bias and down_bias[layer] is not None else 0.0)
         top = prod.abs().topk(min(3, prod.numel())).indices
         up, gate = up_gate[layer] if up_gate else (None, None)
         for k in top.tolist():
-            d = e["drivers"][k]
+            d = e["drivers"][(layer, k)]
             d[0] += float(prod[k]) / (total if abs(total) > _TINY else _TINY)
             d[1] += float(xd[k])
             d[2] += float(w[k])
             d[3] += 1
             if gate is not None:
-                d[4] += float(up[seq, key[0], k])
-                d[5] += float(gate[seq, key[0], k])
+                d[4] += float(up[seq, pos, k])
+                d[5] += float(gate[seq, pos, k])
                 d[6] += 1
 
     def _prune(self):
-        ranked = sorted(self.entries.items(), key=lambda kv: -(kv[1]["count"] * kv[1]["peak"]))
-        self.entries = dict(ranked[:self.cap])
+        self.entries = dict(self._ranked()[:self.cap])
 
-    def generated_means(self):
-        return {k: self.gen_sum[k] / self.gen_cnt[k] for k in self.gen_sum}
-
-    def massive_means(self):
-        """(layer, channel) -> mean value of every massive activation there (generated or carried)."""
-        return {k: self.mass_sum[k] / self.mass_cnt[k] for k in self.mass_sum}
+    def means(self, target):
+        """(layer, channel) -> mean of the values `target` edits there (--intervene mean)."""
+        return {k: s / n for k, (s, n) in self.edit_sums[target].items()}
 
     def result(self, token_info, top_n=20):
         self._prune()
-        names = ("-", "propagated", "generated", "emerged")
-        out = []
-        for (t, c), e in sorted(self.entries.items(), key=lambda kv: -(kv[1]["count"] * kv[1]["peak"]))[:top_n]:
-            n = e["count"]
-            gen_at, _ = e["gen"].most_common(1)[0]
-            branch, _ = e["branch"].most_common(1)[0]
-            tok, _ = e["tokens"].most_common(1)[0]
-            drivers = sorted(e["drivers"].items(), key=lambda kv: -abs(kv[1][0]) * kv[1][3])[:3]
-            out.append({
-                "position": t, "channel": c, "token": token_info.text(tok), "token_id": tok, "count": n,
-                "generated_at": gen_at, "generated_by": branch,
-                "first_massive_at": e["first"].most_common(1)[0][0],
-                "status": [names[int(np.argmax(row))] for row in e["status"]],
-                "cancelled_at": sorted(l for l, k in e["cancel"].items() if 2 * k >= n),
-                "peak": e["peak"],
-                "trajectory": (e["traj"] / n).tolist(),
-                "attn_contrib": (e["attn"] / n).tolist(),
-                "mlp_contrib": (e["mlp"] / n).tolist(),
-                "threshold": (e["thr"] / n).tolist(),
-                "mlp_drivers": [{"down_input_channel": k, "share": v[0] / v[3], "x_down": v[1] / v[3],
-                                 "weight": v[2] / v[3], "count": v[3],
-                                 **({"up": v[4] / v[6], "gate": v[5] / v[6]} if v[6] else {})} for k, v in drivers],
-            })
-            out[-1].update(cancellation_view(out[-1]))
+        return [self._entry_result(t, c, e, token_info) for (t, c), e in self._ranked()[:top_n]]
+
+    def _ranked(self):
+        """Entries by total peak |h| over their sequences (how often x how large), largest first."""
+        return sorted(self.entries.items(), key=lambda kv: -kv[1]["peak_sum"])
+
+    def _entry_result(self, t, c, e, token_info):
+        n = e["count"]
+        half = lambda k: 2 * k >= n  # noqa: E731  (a stage holds where it holds in at least half of the sequences)
+        tok, tok_n = e["tokens"].most_common(1)[0]
+        emerged, emerged_n = e["emerged"].most_common(1)[0]
+        out = {"position": t, "channel": c, "token": token_info.text(tok), "token_id": tok,
+               "distinct_tokens": len(e["tokens"]), "token_count": tok_n, "count": n,
+               "peak": e["peak_sum"] / n, "peak_layer": e["peak_layer"].most_common(1)[0][0],
+               "first_massive_at": e["first"].most_common(1)[0][0]}
+        writers = {stage: self._writers(e, stage, half) for stage in ("generation", "early", "cancellation")}
+        out["generation"] = writers["generation"]
+        out["generated_at"] = sorted({w["layer"] for w in writers["generation"]})
+        main = max(writers["generation"], key=lambda w: w["share"], default=None)
+        out["generated_by"] = (None if main is None else
+                               "both" if sum(w["layer"] == main["layer"] for w in writers["generation"]) > 1
+                               else main["branch"])
+        out["emerged_at"] = emerged if emerged is not None and half(emerged_n) else None
+        early_layers = [l for l in range(self.L) if half(e["early"][l])]
+        s, ratio, k = e["early_peak"]
+        out["early_stage"] = ({"layers": early_layers, "peak": s / k, "peak_over_median": ratio / k,
+                               "writers": writers["early"]} if early_layers and k else None)
+        out["status"] = [LIFECYCLE_STATUSES[int(np.argmax(row))] for row in e["status"]]
+        out["cancelled_at"] = sorted({w["layer"] for w in writers["cancellation"]})
+        out["trajectory"] = (e["traj"] / n).tolist()
+        out["attn_contrib"] = (e["attn"] / n).tolist()
+        out["mlp_contrib"] = (e["mlp"] / n).tolist()
+        out["threshold"] = (e["thr"] / n).tolist()
+        out["median"] = (e["median"] / n).tolist()
+        mlp_gen = [w for w in writers["generation"] if w["branch"] == "mlp"]
+        out["mlp_drivers"] = max(mlp_gen, key=lambda w: w["share"])["drivers"] if mlp_gen else []
+        out["cancellation"] = [{"layer": w["layer"], "branch": w["branch"], "branch_output": w["contribution"],
+                                "previous": out["trajectory"][w["layer"] - 1] if w["layer"] else 0.0,
+                                "share": -w["share"], "opposite_sign": bool(w["contribution"] * out["trajectory"][
+                                    out["peak_layer"]] < 0)} for w in writers["cancellation"]]
+        out["relative_contrib"] = relative_contributions(out)
         return out
 
+    @staticmethod
+    def _writers(e, stage, half):
+        """The (layer, branch) pairs of `stage` in at least half of the entry's sequences: mean branch output,
+        mean share of the peak (signed along the peak), count, and for MLP writers their drivers."""
+        rows = []
+        for (s, l, branch), (out, share, k) in sorted(e["writers"].items(), key=lambda kv: kv[0][1:]):
+            if s != stage or not half(k):
+                continue
+            row = {"layer": l, "branch": branch, "contribution": out / k, "share": share / k, "count": k}
+            if branch == "mlp" and stage != "cancellation":
+                drivers = sorted(((kk, v) for (dl, kk), v in e["drivers"].items() if dl == l),
+                                 key=lambda kv: -abs(kv[1][0]) * kv[1][3])[:3]
+                row["drivers"] = [{"layer": l, "down_input_channel": kk, "share": v[0] / v[3], "x_down": v[1] / v[3],
+                                   "weight": v[2] / v[3], "count": v[3],
+                                   **({"up": v[4] / v[6], "gate": v[5] / v[6]} if v[6] else {})} for kk, v in drivers]
+            rows.append(row)
+        return rows
 
-def cancellation_view(e):
-    """Figures 8-9 of An et al. from one lifecycle entry's mean trajectory: each branch output relative to
-    the residual value it is added to (attn_l / h_{l-1}, mlp_l / (h_{l-1} + attn_l); -1 cancels it
-    exactly, None where that value is 0) and, per cancelled layer, the branch that pushes hardest
-    against the sign of the value it meets and whether that branch's output has the opposite sign."""
+
+def relative_contributions(e):
+    """An et al.'s Figures 8-9 ratios from one lifecycle entry's mean trajectory: each branch output relative
+    to the residual value it is added to (attn_l / h_{l-1}, mlp_l / (h_{l-1} + attn_l); -1 cancels it
+    exactly, None where that value is 0). They explode where the residual is near 0, so the figures plot
+    values instead; the ratios stay in outliers.json."""
     traj, attn, mlp = e["trajectory"], e["attn_contrib"], e["mlp_contrib"]
     rel_attn, rel_mlp = [None], [None]
     for l in range(1, len(traj)):
         before_mlp = traj[l - 1] + attn[l]
         rel_attn.append(attn[l] / traj[l - 1] if traj[l - 1] else None)
         rel_mlp.append(mlp[l] / before_mlp if before_mlp else None)
-    cancels = []
-    for l in e["cancelled_at"]:
-        sign = 1.0 if traj[l - 1] >= 0 else -1.0
-        branch, value = min((("attn", attn[l]), ("mlp", mlp[l])), key=lambda bv: sign * bv[1])
-        cancels.append({"layer": l, "branch": branch, "branch_output": value, "previous": traj[l - 1],
-                        "opposite_sign": bool(sign * value < 0)})
-    return {"relative_contrib": {"attn": rel_attn, "mlp": rel_mlp}, "cancellation": cancels}
+    return {"attn": rel_attn, "mlp": rel_mlp}
 
 
-def weight_statistics(model, tau=None, top_n=10, rule="column", share=WEIGHT_SHARE):
+def weight_statistics(model, tau=None, top_n=10, rule="ratio", share=WEIGHT_SHARE, ratio=WEIGHT_RATIO):
     """Weight outliers (`rule`: see weight_rule_mask) and column extremal ratios of every projection,
-    per layer and module. `top_entries` ranks entries by the rule's own score (column share
-    |w_ij| / sum_i |w_ij|, or row ratio |w_ij| / mean_j |w_ij|); `profile` holds the per-column and
-    per-row max |w| of the layer with the largest extremal ratio (Figure 5b-c)."""
+    per layer and module. `top_entries` ranks entries by the rule's own score (extremal ratio
+    |w_ij| / mean_i |w_ij|, column share |w_ij| / sum_i |w_ij|, or row ratio |w_ij| / mean_j |w_ij|);
+    `profile` holds the per-column and per-row max |w| of the layer with the largest extremal ratio
+    (Figure 5b-c); `threshold` the threshold the rule came to for this module's shape."""
     out = {}
     view = model_view(model)
     for name in view.weight_names(WEIGHT_MODULES if view.family is NANOGPT else None):
@@ -320,21 +372,23 @@ def weight_statistics(model, tau=None, top_n=10, rule="column", share=WEIGHT_SHA
         profile = None
         for l, w in enumerate(view.weights(name)):
             w = w.detach().float()
-            ratio = column_extremal_ratio(w)
-            j = int(ratio.argmax())
-            mask = weight_rule_mask(w, rule, tau, share)
+            ratio_j = column_extremal_ratio(w)
+            j = int(ratio_j.argmax())
+            mask = weight_rule_mask(w, rule, tau, share, ratio)
             a = w.abs()
             row_ratio = a / a.mean(dim=1, keepdim=True).clamp_min(_TINY)
-            score = a / a.sum(dim=0, keepdim=True).clamp_min(_TINY) if rule == "column" else row_ratio
-            res["extremal_ratio"].append(float(ratio[j]))
+            score = {"ratio": lambda: a / a.mean(dim=0, keepdim=True).clamp_min(_TINY),
+                     "column": lambda: a / a.sum(dim=0, keepdim=True).clamp_min(_TINY),
+                     "paper": lambda: row_ratio}[rule]()
+            res["extremal_ratio"].append(float(ratio_j[j]))
             res["extremal_channel"].append(j)
             res["outlier_count"].append(int(mask.sum()))
             res["outlier_channels"].append(sorted(set(mask.nonzero()[:, 1].tolist())))
             res["outlier_out_channels"].append(sorted(set(mask.nonzero()[:, 0].tolist())))
             res["max_row_ratio"].append(float(row_ratio.max()))
-            if profile is None or float(ratio[j]) > profile[0]:
-                profile = (float(ratio[j]), {"layer": l, "column": j, "column_max_abs": a.max(0).values.tolist(),
-                                             "row_max_abs": a.max(1).values.tolist(), "column_abs": a[:, j].tolist()})
+            if profile is None or float(ratio_j[j]) > profile[0]:
+                profile = (float(ratio_j[j]), {"layer": l, "column": j, "column_max_abs": a.max(0).values.tolist(),
+                                               "row_max_abs": a.max(1).values.tolist(), "column_abs": a[:, j].tolist()})
             flat = score.flatten()
             top = flat.topk(min(top_n, flat.numel()))
             for v, i in zip(top.values.tolist(), top.indices.tolist()):
@@ -342,28 +396,41 @@ def weight_statistics(model, tau=None, top_n=10, rule="column", share=WEIGHT_SHA
         entries.sort(key=lambda x: -x[0])
         res["top_entries"] = [e for _, e in entries[:top_n]]  # [layer, out_channel, in_channel, score]
         res["profile"] = profile[1]
-        n_rows = w.shape[0]
         res["rule"] = rule
-        res["threshold"] = ({"column_share": share, "extremal_ratio": max(share * n_rows, WEIGHT_MIN_RATIO),
-                             "rows": n_rows} if rule == "column"
-                            else {"tau": tau, "row_ratio": tau, "max_possible_row_ratio": w.shape[1]})
+        res["threshold"] = weight_threshold(rule, w.shape, tau, share, ratio)
         out[name] = res
     return out
 
 
-def weight_link(model, xdown_counts, top_n=3):
-    """Figure 7 of An et al.: which up-projection (c_fc) rows and down-projection (c_proj) columns belong
-    to the MLP units whose output x_down spikes. xdown_counts (L, 4C): x_down outlier counts per unit.
-    Per layer with spikes, its `top_n` most frequent units k: |c_fc row k| (L2) over the median row,
-    c_fc row k's largest entry, and W_down column k's extremal ratio and largest share; `profile` holds
-    every unit's c_fc row norm and W_down column max |w| for the layer with the most spikes. SwiGLU
-    models (x_down = act(gate) * up): `fc` is the up projection, and each unit also gets its gate row's
-    norm ratio and largest entry (`gate_row_norm_ratio`, `gate_top_weight`; `gate_row_norm` in the profile)."""
+def weight_threshold(rule, shape, tau, share, ratio):
+    """What `rule` comes to for a matrix of `shape` (out, in): the extremal-ratio threshold of the column
+    rules, the row ratio of the paper's."""
+    rows, cols = shape
+    if rule == "ratio":
+        return {"ratio": ratio, "extremal_ratio": ratio_threshold(rows, ratio), "rows": rows}
+    if rule == "column":
+        return {"column_share": share, "extremal_ratio": max(share * rows, WEIGHT_MIN_RATIO), "rows": rows}
+    return {"tau": tau, "row_ratio": tau, "max_possible_row_ratio": cols}
+
+
+def weight_link(model, xdown_counts, top_n=3, layer=None, drivers=()):
+    """Figure 7 of An et al.: which up-projection rows and down-projection columns belong to the MLP units
+    whose output x_down spikes. xdown_counts (L, d_ff): x_down outlier counts per unit. Per layer with
+    spikes, its `top_n` most frequent units k: |up row k| (L2) over the median row, up row k's largest
+    entry, and W_down column k's extremal ratio and largest share. `profile` holds every unit's up-row norm
+    and W_down column max |w| for `layer` (the layer whose MLP generates the largest massive activation),
+    or where none is given for the layer with the most spikes; `drivers` (the down-projection inputs that
+    generate it) are named there. SwiGLU models (x_down = act(gate) * up): each unit also gets its gate
+    row's norm ratio and largest entry (`gate_row_norm_ratio`, `gate_top_weight`; `gate_row_norm` in the
+    profile). The JSON keys say `fc` for the up projection (c_fc in GPT-2)."""
     view = model_view(model)
+    counts_all = np.asarray(xdown_counts)
+    if layer is None and counts_all.any():
+        layer = int(np.argmax(counts_all.sum(1)))
     rows, profile = [], None
     for l in range(view.L):
-        counts = np.asarray(xdown_counts[l])
-        if not counts.any():
+        counts = counts_all[l]
+        if not counts.any() and l != layer:
             continue
         up, gate = view.up_gate_weights(l)
         fc = up.float().cpu()  # (d_ff, C): row k computes unit k
@@ -384,12 +451,13 @@ def weight_link(model, xdown_counts, top_n=3):
                 g = int(gate[k].abs().argmax())
                 rows[-1].update(gate_row_norm_ratio=float(gate_norms[k]) / max(float(gate_norms.median()), _TINY),
                                 gate_top_input=g, gate_top_weight=float(gate[k, g]))
-        if profile is None or counts.sum() > profile[0]:
-            profile = (counts.sum(), {"layer": l, "units": [int(k) for k in np.nonzero(counts)[0]],
-                                      "fc_row_norm": norms.tolist(), "down_column_max_abs": down.max(0).values.tolist()})
+        if l == layer:
+            profile = {"layer": l, "units": [int(k) for k in np.nonzero(counts)[0]],
+                       "drivers": [int(k) for k in drivers], "fc_row_norm": norms.tolist(),
+                       "down_column_max_abs": down.max(0).values.tolist()}
             if gate is not None:
-                profile[1]["gate_row_norm"] = gate_norms.tolist()
-    return {"units": rows, "profile": profile[1] if profile else None}
+                profile["gate_row_norm"] = gate_norms.tolist()
+    return {"units": rows, "profile": profile}
 
 
 class AttentionAccumulator:
@@ -424,7 +492,7 @@ class AttentionAccumulator:
         # [sum, count] at position 0 / at h-outlier positions (not 0) / elsewhere
         self.gate = np.zeros((L, 3, 2))
         self.vnorm = np.zeros((L, 3, 2))
-        self.logit = np.zeros((L, 2, 2))  # mean q.k/sqrt(d) at attention-outlier keys vs other keys
+        self.logit = np.zeros((L, 2, 2))  # mean query-centred q.k/sqrt(d) at attention-outlier keys vs other keys
         self.qk_sum = np.zeros((L, H, hs))
         self.qk_n = np.zeros((L, H), dtype=np.int64)
         self.qkv_seqs = np.zeros(L, dtype=np.int64)  # sequences whose q, k, v were recorded, per layer
@@ -487,19 +555,25 @@ class AttentionAccumulator:
 
     def _qk_statistics(self, l, rec, amask):
         """Mean logit per key (over the queries that see it), outlier keys vs the rest, and the q/k alignment
-        at outlier keys: per dimension d, mean over queries i >= j of q_i[d] k_j[d]."""
+        at outlier keys: per dimension d, mean over queries i >= j of q_i[d] (k_j[d] - kbar_i[d]). Logits are
+        centred per query (logit - the mean of that query's logits over its keys, kbar_i = mean_{j <= i} k_j):
+        softmax ignores what every key of a query shares, such as the part a k bias adds, which otherwise
+        dominates the raw q.k of models with one (Qwen2)."""
         q, k = rec["q"].float(), rec["k"].float()
         H, T = q.shape[1], q.shape[2]
-        cs = q.cumsum(2)
-        qs = cs[:, :, -1:] - cs + q  # suffix sums over queries: sum_{i >= j} q_i
+        n_keys = torch.arange(1, T + 1, device=q.device, dtype=q.dtype)
+        kbar = k.cumsum(2) / n_keys[:, None]  # prefix means: the mean key of each query
+        qs = _suffix_sums(q)  # sum_{i >= j} q_i
+        qkbar = _suffix_sums(q * kbar)  # sum_{i >= j} q_i * kbar_i, per dimension
+        n_queries = (T - torch.arange(T, device=q.device)).to(q.dtype)  # queries that see key j
         n_out = int(amask.sum())
         if n_out:
             b_, h_, j_ = amask.nonzero().unbind(1)
-            contrib = k[b_, h_, j_] * qs[b_, h_, j_] / (T - j_).float()[:, None]  # (n, hs)
+            contrib = (k[b_, h_, j_] * qs[b_, h_, j_] - qkbar[b_, h_, j_]) / n_queries[j_][:, None]  # (n, hs)
             sums = torch.zeros(H, self.hs, device=contrib.device).index_add_(0, h_, contrib)
             self.qk_sum[l] += sums.cpu().numpy()
             self.qk_n[l] += torch.bincount(h_, minlength=H).cpu().numpy()
-        logit = (qs * k).sum(-1) / (T - torch.arange(T, device=q.device)).float() / math.sqrt(self.hs)
+        logit = ((qs * k).sum(-1) - qkbar.sum(-1)) / n_queries / math.sqrt(self.hs)
         self.logit[l, 0] += [float(logit[amask].sum()), n_out]
         self.logit[l, 1] += [float(logit[~amask].sum()), int((~amask).sum())]
 
@@ -583,8 +657,8 @@ class AttentionAccumulator:
                 "missing": [{"reason": reason, "layers": sorted(layers)} for reason, layers in self.qkv_missing.items()]}
 
     def _qk_alignment(self):
-        """Per (layer, head) with attention-outlier keys: the mean logit q.k/sqrt(d) they receive and the
-        3 dimensions d contributing most to it (mean over queries of q_i[d] k_j[d] / sqrt(d))."""
+        """Per (layer, head) with attention-outlier keys: the mean query-centred logit they receive
+        (q_i.(k_j - kbar_i)/sqrt(d)) and the 3 dimensions d contributing most to it."""
         rows = []
         scale = 1.0 / math.sqrt(self.hs)
         for l in range(self.L):
@@ -596,6 +670,12 @@ class AttentionAccumulator:
                 rows.append({"layer": l, "head": h, "n_keys": int(self.qk_n[l, h]), "logit": float(s.sum()),
                              "dims": [[int(d), float(s[d])] for d in top]})
         return rows
+
+
+def _suffix_sums(x):
+    """x (..., T, d) -> sum over i >= j of x_i, for every j."""
+    cs = x.cumsum(-2)
+    return cs[..., -1:, :] - cs + x
 
 
 def _ranked_positions(counts, top_n=10):
@@ -623,25 +703,27 @@ class NormalizationAccumulator:
             self.centered[i] += col
             self.n[i] += y.shape[0]
 
-    def result(self, norms, tau_channel, top_n=5):
+    def result(self, view, tau_channel, top_n=5):
+        """Per norm: its outlier channels and the gamma-driven ones among them, largest ratio first."""
         out = []
-        for i, (name, ln) in enumerate(norms):
+        for i, (name, ln) in enumerate(view.norms):
             n = max(int(self.n[i]), 1)
             m = self.abs[i] / n
-            gamma = ln.weight.detach().float().cpu().numpy()
+            gamma = view.norm_gain(ln).cpu().numpy()
             normalized = self.centered[i] / n / np.maximum(np.abs(gamma), _TINY)  # mean |x_hat_c|
             med, med_hat = float(np.median(m)), float(np.median(normalized))
             ratio = m / max(med, _TINY)
-            top = np.argsort(-ratio)[:top_n]
-            outliers = np.nonzero(ratio > tau_channel)[0]
+            ranked = np.argsort(-ratio, kind="stable")
+            outliers = [int(c) for c in ranked if ratio[c] > tau_channel]
             before = normalized / max(med_hat, _TINY)
             out.append({"module": name, "median_abs": med,
-                        "outlier_channels": [int(c) for c in outliers],
+                        "outlier_channels": outliers,
                         # outliers only after the gain: gamma, not the normalized input, makes them
-                        "gamma_driven": [int(c) for c in outliers if before[c] <= tau_channel],
+                        "gamma_driven": [c for c in outliers if before[c] <= tau_channel],
                         "top": [{"channel": int(c), "ratio": float(ratio[c]), "mean_abs": float(m[c]),
                                  "gamma": float(gamma[c]),
-                                 "ratio_before_gamma": float(normalized[c] / max(med_hat, _TINY))} for c in top]})
+                                 "ratio_before_gamma": float(normalized[c] / max(med_hat, _TINY))}
+                                for c in ranked[:top_n]]})
         return out
 
 
@@ -704,17 +786,23 @@ class ConsistencyAccumulator:
         }
 
 
+# a down-projection input that makes up at least 5% of the generating output is named a driver in Figure 7
+MEANINGFUL_DRIVER = 0.05
+
+
 class OutlierAnalyzer:
     """Everything of analyze_outliers.py that is computed per batch of sequences, streaming.
 
     Usage: `an = OutlierAnalyzer(model, ...)`; for each batch `an.run_batch(X, Y)`; `an.result()`.
-    Memory: per-layer accumulators of size O(L * (C + T + n_head * head_dim)) plus capped lists.
+    Memory: per-layer accumulators of size O(L * (C + T + n_head * head_dim)) plus capped lists; with
+    keep_replay (for --intervene), per batch its tokens, its massive coordinates and one layer output
+    (B, T, C) on the CPU (`replay`, interventions.ReplayBatch).
     """
 
     def __init__(self, model, *, tau_act=1000.0, tau_weight=1000.0, tau_attn=1000.0, tau_channel=10.0,
                  max_list=100, token_info=None, seq_len=1024, full=True, surface_tokens=64,
-                 weight_rule="column", weight_share=WEIGHT_SHARE, attention_rule="authors",
-                 attention_share=ATTENTION_SHARE, record_qkv=True):
+                 weight_rule="ratio", weight_share=WEIGHT_SHARE, weight_ratio=WEIGHT_RATIO, attention_rule="authors",
+                 attention_share=ATTENTION_SHARE, record_qkv=True, keep_replay=False):
         cfg = model.config
         self.model = model
         self.view = model_view(model)
@@ -731,11 +819,14 @@ class OutlierAnalyzer:
         self.loss_sum, self.loss_n = 0.0, 0
         self.surface = self.surface_tokens_ids = None
         self._batch = self._hout = None  # the batch in flight: (tokens, categories, first sequence), h Outliers
+        self.keep_replay = keep_replay
+        self.replay = []
         if not full:
             return
         self.x_acc = ActivationAccumulator(self.L, self.view.d_ff, seq_len, tau_act, max_list, cfg.vocab_size)
-        self.weights = weight_statistics(model, tau_weight, rule=weight_rule, share=weight_share)
+        self.weights = weight_statistics(model, tau_weight, rule=weight_rule, share=weight_share, ratio=weight_ratio)
         self.wdown = [w.detach() for w in self.view.weights(self.view.down_name)]
+        self.down_bias = [getattr(m, "bias", None) for m in self.view.down]
         self.lifecycle = LifecycleAccumulator(self.L)
         self.attention = AttentionAccumulator(self.L, self.H, self.hs, seq_len, attention_rule, tau_attn,
                                               attention_share, max_list)
@@ -776,6 +867,8 @@ class OutlierAnalyzer:
                 self.loss_sum += float(loss) * X.shape[0]
                 self.loss_n += X.shape[0]
             self._after_forward(p)
+            if self.keep_replay and loss is not None:
+                self.replay.append(ReplayBatch(X, Y, float(loss), p.h, self.lifecycle.last, p.block_returns_tuple))
         self._batch = self._hout = None
         self.n_seqs += X.shape[0]
 
@@ -794,7 +887,7 @@ class OutlierAnalyzer:
                                           torch.stack([o.rows.cpu() for o in x_out]).any(0))
         self.normalization.update(p.norm_out, self.view.norms)
         self.lifecycle.update(p.h, p.attn_out, p.mlp_out, p.xdown, self.wdown, self._hout, self.tau_act, tokens,
-                              self.token_info, up_gate=[p.up_gate(l) for l in range(L)])
+                              self.token_info, up_gate=[p.up_gate(l) for l in range(L)], down_bias=self.down_bias)
 
     # ---------------------------------------------------------------------------------------
     def result(self):
@@ -806,13 +899,17 @@ class OutlierAnalyzer:
             return out
         out["down_input"] = self.x_acc.result(ti)
         out["weight"] = self.weights
-        out["weight_link"] = weight_link(self.model, self.x_acc.chan)
+        out["lifecycle"] = self.lifecycle.result(ti)
+        drivers = out["lifecycle"][0]["mlp_drivers"] if out["lifecycle"] else []
+        # Figure 7 shows the layer whose MLP generates the largest massive activation, and the units that do
+        out["weight_link"] = weight_link(self.model, self.x_acc.chan, layer=drivers[0]["layer"] if drivers else None,
+                                         drivers=[d["down_input_channel"] for d in drivers
+                                                  if abs(d["share"]) >= MEANINGFUL_DRIVER])
         gate = getattr(getattr(self.view.attn[0], "variant", None), "gate", None)
         out["attention"] = self.attention.result(gate_meaning=gate)
         out["consistency"] = self.consistency.result(self.weights, self.view.down_name, self.h_acc, self.x_acc,
                                                      self.attn_rule)
-        out["lifecycle"] = self.lifecycle.result(ti)
-        out["normalization"] = self.normalization.result(self.view.norms, self.tau_channel)
+        out["normalization"] = self.normalization.result(self.view, self.tau_channel)
         return out
 
 

@@ -17,13 +17,20 @@ activation outlier   in the (T, C) matrix x of one sequence and one layer: |x_tc
                      output, input of mlp.c_proj). The ratio is at most T*C / (number of outliers), so
                      tau = 1000 needs T*C well above 1000 (786,432 for GPT-2 at T = 1024).
 weight outlier       in a weight W of shape (out, in) (nn.Linear layout; row i = output channel i,
-                     column j = input channel j). Default ('column'): |w_ij| >= s * sum_i |w_ij|, the
-                     entry holds at least s = 0.1 of its column's total magnitude, i.e. the column
-                     extremal ratio max_i |w_ij| / mean_i |w_ij| >= s * out (76.8 for GPT-2's W_down);
-                     a Gaussian column of 768 entries has its largest entry at ~0.5% of the total.
-                     The paper's formula ('paper', --weight_rule paper): |w_ij| > tau_W * mean_j |w_ij|
-                     (row-wise), which cannot fire when tau_W >= in (768 or 3072 for GPT-2): the
-                     paper's text speaks of column extremal ratios, its formula of rows.
+                     column j = input channel j). Default ('ratio'): |w_ij| >= R * mean_i |w_ij|, the
+                     entry is at least R = 50 times its column's mean magnitude (the column extremal
+                     ratio max_i |w_ij| / mean_i |w_ij| >= R), the same threshold for every module
+                     whatever its number of rows (a 128-row GQA k_proj and a 4864-row up_proj alike).
+                     A column's ratio is at most its row count (one entry holds everything), so below
+                     2R rows the threshold is rows / 2 (the entry holds half its column's magnitude),
+                     and never below 8. Gaussian columns stay near 4-6; trained LLM projections
+                     rarely pass 30 (SmolLM2-135M: 99.9th percentile 13-36 per module), while
+                     super weights reach 100-200. 'column' (--weight_rule column):
+                     |w_ij| >= s * sum_i |w_ij|, the entry holds at least s = 0.1 of its column's total
+                     magnitude, i.e. an extremal ratio >= s * out, which scales with the row count
+                     (12.8 for 128 rows, 486 for 4864). The paper's formula ('paper', --weight_rule
+                     paper): |w_ij| > tau_W * mean_j |w_ij| (row-wise), which cannot fire when
+                     tau_W >= in: the paper's text speaks of column extremal ratios, its formula of rows.
 attention outlier    with A (T_q, T_k) the attention weights of one head (softmax probabilities, the
                      unnormalised sigmoid weights for `sigmoid`, the key part of the softmax that
                      includes the sink for `attention_bias`), the cumulative score of key j is
@@ -33,13 +40,26 @@ attention outlier    with A (T_q, T_k) the attention weights of one head (softma
                      --attention_rule paper): Ahat_j > tau_A * mean_j Ahat per head; for softmax
                      mean_j Ahat = 1 and Ahat_j <= T - j, so tau_A = 1000 can never fire at T <= 1000.
 
-Lifecycle (per massive activation = an activation outlier (position t, channel c) of some h_l):
-  massive at l     |h_l[t,c]| > tau * mean|h_l|   (mean over that sequence's h_l)
-  generated at l   massive at l AND a branch output at (t, c) is itself massive on the same scale:
-                   |attn_l[t,c]| > tau * mean|h_l| or |mlp_l[t,c]| > tau * mean|h_l|
-  propagated at l  massive at l and at l-1, not generated at l (the residual stream carries it)
-  emerged at l     massive at l, not at l-1, and no single branch output is massive (it builds up)
-  cancelled at l   massive at l-1 and not massive at l.
+Lifecycle. A massive coordinate is a (sequence, position t, channel c) that is an activation outlier of
+some layer output h_l (|h_l[t,c]| > tau * mean|h_l|). Its stages follow its value v_l = h_l[t,c] along
+the layers, never the threshold (tau * mean|h_l| grows with depth while the value stays). With the
+peak P = v at the layer where |v| is largest and every value signed along P's sign:
+  generated at l   l <= peak layer and a branch output at (t, c) (attention or MLP, what the block
+                   adds to its residual) adds at least GENERATION_SHARE = 25% of P: every such layer is
+                   listed (a value written in two steps has two generation layers)
+  emerged at l     no branch adds 25% (it builds up from many small writes): the first layer where
+                   the value reaches half of P
+  propagated at l  from the first generation (or emerged) layer on, until it is cancelled: the
+                   residual stream carries it
+  cancelled at l   after the peak the value falls below CANCELLED_BELOW = 50% of P; the layers from
+                   the peak to that fall whose branch removes at least 25% of P cancel it (the layer
+                   of the fall itself when no single branch removes that much)
+  early at l       before the first generation layer, |v_l| >= EARLY_RATIO = 100 x the median |h_l|
+                   of that sequence's layer output: an earlier, smaller stage of the same coordinate
+                   (Sun et al. call an activation massive at |x| > 100 and ~1000x the median; the
+                   relative part at 100x suffices here, since the value is already known to become
+                   massive). Its writers are the branches that add at least 25% of the stage's own peak.
+  '-'              none of these (before it appears, after it is cancelled).
 
 Consistency (Table 1 of An et al.). Overlap of two sets A, B is |A & B| / |A| ("how much of A is
 also in B"); both directions are reported. Row 4 follows Appendix B.2; the paper gives no formula for
@@ -66,6 +86,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import math
 import unicodedata
 
 import numpy as np
@@ -91,6 +112,8 @@ not no
 # is flagged when one entry holds >= 10% of the column's total |w|.
 ATTENTION_SHARE = 0.1
 WEIGHT_SHARE = 0.1
+# the default weight rule: an entry >= 50x its column's mean |w| (see the module docstring)
+WEIGHT_RATIO = 50.0
 # the column rule's floor on the extremal ratio: with few rows (scale_proj has n_head) "10% of the
 # column" is close to the average entry, so an outlier must also be >= 8x its column's mean |w|
 WEIGHT_MIN_RATIO = 8.0
@@ -99,6 +122,11 @@ WEIGHT_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") + tupl
     f"attn.{name}" for name in attention_variants.module_params())
 EOT_TOKEN = 50256
 _TINY = 1e-30
+# the lifecycle's value rules (module docstring)
+GENERATION_SHARE = 0.25
+CANCELLED_BELOW = 0.5
+EARLY_RATIO = 100.0
+LIFECYCLE_STATUSES = ("-", "early", "generated", "emerged", "propagated", "cancelled")
 
 
 # ==============================================================================================
@@ -124,6 +152,20 @@ def column_share_outlier_mask(w, share):
     a = w.detach().float().abs()
     total = a.sum(dim=0, keepdim=True)
     return (a >= max(share, WEIGHT_MIN_RATIO / a.shape[0]) * total) & (total > 0)
+
+
+def ratio_threshold(rows, ratio=WEIGHT_RATIO):
+    """The 'ratio' rule's extremal-ratio threshold for a matrix of `rows` rows: `ratio`, or rows / 2 where
+    the column cannot reach it (fewer than 2 x ratio rows), and at least WEIGHT_MIN_RATIO."""
+    return max(WEIGHT_MIN_RATIO, min(ratio, rows / 2))
+
+
+def column_ratio_outlier_mask(w, ratio=WEIGHT_RATIO):
+    """w: (out, in). Weight outliers of the default rule: |w_ij| >= ratio_threshold(out) * mean_i |w_ij|;
+    zero columns have none."""
+    a = w.detach().float().abs()
+    mean = a.mean(dim=0, keepdim=True)
+    return (a >= ratio_threshold(a.shape[0], ratio) * mean) & (mean > 0)
 
 
 def column_extremal_ratio(w):
@@ -157,8 +199,11 @@ def attention_rule_mask(cum, rule, tau=None, share=ATTENTION_SHARE):
     raise ValueError(f"unknown attention rule {rule!r}")
 
 
-def weight_rule_mask(w, rule, tau=None, share=WEIGHT_SHARE):
-    """The weight-outlier mask of `rule`: 'column' (column_share_outlier_mask) or 'paper' (weight_outlier_mask)."""
+def weight_rule_mask(w, rule, tau=None, share=WEIGHT_SHARE, ratio=WEIGHT_RATIO):
+    """The weight-outlier mask of `rule`: 'ratio' (column_ratio_outlier_mask), 'column'
+    (column_share_outlier_mask) or 'paper' (weight_outlier_mask)."""
+    if rule == "ratio":
+        return column_ratio_outlier_mask(w, ratio)
     if rule == "column":
         return column_share_outlier_mask(w, share)
     if rule == "paper":
@@ -246,9 +291,10 @@ def top_and_median(a, k):
     return top, median_rows(flat).to(a.device), flat.mean(dim=1)
 
 
-class Outliers(collections.namedtuple("Outliers", "rows idx values mean")):
+class Outliers(collections.namedtuple("Outliers", "rows idx values mean median", defaults=(None,))):
     """Activation outliers of a (B, T, C) tensor in sparse form: rows (B, T) bool (the token holds at
-    least one outlier), idx (n, 3) long [b, t, c], values (n,) signed, mean (B,) mean |x|."""
+    least one outlier), idx (n, 3) long [b, t, c], values (n,) signed, mean (B,) mean |x|, median (B,)
+    lower median |x| (None unless computed)."""
 
 
 def find_activation_outliers(x, tau, stats=False):
@@ -280,7 +326,79 @@ def find_activation_outliers(x, tau, stats=False):
     cand_vals = torch.gather(a, 1, top_rows[..., None].expand(B, kr, C)).reshape(B, -1)
     top = cand_vals.topk(min(3, cand_vals.shape[1]), dim=1).values
     med = median_rows(a.reshape(B, -1)).to(a.device)
-    return out, top, med
+    return out._replace(median=med), top, med
+
+
+class Stages(collections.namedtuple("Stages", "status peak_layer sign gen_attn gen_mlp emerged_at cancel_attn "
+                                                "cancel_mlp fall_at early early_attn early_mlp")):
+    """The lifecycle of n massive coordinates (module docstring), each a row: status (n, L) indices into
+    LIFECYCLE_STATUSES; peak_layer (n,); sign (n,) of the peak value; gen_attn / gen_mlp (n, L) the
+    generating branches; emerged_at (n,) (-1: generated); cancel_attn / cancel_mlp (n, L) the cancelling
+    branches; fall_at (n,) the first layer after the peak below half of it (L: never); early (n, L) the
+    early stage; early_attn / early_mlp (n, L) its writing branches."""
+
+    @property
+    def generated(self):
+        return self.gen_attn | self.gen_mlp
+
+    @property
+    def cancelled(self):
+        return self.cancel_attn | self.cancel_mlp
+
+
+def _first_true(mask, none):
+    """(n, L) bool -> (n,) index of the first True of each row (`none` where a row has none)."""
+    L = mask.shape[1]
+    first = torch.where(mask, torch.arange(L, device=mask.device), torch.full_like(mask, L, dtype=torch.long))
+    first = first.min(1).values
+    return torch.where(first < L, first, torch.full_like(first, none))
+
+
+def lifecycle_stages(traj, attn, mlp, median=None):
+    """The stages of n coordinates from their values: traj, attn, mlp (n, L) the layer outputs h_l and the
+    two branch outputs at each coordinate; median (n, L) the median |h_l| of the coordinate's sequence
+    (None: no early stage). Rules and constants: the module docstring."""
+    traj, attn, mlp = (x.double() for x in (traj, attn, mlp))
+    n, L = traj.shape
+    layer = torch.arange(L, device=traj.device)[None]
+    peak_layer = traj.abs().argmax(1)
+    sign = torch.where(traj.gather(1, peak_layer[:, None])[:, 0] < 0, -1.0, 1.0).to(traj)
+    v, a, m = (x * sign[:, None] for x in (traj, attn, mlp))
+    peak = v.gather(1, peak_layer[:, None])  # (n, 1), > 0 unless the trajectory is all zeros
+    upto, after = layer <= peak_layer[:, None], layer > peak_layer[:, None]
+    share = GENERATION_SHARE * peak
+    gen_attn, gen_mlp = upto & (a >= share) & (peak > 0), upto & (m >= share) & (peak > 0)
+    generated = gen_attn | gen_mlp
+    has_gen = generated.any(1)
+    emerged_at = torch.where(has_gen, -1, _first_true(upto & (v >= CANCELLED_BELOW * peak), 0))
+    start = torch.where(has_gen, _first_true(generated, L), emerged_at)
+    fall_at = _first_true(after & (v < CANCELLED_BELOW * peak), L)
+    window = after & (layer <= fall_at[:, None])
+    cancel_attn, cancel_mlp = window & (a <= -share), window & (m <= -share)
+    # no single branch removed a quarter of the peak: the layer where the value fell is named, with
+    # the branch that removed more there
+    quiet = (fall_at < L) & ~(cancel_attn | cancel_mlp).any(1)
+    at_fall = quiet[:, None] & (layer == fall_at[:, None])
+    attn_more = a.gather(1, fall_at.clamp_max(L - 1)[:, None]) <= m.gather(1, fall_at.clamp_max(L - 1)[:, None])
+    cancel_attn |= at_fall & attn_more
+    cancel_mlp |= at_fall & ~attn_more
+    early = torch.zeros_like(generated)
+    if median is not None:
+        early = (layer < start[:, None]) & (v > 0) & (v >= EARLY_RATIO * median.double().to(v.device))
+    early_peak_layer = torch.where(early, v, torch.full_like(v, -math.inf)).argmax(1)
+    early_peak = v.gather(1, early_peak_layer[:, None])
+    before = (layer <= early_peak_layer[:, None]) & early.any(1)[:, None]
+    early_attn = before & (a >= GENERATION_SHARE * early_peak)
+    early_mlp = before & (m >= GENERATION_SHARE * early_peak)
+    status = torch.zeros(n, L, dtype=torch.long, device=traj.device)
+    code = LIFECYCLE_STATUSES.index
+    status[(layer >= start[:, None]) & (layer < fall_at[:, None])] = code("propagated")
+    status[early] = code("early")
+    status[generated] = code("generated")
+    status[layer == emerged_at[:, None]] = code("emerged")
+    status[cancel_attn | cancel_mlp] = code("cancelled")
+    return Stages(status, peak_layer, sign, gen_attn, gen_mlp, emerged_at, cancel_attn, cancel_mlp, fall_at, early,
+                  early_attn, early_mlp)
 
 
 class TokenInfo:
@@ -321,12 +439,13 @@ class TokenInfo:
 
 # Code written against the one-module layout reaches the moved names through here; importing them lazily
 # keeps `import outlier_stats` light (train.py's telemetry never loads the analyzer).
-_MOVED = {"Probe": "probe", "training_telemetry": "telemetry", "INTERVENTION_TARGETS": "interventions",
-          "Intervention": "interventions", "GammaIntervention": "interventions", "layer_norms": "interventions",
+_MOVED = {"Probe": "probe", "training_telemetry": "telemetry",
+          **{name: "interventions" for name in ("INTERVENTION_TARGETS", "intervention_losses", "GammaIntervention",
+                                                "layer_norms")},
           **{name: "outlier_analysis" for name in ("OutlierAnalyzer", "TopList", "ActivationAccumulator",
                                                    "LifecycleAccumulator", "AttentionAccumulator",
                                                    "NormalizationAccumulator", "ConsistencyAccumulator",
-                                                   "cancellation_view", "weight_statistics", "weight_link")}}
+                                                   "relative_contributions", "weight_statistics", "weight_link")}}
 
 
 def __getattr__(name):

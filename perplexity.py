@@ -151,6 +151,25 @@ def _hidden_states(model, x):
     return captured[0]
 
 
+def head(model):
+    """What maps final hidden states to logits: lm_head, soft-capped where the model caps its logits
+    (hf_models.HFCausalLM.head_logits, Gemma 2)."""
+    return getattr(model, "head_logits", model.lm_head)
+
+
+def sequence_nll(model, x, y, chunk_rows=None):
+    """(B,) float64 sums of -log p(y) over each sequence's targets (y != -1) and (B,) their numbers: one
+    forward for the final hidden states, the logits in row chunks."""
+    h = _hidden_states(model, x)
+    chunk_rows = chunk_rows or LOGIT_CHUNK_ROWS.get(h.device.type, 1024)
+    nll, n = [], []
+    for hb, yb in zip(h, y.to(h.device)):
+        ok = yb != -1
+        nll.append(_nll_sum(head(model), hb[ok], yb[ok], chunk_rows).cpu())
+        n.append(int(ok.sum()))
+    return torch.stack(nll), torch.tensor(n)
+
+
 def _nll_sum(lm_head, h, y, chunk_rows):
     """Sum over rows of -log softmax(lm_head(h))[y], logits in float32, `chunk_rows` rows at a time."""
     total = torch.zeros((), dtype=torch.float64, device=h.device)
@@ -209,7 +228,7 @@ def evaluate_perplexity(model, tokens, block_size=None, stride=None, batch_size=
                 scored = torch.arange(length)[None, :] >= torch.tensor([s for _, _, s in batch])[:, None]
                 scored = scored.to(device, non_blocking=True)
                 h = _hidden_states(model, x)
-                total_nll += _nll_sum(model.lm_head, h[scored], y[scored], chunk_rows)
+                total_nll += _nll_sum(head(model), h[scored], y[scored], chunk_rows)
                 n_scored += sum(e - b - s for b, e, s in batch)  # counted on the host: no device sync
                 bar.update(len(batch))
     finally:

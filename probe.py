@@ -10,7 +10,8 @@ class Probe:
     """Context manager that hooks every block of a GPT or Hugging Face model (hf_models.model_view) for
     one or more forwards.
 
-    Captures (per layer l, the last forward's tensors, detached): `h[l]` block output, `h_in0` the
+    Captures (per layer l, the last forward's tensors, detached): `h[l]` block output (and
+    `block_returns_tuple`, whether the blocks return a tuple whose first element it is), `h_in0` the
     input of block 0, `attn_out[l]` / `mlp_out[l]` branch outputs (what each block adds to its residual),
     `xdown[l]` the input of the MLP down projection, `up[l]` / `gate[l]` the SwiGLU up and gate
     projection outputs (where the family has a gate), `norm_out[i]` the outputs of `view.norms` (each
@@ -47,6 +48,7 @@ class Probe:
         self.gate = [None] * L
         self.norm_out = [None] * len(self.view.norms)
         self.h_in0 = None
+        self.block_returns_tuple = False  # whether the blocks return (hidden states, ...) (Falcon)
 
     def layer_input(self, l):
         return self.h_in0 if l == 0 else self.h[l - 1]
@@ -63,6 +65,12 @@ class Probe:
     def _install(self):
         view, reg = self.view, self._handles.append
 
+        def store_h(l):
+            def hook(module, inputs, output):
+                self.block_returns_tuple = isinstance(output, (tuple, list))
+                self.h[l] = first(output).detach()
+            return hook
+
         def store(lst, l, copy=False):
             # a copy where the model adds into the returned tensor in place (Falcon's parallel MLP output)
             def hook(module, inputs, output):
@@ -75,7 +83,7 @@ class Probe:
 
         reg(self.blocks[0].register_forward_pre_hook(store_in0, with_kwargs=True))
         for l, block in enumerate(self.blocks):
-            reg(block.register_forward_hook(store(self.h, l)))
+            reg(block.register_forward_hook(store_h(l)))
             if self.block_fn is not None:
                 reg(block.register_forward_hook(lambda module, inputs, output, l=l: self.block_fn(l, first(output).detach())))
             if self.branches:

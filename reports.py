@@ -84,6 +84,16 @@ def pyplot():
     return plt
 
 
+def layer_axis(ax, n_layers, axis="x", limits=True):
+    """Integer layer ticks on `axis`, thinned so that their labels never overlap (every layer up to 16 layers,
+    then every 2nd, 5th, 10th, ...: at most 16 ticks for 12 to 80 layers); with `limits`, the axis spans the layers."""
+    from matplotlib.ticker import MultipleLocator
+    step = next(s for s in (1, 2, 5, 10, 20, 50, 100, 10 ** 9) if n_layers / s <= 16)
+    getattr(ax, f"{axis}axis").set_major_locator(MultipleLocator(step))
+    if limits:
+        getattr(ax, f"set_{axis}lim")(-0.5, n_layers - 0.5)
+
+
 def save_figure(fig, out_dir, name, tight_bbox=False):
     """Save `fig` as out_dir/name (PNG, 110 dpi) and close it; returns the name. The scripts save into an
     output set's staging directory (common.output_set), which makes the figures land with the report."""

@@ -107,7 +107,7 @@ def test_end_to_end_planted_checkpoint(files, tmp_path):
     assert h["count"][0] == 0 and all(c == 10 for c in h["count"][1:])
     assert {o["channel"] for o in h["outliers"]} == {CH}
     life = doc["lifecycle"]
-    assert life and all(e["channel"] == CH and e["generated_at"] == 1 for e in life)
+    assert life and all(e["channel"] == CH and e["generated_at"] == [1] for e in life)
     assert life[0]["mlp_drivers"][0]["down_input_channel"] == K_UNIT
     iv = doc["intervention"]
     assert iv["mode"] == "mean" and iv["activations_changed"] == 10
@@ -159,7 +159,10 @@ def test_defaults_report_all_three_planted_outliers_and_json_figures(tmp_path):
     assert {(o["layer"], o["head"], o["position"]) for o in att["outlier_keys"]} == {(2, 0, 0), (2, 1, 0)}
     th = doc["thresholds"]
     assert th["attention"]["rule"] == "authors" and th["attention"]["effective"] == pytest.approx([6.4] * 3)
-    assert th["weight"]["rule"] == "column" and th["weight"]["effective"]["mlp.c_proj"]["extremal_ratio"] == 8.0  # max(0.1 x 64, 8)
+    # the ratio rule: 50 x the column mean, or rows / 2 = 32 in a 64-row W_down (a column cannot reach 50 there)
+    assert th["weight"]["rule"] == "ratio" and th["weight"]["effective"]["mlp.c_proj"]["extremal_ratio"] == 32.0
+    assert "extremal-ratio threshold per module (rows): attn.c_attn 50 (192), attn.c_proj 32 (64)" in \
+        (out / "report.md").read_text()
     assert th["activation"]["tau"] == 1000.0
     assert th["activation"]["effective"]["layer_output"] == pytest.approx([1000 * m for m in h["mean_abs"]])
     assert "cannot fire at T = 64" in th["attention"]["paper_formula"]

@@ -43,7 +43,23 @@ CONFIGS = {
     "gpt_neox": lambda: transformers.GPTNeoXConfig(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
                                                    num_attention_heads=NH, max_position_embeddings=64),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=C, n_layer=L, n_head=NH, n_positions=64),
+    # Gemma: embeddings scaled by sqrt(C), RMSNorm gains 1 + weight; Gemma 2 / 3: a norm after each branch,
+    # and Gemma 2's soft-capping of the attention logits (50, its default) and of the output logits (0.5 here:
+    # this tiny model's logits are far below its default of 30, which would change nothing)
+    "gemma": lambda: transformers.GemmaConfig(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
+                                              num_attention_heads=NH, num_key_value_heads=2, head_dim=16,
+                                              max_position_embeddings=64),
+    "gemma2": lambda: transformers.Gemma2Config(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
+                                                num_attention_heads=NH, num_key_value_heads=2, head_dim=16,
+                                                max_position_embeddings=64, sliding_window=16,
+                                                final_logit_softcapping=0.5),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(vocab_size=V, hidden_size=C, intermediate_size=FF,
+                                                         num_hidden_layers=L, num_attention_heads=NH,
+                                                         num_key_value_heads=2, head_dim=16,
+                                                         max_position_embeddings=64, sliding_window=16,
+                                                final_logit_softcapping=0.5),
 }
+POST_NORM = {"gemma2", "gemma3_text"}  # the branch outputs are norms' outputs
 FAMILIES = sorted(CONFIGS)
 
 
@@ -72,12 +88,20 @@ def plant(hf):
         g[PLANT_UNIT] = 0.0
         g[PLANT_UNIT, PLANT_IN] = 8.0
     out = view.attn_branch[0]  # layer 0's attention must not write the channel either (normalized, it would count)
+    if not hf_models.is_linear(out):  # Gemma 2 / 3: a norm after the output projection, which writes nothing there
+        out = view.blocks[0].self_attn.o_proj
     hf_models.weight_of(out)[PLANT_IN] = 0.0
     if getattr(out, "bias", None) is not None:
         out.bias[PLANT_IN] = 0.0
     down = hf_models.weight_of(view.down[0])
     down[:, PLANT_UNIT] = 0.0
     down[PLANT_CHANNEL, PLANT_UNIT] = 20.0
+    if not hf_models.is_linear(view.mlp_branch[0]):
+        # Gemma 2 / 3 normalize the MLP output: the planted channel alone at the token, and a gain of 51 there
+        # (1 + weight) make it massive; elsewhere the channel gets nothing from the down projection
+        down[PLANT_CHANNEL] = 0.0
+        down[PLANT_CHANNEL, PLANT_UNIT] = 20.0
+        view.mlp_branch[0].weight[PLANT_CHANNEL] = 50.0
 
 
 def build(family, tmp_path):
@@ -123,20 +147,87 @@ def test_planted_outliers_found(family, tmp_path):
     assert any(u["layer"] == 0 and u["unit"] == PLANT_UNIT for u in res["weight_link"]["units"])
     # lifecycle: generated at layer 0 by the MLP, carried to layer 1
     life = [e for e in res["lifecycle"] if e["channel"] == PLANT_CHANNEL and e["position"] == 9]
-    assert life and life[0]["generated_at"] == 0 and life[0]["generated_by"] == "mlp"
+    assert life and life[0]["generated_at"] == [0] and life[0]["generated_by"] == "mlp"
     assert life[0]["mlp_drivers"][0]["down_input_channel"] == PLANT_UNIT
     if view.gate is not None or view.family.fused_gate_up:
         assert "gate" in life[0]["mlp_drivers"][0] and "up" in life[0]["mlp_drivers"][0]
     # one normalization entry per norm, all of width C
     assert len(res["normalization"]) == len(view.norms)
-    # the q/k/v statistics exist exactly where the installed transformers' attention calls the interface
+    # the q/k/v statistics exist exactly where the installed transformers' attention calls the interface (and
+    # the logits are not soft-capped)
     att = res["attention"]
-    has_qkv = calls_attention_interface(model.hf, X)
+    has_qkv = calls_attention_interface(model.hf, X) and not softcapped(model.hf)
     assert (att["value_norm"]["first"][0] is not None) == has_qkv
     assert (att["mean_logit_other_keys"][0] is not None) == has_qkv
     assert bool(att["qk_alignment"]) == has_qkv
     assert att["qkv"]["recorded_layers"] == (list(range(L)) if has_qkv else [])
     assert bool(att["qkv"]["missing"]) != has_qkv
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_branches_add_up_to_transformers_hidden_states(family, tmp_path):
+    """The capture against transformers' own output_hidden_states: block l's input (after Gemma's embedding
+    scaling) and output are hidden_states[l] and [l + 1] (the last one before the final norm), and the two
+    branch outputs are exactly what each block adds to its residual stream (for Gemma 2 / 3 the outputs of
+    the norms that follow each branch)."""
+    model = hf_models.load_hf_causal_lm(build(family, tmp_path), device="cpu")
+    X = tokens()
+    with torch.no_grad():
+        ref = model.hf(input_ids=X, output_hidden_states=True, use_cache=False).hidden_states
+        with outlier_stats.Probe(model, branches=True) as p:
+            model(X)
+            h, h_in0 = [x.double() for x in p.h], p.h_in0.double()
+            added = [a.double() + m.double() for a, m in zip(p.attn_out, p.mlp_out)]
+    torch.testing.assert_close(h_in0, ref[0].double(), rtol=1e-6, atol=1e-6)
+    for l in range(L):
+        if l < L - 1:
+            torch.testing.assert_close(h[l], ref[l + 1].double(), rtol=1e-6, atol=1e-6)
+        # float32 sums: rounding errors scale with the largest value (the planted one)
+        torch.testing.assert_close(added[l], h[l] - (h[l - 1] if l else h_in0), rtol=1e-5,
+                                   atol=1e-6 * float(h[l].abs().max()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_interventions_replay_the_analysis_forward(family, tmp_path):
+    """--intervene in every family: each target's loss equals transformers' own eager forward with the same
+    coordinates zeroed by hooks (float64 cross-entropy of its logits), and a forward resumed at block 1 from
+    the recorded output of block 0 (block 0 skipped, Falcon's tuple outputs included) gives the analysis' loss."""
+    from interventions import INTERVENTION_TARGETS, analysis_attention, intervention_losses, replayed_nll
+    model = hf_models.load_hf_causal_lm(build(family, tmp_path), device="cpu")
+    X = tokens()
+    Y = torch.roll(X, -1, 1)
+    an = outlier_stats.OutlierAnalyzer(model, tau_act=TAU, seq_len=32, keep_replay=True)
+    an.run_batch(X, Y)
+    (batch,) = an.replay
+    losses, _ = intervention_losses(model, an.replay, "zero", {})
+    view = hf_models.model_view(model)
+    model.hf.set_attn_implementation("eager")
+    for target in INTERVENTION_TARGETS:
+        i, layer = batch.masks[target].nonzero(as_tuple=True)
+        b, t, c = batch.coords[i].unbind(1)
+        assert losses[target][1] == len(i) > 0
+
+        def zero(module, inputs, output, l):
+            h = output[0] if isinstance(output, tuple) else output
+            h[b[layer == l], t[layer == l], c[layer == l]] = 0.0
+        hooks = [blk.register_forward_hook(lambda m, a, o, l=l: zero(m, a, o, l)) for l, blk in enumerate(view.blocks)]
+        with torch.no_grad():
+            logits = model.hf(input_ids=X, use_cache=False).logits.double()
+        for h in hooks:
+            h.remove()
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1)).item()
+        assert losses[target][0] == pytest.approx(ref, rel=1e-5), target
+    with outlier_stats.Probe(model) as p, torch.no_grad():
+        model(X)
+        h0, returns_tuple = p.h[0].clone(), p.block_returns_tuple
+    assert returns_tuple == (family == "falcon")
+    with analysis_attention(model), torch.no_grad():
+        nll, n = replayed_nll(model, view, X, Y, 1, h0, returns_tuple)
+    assert float(nll.sum() / n.sum()) == pytest.approx(an.loss_sum / an.loss_n, rel=1e-6)
+
+
+def softcapped(hf):
+    return getattr(hf.config, "attn_logit_softcapping", None) is not None
 
 
 def calls_attention_interface(hf, X):
@@ -277,9 +368,10 @@ def test_attention_probabilities_match_transformers(family, tmp_path):
     model = hf_models.load_hf_causal_lm(build(family, tmp_path), device="cpu")
     got = {}
     X = tokens()
+    before = model.hf.config._attn_implementation
     with outlier_stats.Probe(model, attention_fn=lambda l, rec, x: got.__setitem__(l, rec["probs"].double().sum(-2))):
         model(X)
-    assert model.hf.config._attn_implementation == "sdpa"  # restored after the probe
+    assert model.hf.config._attn_implementation == before  # restored after the probe
     model.hf.set_attn_implementation("eager")
     ref = reference_cumulative_attention(model.hf, X)
     assert len(got) == L
@@ -294,9 +386,11 @@ def test_recorded_q_k_v_give_the_models_attention(family, tmp_path):
     probabilities and the attention output that reaches the output projection."""
     model = hf_models.load_hf_causal_lm(build(family, tmp_path), device="cpu")
     view = hf_models.model_view(model)
+    before = model.hf.config._attn_implementation
     recs, branch_in = {}, {}
+    out_proj = [b.self_attn.o_proj if family in POST_NORM else m for b, m in zip(view.blocks, view.attn_branch)]
     handles = [m.register_forward_pre_hook(lambda mod, args, l=l: branch_in.__setitem__(l, args[0].double()))
-               for l, m in enumerate(view.attn_branch)]
+               for l, m in enumerate(out_proj)]
     X = tokens()
     with outlier_stats.Probe(model, attention_fn=lambda l, rec, x: recs.__setitem__(l, rec)):
         model(X)
@@ -304,6 +398,9 @@ def test_recorded_q_k_v_give_the_models_attention(family, tmp_path):
         h.remove()
     if not calls_attention_interface(model.hf, X):  # this transformers' attention bypasses the interface
         assert all(set(r) == {"probs", "qkv_missing"} for r in recs.values())
+        return
+    if softcapped(model.hf):  # Gemma 2: cap * tanh(q.k s / cap) is not q.k/sqrt(d); the reason is given
+        assert all(r.get("qkv_missing") == hf_models.QKV_SOFTCAP and "q" not in r for r in recs.values())
         return
     T = X.shape[1]
     i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
@@ -317,7 +414,7 @@ def test_recorded_q_k_v_give_the_models_attention(family, tmp_path):
         out = probs @ v.repeat_interleave(NH // v.shape[1], dim=1)  # (B, H, T, hs)
         out = out.transpose(1, 2).reshape(2, T, -1)  # (B, T, H * hs)
         torch.testing.assert_close(out, branch_in[l], rtol=1e-5, atol=1e-5)
-    assert model.hf.config._attn_implementation == "sdpa"  # restored after the probe
+    assert model.hf.config._attn_implementation == before  # restored after the probe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +422,8 @@ def test_recorded_q_k_v_give_the_models_attention(family, tmp_path):
 
 BLOCKS = {"llama": "model.layers.", "mistral": "model.layers.", "qwen2": "model.layers.", "qwen3": "model.layers.",
           "phi3": "model.layers.", "phi": "model.layers.", "opt": "model.decoder.layers.", "falcon": "transformer.h.",
-          "gpt_neox": "gpt_neox.layers.", "gpt2": "transformer.h."}
+          "gpt_neox": "gpt_neox.layers.", "gpt2": "transformer.h.", "gemma": "model.layers.", "gemma2": "model.layers.",
+          "gemma3_text": "model.layers."}
 T_EVAL = 16
 
 
@@ -476,6 +574,8 @@ def test_mixture_of_experts_and_unknown_families_are_refused(tmp_path):
         hf_models.family_of(cfg)
     with pytest.raises(UserError, match="not supported"):
         hf_models.family_of(transformers.BloomConfig(vocab_size=V, hidden_size=C, n_layer=1, n_head=NH))
+    with pytest.raises(UserError, match="'gemma3_text' language model"):  # Gemma 3 with vision
+        hf_models.family_of(transformers.Gemma3Config())
 
 
 def test_compress_text_uses_the_models_tokenizer(tmp_path):

@@ -293,10 +293,12 @@ def test_planted_lifecycle_generated_then_propagated(planted_result):
     for p in POSITIONS:
         e = life[(p, CH)]
         assert e["count"] == 3
-        assert e["generated_at"] == 1 and e["generated_by"] == "mlp" and e["first_massive_at"] == 1
+        assert e["generated_at"] == [1] and e["generated_by"] == "mlp" and e["first_massive_at"] == 1
+        assert [(g["layer"], g["branch"]) for g in e["generation"]] == [(1, "mlp")]
+        assert e["generation"][0]["share"] == pytest.approx(e["mlp_contrib"][1] / e["trajectory"][e["peak_layer"]])
         assert e["status"] == ["-", "generated", "propagated", "propagated"]
-        assert e["cancelled_at"] == []
-        assert e["mlp_drivers"][0]["down_input_channel"] == K_UNIT
+        assert e["cancelled_at"] == [] and e["early_stage"] is None and e["emerged_at"] is None
+        assert e["mlp_drivers"][0]["down_input_channel"] == K_UNIT and e["mlp_drivers"][0]["layer"] == 1
         assert e["mlp_drivers"][0]["share"] == pytest.approx(1.0, abs=1e-3)
         for l in range(L):
             assert e["trajectory"][l] == pytest.approx(hs[l][:, p, CH].mean().item(), rel=1e-4, abs=1e-6)
@@ -306,35 +308,195 @@ def test_planted_lifecycle_generated_then_propagated(planted_result):
             assert step == pytest.approx(e["attn_contrib"][l] + e["mlp_contrib"][l], abs=1e-3)
 
 
-def test_lifecycle_emerged_propagated_cancelled_on_constructed_tensors():
-    """(t=2, c=1) builds up from two non-massive branch outputs in layer 1, is carried in layer 2 and
-    cancelled by the attention branch in layer 3. tau = 5; every other entry is 0.1."""
-    Lc, T_, C_ = 4, 4, 4
-    A = [torch.zeros(1, T_, C_) for _ in range(Lc)]
-    M = [torch.zeros(1, T_, C_) for _ in range(Lc)]
-    A[1][0, 2, 1] = M[1][0, 2, 1] = 1.0  # each 1.0 < 5 * mean|h_1| = 5 * (15 * 0.1 + 2.1) / 16 = 1.125
-    A[3][0, 2, 1] = -2.1
+def constructed_lifecycle(attn, mlp, tau, L_, T_=4, C_=4, where=(2, 1)):
+    """LifecycleAccumulator on hand-made tensors: every entry 0.1, plus the branch outputs given per layer at
+    (position, channel) `where` of one sequence (layer -> value). Returns the result entry of `where`."""
+    A = [torch.zeros(1, T_, C_) for _ in range(L_)]
+    M = [torch.zeros(1, T_, C_) for _ in range(L_)]
+    for xs, given in ((A, attn), (M, mlp)):
+        for l, v in given.items():
+            xs[l][0, where[0], where[1]] = v
     H, x = [], torch.full((1, T_, C_), 0.1)
-    for l in range(Lc):
+    for l in range(L_):
         x = x + A[l] + M[l]
         H.append(x.clone())
-    assert H[1][0, 2, 1].item() == pytest.approx(2.1) and H[3][0, 2, 1].item() == pytest.approx(0.0, abs=1e-6)
-    acc = S.LifecycleAccumulator(Lc)
-    h_out = [S.find_activation_outliers(h, 5.0) for h in H]
-    acc.update(H, A, M, None, None, h_out, 5.0, np.zeros((1, T_), dtype=np.int64), S.TokenInfo())
-    (e,) = acc.result(S.TokenInfo())
-    assert (e["position"], e["channel"]) == (2, 1)
-    assert e["status"] == ["-", "emerged", "propagated", "-"]
-    assert e["first_massive_at"] == 1 and e["generated_at"] is None and e["cancelled_at"] == [3]
-    assert e["trajectory"] == pytest.approx([0.1, 2.1, 2.1, 0.0], abs=1e-6)
-    assert e["attn_contrib"] == pytest.approx([0, 1.0, 0, -2.1]) and e["mlp_contrib"] == pytest.approx([0, 1.0, 0, 0])
-    # Figures 8-9: the attention branch cancels it with the opposite sign (-2.1 against +2.1)
+    acc = S.LifecycleAccumulator(L_)
+    h_out = [S.find_activation_outliers(h, tau) for h in H]
+    acc.update(H, A, M, None, None, h_out, tau, np.zeros((1, T_), dtype=np.int64), S.TokenInfo())
+    return {(e["position"], e["channel"]): e for e in acc.result(S.TokenInfo())}[where], H
+
+
+def test_lifecycle_emerged_propagated_cancelled_on_constructed_tensors():
+    """(t=2, c=1) builds up from eight writes of 0.3 (12.5% of the 2.5 peak each, none of them 25%) in layers
+    1-4, is carried in layer 5 and cancelled by the attention branch in layer 6 (-2.1, 84% of the peak).
+    Every other entry is 0.1; tau = 5."""
+    e, H = constructed_lifecycle({1: 0.3, 2: 0.3, 3: 0.3, 4: 0.3, 6: -2.1}, {1: 0.3, 2: 0.3, 3: 0.3, 4: 0.3},
+                                 tau=5.0, L_=8)
+    assert [round(float(h[0, 2, 1]), 4) for h in H] == [0.1, 0.7, 1.3, 1.9, 2.5, 2.5, 0.4, 0.4]
+    # emerged where it first reaches half the peak (1.25): layer 2; no branch writes 25% of 2.5
+    assert e["generated_at"] == [] and e["generated_by"] is None and e["emerged_at"] == 2
+    assert e["status"] == ["-", "-", "emerged", "propagated", "propagated", "propagated", "cancelled", "-"]
+    assert e["peak_layer"] == 4 and e["peak"] == pytest.approx(2.5)
+    assert e["cancelled_at"] == [6]
     (c,) = e["cancellation"]
-    assert (c["layer"], c["branch"], c["opposite_sign"]) == (3, "attn", True)
-    assert (c["branch_output"], c["previous"]) == (pytest.approx(-2.1), pytest.approx(2.1))
+    assert (c["layer"], c["branch"], c["opposite_sign"]) == (6, "attn", True)
+    assert (c["branch_output"], c["previous"], c["share"]) == (pytest.approx(-2.1), pytest.approx(2.5),
+                                                                pytest.approx(2.1 / 2.5))
+    assert e["trajectory"] == pytest.approx([0.1, 0.7, 1.3, 1.9, 2.5, 2.5, 0.4, 0.4], abs=1e-6)
+    # An et al.'s ratios: each branch over the residual it meets (the attention at layer 6 cancels 84% of 2.5)
     rel = e["relative_contrib"]
-    assert rel["attn"] == [None, pytest.approx(10.0), 0.0, pytest.approx(-1.0)]
-    assert rel["mlp"][:3] == [None, pytest.approx(1.0 / 1.1), 0.0]  # the MLP meets h_0 + attn_1 = 1.1
+    assert rel["attn"][6] == pytest.approx(-2.1 / 2.5) and rel["mlp"][1] == pytest.approx(0.3 / 0.4)
+
+
+def test_lifecycle_value_kept_while_the_threshold_rises_is_not_cancelled():
+    """Qwen2's channel 62: the value (1340) stays from layer 2 to 5 while tau x mean|h| of the other entries
+    rises past it (they grow by 15 per layer); the real cancellation is in two steps, layers 6 (-600, 45%) and
+    7 (-430, 32%), after which it is below half the peak. A threshold-relative lifecycle would call it cancelled
+    at layer 4."""
+    L_, T_, C_ = 9, 16, 16
+    A = [torch.zeros(1, T_, C_) for _ in range(L_)]
+    M = [torch.zeros(1, T_, C_) for _ in range(L_)]
+    M[2][0, 0, 5], M[6][0, 0, 5], M[7][0, 0, 5] = 1340.0, -600.0, -430.0
+    for l in range(3, L_):
+        A[l] += 15.0  # every entry but (0, 5) grows; the threshold rises with the mean
+        A[l][0, 0, 5] = 0.0
+    H, x = [], torch.full((1, T_, C_), 0.1)
+    for l in range(L_):
+        x = x + A[l] + M[l]
+        H.append(x.clone())
+    tau = 50.0
+    thr = [tau * float(h.abs().mean()) for h in H]
+    assert thr[3] < 1340.1 < thr[4]  # the value stays, the threshold passes it
+    acc = S.LifecycleAccumulator(L_)
+    acc.update(H, A, M, None, None, [S.find_activation_outliers(h, tau, stats=True)[0] for h in H], tau,
+               np.zeros((1, T_), dtype=np.int64), S.TokenInfo())
+    (e,) = acc.result(S.TokenInfo())
+    assert (e["position"], e["channel"], e["first_massive_at"]) == (0, 5, 2)
+    assert e["generated_at"] == [2] and e["cancelled_at"] == [6, 7]
+    assert e["status"] == ["-", "-", "generated", "propagated", "propagated", "propagated", "cancelled", "cancelled",
+                           "-"]
+    assert [(c["layer"], c["branch"]) for c in e["cancellation"]] == [(6, "mlp"), (7, "mlp")]
+    assert [c["share"] for c in e["cancellation"]] == pytest.approx([600 / 1340.1, 430 / 1340.1])
+    assert e["threshold"] == pytest.approx(thr, rel=1e-5)
+
+
+def test_lifecycle_stages_rules_on_rows():
+    """lifecycle_stages on hand-written trajectories, one row per rule (L = 6; median |h| 1 everywhere)."""
+    rows = {  # name: (attn, mlp) per layer; h is their running sum
+        "two_step": ([0, 0, 0, 0, 0, 0], [0, 60, 40, 0, 0, 0]),  # 60% and 40% of 100: generated at 1 and 2
+        "negative": ([0, -80, 0, 0, 60, 0], [0, 0, -20, 0, 0, 0]),  # peak -100: signs follow the peak
+        "early": ([0, 0, 0, 0, 0, 0], [0, 150, 0, -140, 3000, 0]),  # 150 at layers 1-2 (>= 100x median), then 3010
+        "quiet_fall": ([0, 0, 0, 0, -15, -10], [0, 100, 0, -20, -20, 0]),  # no branch removes 25%: named where it falls
+    }
+    attn = torch.tensor([r[0] for r in rows.values()], dtype=torch.float64)
+    mlp = torch.tensor([r[1] for r in rows.values()], dtype=torch.float64)
+    traj = (attn + mlp).cumsum(1)
+    st = S.lifecycle_stages(traj, attn, mlp, torch.ones_like(traj))
+    status = [[S.LIFECYCLE_STATUSES[i] for i in row] for row in st.status.tolist()]
+    gen = st.generated.nonzero().tolist()
+    assert [l for r, l in gen if r == 0] == [1, 2] and status[0] == ["-", "generated", "generated"] + ["propagated"] * 3
+    assert st.sign[1] == -1 and [l for r, l in gen if r == 1] == [1]  # -80 (80%) generates, -20 (20%) does not
+    assert st.gen_attn[1].nonzero().flatten().tolist() == [1] and not st.gen_mlp[1].any()
+    assert st.cancel_attn[1].nonzero().flatten().tolist() == [4] and status[1][4:] == ["cancelled", "-"]
+    assert st.early[2].nonzero().flatten().tolist() == [1, 2] and st.early_mlp[2].nonzero().flatten().tolist() == [1]
+    assert status[2] == ["-", "early", "early", "-", "generated", "propagated"]
+    assert [l for r, l in gen if r == 2] == [4]  # 3000 of 3010
+    assert st.fall_at[3] == 4 and status[3] == ["-", "generated", "propagated", "propagated", "cancelled", "-"]
+    assert st.cancel_mlp[3].nonzero().flatten().tolist() == [4]  # -20 of the MLP against -10 of the attention
+    assert st.fall_at[0] == 6 and not st.cancelled[0].any()  # never falls: not cancelled
+
+
+def staged_model(n_layer, first, follow=(), lift=()):
+    """GPT (T, C = 32) whose channel CH at the SPECIAL positions goes through planted stages: MLP unit K_UNIT
+    of layer first[0] fires on embedding dim E0 (which only SPECIAL carries and no layer writes) and writes
+    about first[1] into CH; each (layer, value) of `follow` is an MLP unit that reads CH itself (so it fires
+    only where CH already dominates its token) and writes about `value` into CH; every layer in `lift` adds
+    1.0 to all other channels of every token (its MLP output bias), which raises mean |h| and the threshold."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=n_layer, n_head=2, n_embd=C, bias=True)).eval()
+    with torch.no_grad():
+        tr = m.transformer
+        tr.wte.weight[:, E0] = 0
+        tr.wpe.weight[:, E0] = 0
+        tr.wte.weight[SPECIAL, E0] = 0.1
+        for block in tr.h:
+            for lin in (block.attn.c_proj, block.mlp.c_proj):
+                lin.weight[E0] = 0
+                lin.bias[E0] = 0
+        units = [(first[0], E0, 5.0, -3.0, first[1] / 25.0)]  # the unit's GELU output is about 25 / about 3
+        units += [(layer, CH, 2.0, -8.0, value / 3.0) for layer, value in follow]
+        for layer, reads, w, b, out in units:
+            mlp = tr.h[layer].mlp
+            mlp.c_fc.weight[K_UNIT] = 0
+            mlp.c_fc.weight[K_UNIT, reads] = w
+            mlp.c_fc.bias[K_UNIT] = b
+            mlp.c_proj.weight[:, K_UNIT] = 0
+            mlp.c_proj.weight[CH, K_UNIT] = out
+        for layer in lift:
+            bias = tr.h[layer].mlp.c_proj.bias
+            bias += (torch.arange(C) != CH) & (torch.arange(C) != E0)
+    return m
+
+
+def staged_lifecycle(model, tau):
+    """The analysis' lifecycle of the SPECIAL positions of planted_batch, with the float64 block outputs."""
+    X, Y = planted_batch()
+    an = S.OutlierAnalyzer(model, tau_act=tau, seq_len=T, **PAPER_RULES)
+    an.run_batch(X, Y)
+    life = {(e["position"], e["channel"]): e for e in an.result()["lifecycle"]}
+    with torch.no_grad():
+        hs, attn, mlp = block_outputs(model, X)
+    return [life[(p, CH)] for p in POSITIONS], hs, attn, mlp
+
+
+def test_planted_two_step_generation():
+    """Layer 1's MLP writes ~11 into CH, layer 2's ~17 more (60% of the ~28 peak): both are generation layers
+    (the threshold-relative lifecycle named layer 1 only)."""
+    entries, hs, _, mlp = staged_lifecycle(staged_model(4, (1, 24.0), follow=[(2, 16.0)]), tau=20)
+    for e, p in zip(entries, POSITIONS):
+        step1, step2 = (mlp[l][:, p, CH].mean().item() for l in (1, 2))
+        assert 0.25 < step1 / (step1 + step2) < 0.75  # the plant: both steps hold a substantial share
+        assert e["generated_at"] == [1, 2] and [g["branch"] for g in e["generation"]] == ["mlp", "mlp"]
+        peak = hs[e["peak_layer"]][:, p, CH].mean().item()
+        assert [g["share"] for g in e["generation"]] == pytest.approx([step1 / peak, step2 / peak], rel=1e-3)
+        assert e["status"] == ["-", "generated", "generated", "propagated"] and e["cancelled_at"] == []
+        assert [d["layer"] for d in e["mlp_drivers"]] == [2] * len(e["mlp_drivers"])  # the larger step's drivers
+        assert e["mlp_drivers"][0]["down_input_channel"] == K_UNIT
+
+
+def test_planted_value_kept_while_the_threshold_rises():
+    """Layer 1 writes ~21 into CH; layers 2-6 add 1.0 to every other channel, so tau x mean|h| passes the value
+    at layer 3 while it stays; layers 5 and 6 cancel it in two steps (MLP units reading CH). The
+    threshold-relative lifecycle called it cancelled at layer 3."""
+    model = staged_model(7, (1, 40.0), follow=[(5, -9.5), (6, -11.0)], lift=[2, 3, 4, 5, 6])
+    entries, hs, _, mlp = staged_lifecycle(model, tau=20)
+    for e, p in zip(entries, POSITIONS):
+        value = hs[1][:, p, CH]
+        thr = [20 * h.abs().mean((1, 2)) for h in hs]
+        assert (thr[2] < value).all() and (thr[3] > hs[3][:, p, CH]).all()  # the plant: the threshold passes it
+        assert e["generated_at"] == [1] and e["first_massive_at"] == 1
+        assert e["status"] == ["-", "generated", "propagated", "propagated", "propagated", "cancelled", "cancelled"]
+        assert e["cancelled_at"] == [5, 6] and [c["branch"] for c in e["cancellation"]] == ["mlp", "mlp"]
+        removed = [-mlp[l][:, p, CH].mean().item() / hs[1][:, p, CH].mean().item() for l in (5, 6)]
+        assert [c["share"] for c in e["cancellation"]] == pytest.approx(removed, rel=1e-3, abs=1e-3)
+
+
+def test_planted_early_stage():
+    """SmolLM2's channel 507 in small: layer 1's MLP writes ~5 into CH (several hundred times the layer's median
+    |h|, not massive at tau = 200 and 5% of the final value), layer 3's MLP then writes ~80. The lifecycle
+    reports the early stage (layers 1-2, written by layer 1's MLP) and the generation at layer 3."""
+    entries, hs, _, _ = staged_lifecycle(staged_model(5, (1, 10.0), follow=[(3, 80.0)]), tau=200)
+    for e, p in zip(entries, POSITIONS):
+        for l in (1, 2):
+            h = hs[l]
+            med = h.abs().flatten(1).median(1).values
+            assert (h[:, p, CH] >= 100 * med).all() and (h[:, p, CH] < 200 * h.abs().mean((1, 2))).all()
+        assert e["first_massive_at"] == 3 and e["generated_at"] == [3]
+        early = e["early_stage"]
+        assert early["layers"] == [1, 2] and [(w["layer"], w["branch"]) for w in early["writers"]] == [(1, "mlp")]
+        assert early["writers"][0]["drivers"][0]["down_input_channel"] == K_UNIT
+        assert early["peak"] == pytest.approx(hs[2][:, p, CH].mean().item() if e["count"] else 0, rel=0.05)
+        assert e["status"] == ["-", "early", "early", "generated", "propagated"]
 
 
 def test_planted_consistency_hand_computed(planted_result):
@@ -363,23 +525,77 @@ def test_consistency_h_vs_xdown_differing_sets():
     assert (w["a_in_b"], w["b_in_a"], w["n_a"], w["n_b"]) == (1.0, 0.5, 1, 2)
 
 
+def replay(model, X, Y, tau, mode, batch=2):
+    """The analysis with keep_replay over X in batches, then the interventions. -> (analyzer, {target: (loss,
+    edits)})"""
+    an = S.OutlierAnalyzer(model, tau_act=tau, seq_len=X.shape[1], keep_replay=True, **PAPER_RULES)
+    for i in range(0, X.shape[0], batch):
+        an.run_batch(X[i:i + batch], Y[i:i + batch])
+    means = {t: an.lifecycle.means(t) for t in S.INTERVENTION_TARGETS} if mode == "mean" else {}
+    losses, _ = S.intervention_losses(model, an.replay, mode, means)
+    return an, losses
+
+
 def test_intervention_zero_and_mean_change_the_loss(planted_result):
     m, X, Y, an, r, hs = planted_result
     with torch.no_grad():
         _, base = m(X, Y)
-        with S.Intervention(m, 20, "zero") as iv:
-            _, zero = m(X, Y)
-        assert iv.count == 6  # generated in layer 1 at 2 positions x 3 sequences, nowhere else
-        means = an.lifecycle.generated_means()
-        assert set(means) == {(1, CH)}
-        assert means[(1, CH)] == pytest.approx(hs[1][:, list(POSITIONS), CH].mean().item(), rel=1e-4)
-        with S.Intervention(m, 20, "mean", means) as iv2:
-            _, mean = m(X, Y)
-        _, after = m(X, Y)
-    assert abs(zero.item() - base.item()) > 1e-3
-    assert abs(mean.item() - zero.item()) > 1e-4
-    assert after.item() == base.item()  # hooks removed
-    assert r["loss"] == pytest.approx(base.item(), rel=1e-5)
+    an_zero, zero = replay(m, X, Y, 20, "zero")
+    assert an_zero.loss_sum / an_zero.loss_n == pytest.approx(base.item(), rel=1e-6)
+    assert zero["generated"][1] == 6  # generated in layer 1 at 2 positions x 3 sequences, nowhere else
+    means = an_zero.lifecycle.means("generated")
+    assert set(means) == {(1, CH)}
+    assert means[(1, CH)] == pytest.approx(hs[1][:, list(POSITIONS), CH].mean().item(), rel=1e-4)
+    _, mean = replay(m, X, Y, 20, "mean")
+    assert abs(zero["generated"][0] - base.item()) > 1e-3
+    assert abs(mean["generated"][0] - zero["generated"][0]) > 1e-4
+    with torch.no_grad():
+        assert m(X, Y)[1].item() == base.item()  # hooks removed, blocks restored
+    for mod in m.modules():
+        assert not mod._forward_hooks and "forward" not in mod.__dict__
+
+
+def test_intervention_targets_generated_propagated_all(planted_result):
+    """The planted value is generated in layer 1 (MLP) and carried in layers 2-3: 'generated' removes it in
+    layer 1, 'propagated' keeps layer 1 and removes the copies in layers 2 and 3, 'all' removes all three;
+    each against an independent block-by-block forward with those edits."""
+    m, X, Y = planted_result[:3]
+    expected = {"generated": [(1, POSITIONS, CH)], "propagated": [(2, POSITIONS, CH), (3, POSITIONS, CH)],
+                "all": [(1, POSITIONS, CH), (2, POSITIONS, CH), (3, POSITIONS, CH)]}
+    an, losses = replay(m, X, Y, 100, "zero")
+    with torch.no_grad():
+        base = m(X, Y)[1].item()
+        for target, edits in expected.items():
+            loss, count = losses[target]
+            assert count == 6 * len(edits), target  # 3 sequences x 2 positions per edited layer
+            assert loss == pytest.approx(edited_loss(m, X, Y, edits), abs=1e-5), target
+            assert abs(loss - base) > 1e-4
+    # every batch resumes at the first edited layer: block 0 is not run again
+    assert [b.start for b in an.replay] == [1, 1]
+    calls = []
+    handle = m.transformer.h[0].mlp.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        S.intervention_losses(m, an.replay, "zero", {})
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_replay_without_edits_gives_the_analysis_loss():
+    """A replayed forward without edits, from the recorded layer, gives the analysis' own loss: the
+    interventions' loss changes are their edits' alone."""
+    from hf_models import model_view
+    from interventions import analysis_attention, replayed_nll
+    m = planted_model()
+    X, Y = planted_batch()
+    an = S.OutlierAnalyzer(m, tau_act=20, seq_len=T, keep_replay=True, **PAPER_RULES)
+    an.run_batch(X, Y)
+    (b,) = an.replay
+    assert b.start == 1 and b.h_start.shape == (3, T, C)
+    with analysis_attention(m), torch.no_grad():
+        nll, n = replayed_nll(m, model_view(m), X, Y, b.start, b.h_start, b.returns_tuple)
+    assert float(nll.sum() / n.sum()) == pytest.approx(an.loss_sum / an.loss_n, rel=1e-6)
+    assert m.transformer.h[0].attn.backend == "auto"  # restored
 
 
 def sink_model():
@@ -434,10 +650,55 @@ def test_constructed_attention_sink_found(variant):
     assert att["positions"][0][0][0] == 7
     qk = {(r_["layer"], r_["head"]): r_ for r_ in att["qk_alignment"]}
     assert qk[(0, 0)]["dims"][0][0] == 0  # aligned in dimension 0, where q and k were planted
-    # mean logit q.k/sqrt(d) over the queries that see the outlier key 7 (i >= 7), mean over sequences
+    # mean query-centred logit (q.k/sqrt(d) minus that query's mean over its keys j <= i) over the queries that
+    # see the outlier key 7 (i >= 7), mean over sequences
     assert qk[(0, 0)]["n_keys"] == 2
-    ref_logit = scores[:, 7:, 7].mean().item()
-    assert qk[(0, 0)]["logit"] == pytest.approx(ref_logit, rel=1e-4)
+    finite = torch.where(torch.isinf(scores), torch.zeros_like(scores), scores)
+    centred = scores - finite.sum(-1, keepdim=True) / torch.arange(1, T + 1, dtype=scores.dtype)[:, None]
+    assert qk[(0, 0)]["logit"] == pytest.approx(centred[:, 7:, 7].mean().item(), rel=1e-4)
+
+
+def layer0_logits(m, X):
+    """float64 q.k/sqrt(d) of every head of layer 0 (B, H, T, T), -inf above the diagonal, by hand."""
+    with torch.no_grad():
+        x = m.transformer.h[0].ln_1(m.transformer.wte(X) + m.transformer.wpe(torch.arange(T))).double()
+        qkv = x @ m.transformer.h[0].attn.c_attn.weight.double().T + m.transformer.h[0].attn.c_attn.bias.double()
+        q, k = (qkv[..., i * C:(i + 1) * C].view(X.shape[0], T, 2, 16).transpose(1, 2) for i in (0, 1))
+        return (q @ k.transpose(-1, -2) / 4.0).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf)
+
+
+def test_query_centred_logits_ignore_a_k_bias():
+    """Qwen2-style k bias: adding 20 to head 0's k[0] (where every query has q[0] = 10) adds 10 * 20 / 4 = 50 to
+    every logit of every query, which softmax ignores. The reported q.k of outlier and other keys are
+    centred per query (logit - the query's mean logit over its keys), so they match a float64 reference and
+    do not move with the bias; the raw mean logit would move by 50."""
+    X = torch.randint(0, V - 1, (2, T), generator=torch.Generator().manual_seed(2))
+    X[:, 7] = SPECIAL
+    reports, raws = [], []
+    for k_bias in (0.0, 20.0):
+        m = sink_model()
+        with torch.no_grad():
+            m.transformer.h[0].attn.c_attn.bias[C] += k_bias
+        an = S.OutlierAnalyzer(m, tau_act=1000, tau_weight=1000, tau_attn=8, seq_len=T, **PAPER_RULES)
+        an.run_batch(X)
+        att = an.result()["attention"]
+        logits = layer0_logits(m, X)
+        finite = torch.where(torch.isinf(logits), torch.zeros_like(logits), logits)
+        centred = logits - finite.sum(-1, keepdim=True) / torch.arange(1, T + 1, dtype=logits.dtype)[:, None]
+        per_key = torch.where(torch.isinf(logits), torch.zeros_like(logits), centred).sum(-2) / (T - torch.arange(T))
+        cum = torch.softmax(logits, -1).sum(-2)  # (B, H, T)
+        outlier = cum > 8 * cum.mean(-1, keepdim=True)
+        assert outlier[:, 0, 7].all()
+        assert att["mean_logit_outlier_keys"][0] == pytest.approx(per_key[outlier].mean().item(), rel=1e-4)
+        assert att["mean_logit_other_keys"][0] == pytest.approx(per_key[~outlier].mean().item(), rel=1e-4, abs=1e-5)
+        reports.append(att)
+        raws.append(finite.sum(-2)[:, 0] / (T - torch.arange(T)))  # raw mean logit per key, head 0
+    assert (raws[1] - raws[0]).mean().item() == pytest.approx(50.0, rel=1e-3)
+    a, b = reports
+    assert b["mean_logit_other_keys"][0] == pytest.approx(a["mean_logit_other_keys"][0], rel=1e-4, abs=1e-4)
+    assert b["mean_logit_outlier_keys"][0] == pytest.approx(a["mean_logit_outlier_keys"][0], rel=1e-4)
+    qa, qb = ({(r["layer"], r["head"]): r for r in att["qk_alignment"]}[(0, 0)] for att in (a, b))
+    assert qb["logit"] == pytest.approx(qa["logit"], rel=1e-4) and qb["dims"][0][0] == qa["dims"][0][0] == 0
 
 
 @pytest.mark.parametrize("variant", ["context_bias", "attention_bias", "scaling"])
@@ -558,6 +819,35 @@ def test_column_share_weight_rule_matches_loop():
     assert not S.weight_outlier_mask(w.float(), 6.0).any()
 
 
+def planted_ratio(w, row, col, ratio):
+    """Sets w[row, col] so that it is `ratio` times its column's mean |w| (the mean including itself)."""
+    n = w.shape[0]
+    rest = w[:, col].abs().sum() - w[row, col].abs()
+    w[row, col] = ratio * rest / (n - ratio)
+
+
+def test_ratio_rule_has_one_threshold_for_every_module_shape():
+    """A 4864-row up_proj and a 128-row GQA k_proj (Qwen2-0.5B's shapes, 64 columns here): the same entry, 60x
+    its column's mean |w|, is an outlier of both under the default rule (threshold 50 for both); the share
+    rule (threshold 0.1 x rows) finds it in the k_proj (12.8) but could never in the up_proj (486.4); 40x is
+    an outlier of neither, and the Gaussian columns of both are clean."""
+    g = torch.Generator().manual_seed(4)
+    for rows in (4864, 128):
+        w = torch.randn(rows, 64, generator=g, dtype=torch.float64) * 0.02
+        planted_ratio(w, 5, 3, 60.0)
+        planted_ratio(w, 9, 10, 40.0)
+        a = w.abs()
+        ref = {tuple(x) for x in (a >= 50 * a.mean(0, keepdim=True)).nonzero().tolist()}  # float64
+        assert ref == {(5, 3)}, rows
+        assert {tuple(x) for x in S.column_ratio_outlier_mask(w.float()).nonzero().tolist()} == ref
+        assert {tuple(x) for x in S.weight_rule_mask(w.float(), "ratio").nonzero().tolist()} == ref
+        share = {tuple(x) for x in S.column_share_outlier_mask(w.float(), 0.1).nonzero().tolist()}
+        assert share == ({(5, 3), (9, 10)} if rows == 128 else set()), rows
+        assert S.ratio_threshold(rows) == 50.0
+    # below 2 x 50 rows a column cannot reach 50: the threshold is rows / 2 (half the column in one entry), >= 8
+    assert (S.ratio_threshold(64), S.ratio_threshold(12)) == (32.0, 8.0)
+
+
 def test_attention_share_rule_matches_loop():
     T = 10
     probs = torch.zeros(2, 2, T, T, dtype=torch.float64)
@@ -650,11 +940,11 @@ def test_defaults_find_planted_activation_weight_outlier_and_sink():
     assert xd["count"] == [0, 4, 0] and xd["channels"][1] == [[K_UNIT, 4]]
     assert {(o["layer"], o["seq"], o["position"], o["channel"]) for o in r["layer_output"]["outliers"]} == ref
     w = m.transformer.h[1].mlp.c_proj.weight.double().abs()
-    col_share = w / w.sum(0, keepdim=True).clamp_min(1e-300)
-    assert {tuple(i) for i in (col_share >= 0.1).nonzero().tolist()} == {(CH, K_UNIT)}
+    col_ratio = w / w.mean(0, keepdim=True).clamp_min(1e-300)  # the default rule: >= 50x the column mean, or
+    assert {tuple(i) for i in (col_ratio >= 32).nonzero().tolist()} == {(CH, K_UNIT)}  # rows / 2 = 32 below 100 rows
     wr = r["weight"]["mlp.c_proj"]
     assert wr["outlier_channels"] == [[], [K_UNIT], []] and wr["outlier_out_channels"][1] == [CH]
-    assert wr["top_entries"][0][:3] == [1, CH, K_UNIT] and wr["threshold"]["extremal_ratio"] == pytest.approx(8.0)  # max(0.1 x 64 rows, 8)
+    assert wr["top_entries"][0][:3] == [1, CH, K_UNIT] and wr["threshold"]["extremal_ratio"] == pytest.approx(32.0)
     with torch.no_grad():
         x2 = m.transformer.h[2].ln_1(hs_[1].float()).double()
         qkv = x2 @ m.transformer.h[2].attn.c_attn.weight.double().T + m.transformer.h[2].attn.c_attn.bias.double()
@@ -703,27 +993,6 @@ def edited_loss(model, X, Y, edits):
                 x[:, list(positions), channel] = 0.0
     logits = model.lm_head(tr.ln_f(x))
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1)).item()
-
-
-def test_intervention_targets_generated_propagated_all(planted_result):
-    """The planted value is generated in layer 1 (MLP) and carried in layers 2-3: 'generated' and 'all'
-    remove it in layer 1 (then nothing downstream is massive); 'propagated' keeps layer 1 and removes the
-    copy in layer 2's output."""
-    m, X, Y = planted_result[:3]
-    expected = {"generated": [(1, POSITIONS, CH)], "propagated": [(2, POSITIONS, CH)], "all": [(1, POSITIONS, CH)]}
-    with torch.no_grad():
-        base = m(X, Y)[1].item()
-        for target, edits in expected.items():
-            # tau 100 (the planted value is ~540 x mean|h|): once it is removed, a random tiny model has entries
-            # above 20-50 x the then much smaller mean, which 'propagated' and 'all' would edit too
-            with S.Intervention(m, 100, "zero", target=target) as iv:
-                loss = m(X, Y)[1].item()
-            assert iv.count == 6, target  # 3 sequences x 2 positions, in one layer
-            assert loss == pytest.approx(edited_loss(m, X, Y, edits), abs=1e-5), target
-            assert abs(loss - base) > 1e-4  # propagated: only layer 3 still sees a change
-        assert m(X, Y)[1].item() == base
-    with pytest.raises(ValueError):
-        S.Intervention(m, 20, "zero", target="carried")
 
 
 def test_gamma_driven_channel_found_and_set_to_median():
