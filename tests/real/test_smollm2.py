@@ -56,14 +56,25 @@ def test_the_massive_activation_is_channel_507_at_position_0_from_layer_11(analy
     assert "| 11 | 2.4" in report  # layer 11's top-1 |h| reads about 2.4e+04 in the report's table
 
 
-def test_the_lifecycle_names_layer_11s_mlp_and_its_two_down_projection_inputs(analysis):
-    doc, _ = analysis
+def test_the_lifecycle_follows_the_value_from_layer_2_to_layer_28(analysis):
+    """Early stage (~800, hundreds of times its layer's median) written mostly by layer 2's MLP through
+    down-projection inputs 90 and 430; generated at layer 11 by the MLP through down-projection inputs 1229
+    and 1487; removed by layer 28's MLP."""
+    doc, report = analysis
     (life,) = [x for x in doc["lifecycle"] if x["channel"] == 507 and x["position"] == 0]
-    assert life["generated_at"] == 11 and life["generated_by"] == "mlp"
+    assert life["generated_at"] == [11] and life["generated_by"] == "mlp"
     drivers = [d["down_input_channel"] for d in life["mlp_drivers"]]
     assert drivers[:2] == [1229, 1487], drivers
     assert sum(d["share"] for d in life["mlp_drivers"][:2]) > 0.95
-    assert 28 in life["cancelled_at"], life["cancelled_at"]
+    early = life["early_stage"]
+    assert early and 2 in early["layers"] and max(early["layers"]) < 11, early
+    main = max(early["writers"], key=lambda w: w["share"])  # layer 1's MLP adds about a quarter
+    assert (main["layer"], main["branch"]) == (2, "mlp") and main["share"] > 0.5, early["writers"]
+    assert {90, 430} <= {d["down_input_channel"] for d in main["drivers"][:3]}, main["drivers"]
+    assert life["cancelled_at"] == [28], life["cancelled_at"]
+    (cancel,) = [c for c in life["cancellation"] if c["layer"] == 28]
+    assert cancel["branch"] == "mlp" and cancel["share"] > 0.5 and cancel["opposite_sign"]
+    assert all(s == "propagated" for s in life["status"][12:28]), life["status"]
 
 
 def test_position_0_is_the_attention_sink(analysis):
