@@ -463,16 +463,20 @@ def summary_lines(doc, row, columns):
         layers = sorted({o["layer"] for o in found if o["channel"] == top["channel"]})
         positions = sorted({o["position"] for o in found})
         where = (f"Massive activation: |h| up to {abs(top['value']):,.0f} ({top['ratio']:,.0f}x the layer median) in "
-                 f"channel {top['channel']} at position{'s' if len(positions) > 1 else ''} "
-                 f"{', '.join(map(str, positions[:5]))}{' ...' if len(positions) > 5 else ''} (token {top['token']!r}), "
-                 f"layers {layers[0]}-{layers[-1]}; {h.get('outliers_total', len(found))} activations above "
-                 f"tau = {doc.get('tau_by_type', {}).get('activation', doc.get('tau'))} x mean |h|.")
+                 f"channel {top['channel']}, layers {layers[0]}-{layers[-1]}, at {positions_text(positions)} "
+                 f"(the largest on token {top['token']!r}); {h.get('outliers_total', len(found))} activations above "
+                 f"tau = {doc.get('tau_by_type', {}).get('activation', doc.get('tau')):g} x mean |h|.")
     else:
         top1 = [t[0] for t in h["top3"]]
         l = max(range(len(top1)), key=lambda i: top1[i])
         where = (f"No massive activation: no |h| above the threshold of outliers.json (largest {top1[l]:,.1f} at layer "
                  f"{l}, {h['ratio_top1_median'][l]:,.0f}x the layer median).")
     return [where, quantization_line(row, columns)]
+
+
+def positions_text(positions):
+    shown = ", ".join(map(str, positions[:5])) + (" ..." if len(positions) > 5 else "")
+    return f"position{'s' if len(positions) > 1 else ''} {shown}"
 
 
 def quantization_line(row, columns):
@@ -483,11 +487,12 @@ def quantization_line(row, columns):
         return "(fp, w8a8 and w8a8+fpK columns give the effect of full-precision positions; this table lacks one)"
     k = kept[0]
     token = next((c for c in columns if c.method.name == "w8a8_token" and not c.fp_tokens), None)
-    return (f"W8A8 per-tensor: PPL {fmt_ppl(ppl['fp'])} -> {fmt_ppl(ppl[plain.name])} "
-            f"({fmt_change(ppl[plain.name], ppl['fp'])}); with the first {k.fp_tokens} position(s) in full precision "
-            f"({k.name}): {fmt_ppl(ppl[k.name])} ({fmt_change(ppl[k.name], ppl['fp'])})"
-            + (f"; per-token scales ({token.name}): {fmt_ppl(ppl[token.name])} ({fmt_change(ppl[token.name], ppl['fp'])})"
-               if token is not None else "") + ".")
+
+    def ppl_change(c):
+        return f"{fmt_ppl(ppl[c.name])} ({fmt_change(ppl[c.name], ppl['fp'])})"
+    return (f"W8A8 per tensor: PPL {fmt_ppl(ppl['fp'])} -> {ppl_change(plain)}; with "
+            f"{positions_text(list(range(k.fp_tokens)))} in full precision ({k.name}): {ppl_change(k)}"
+            + (f"; per-token scales ({token.name}): {ppl_change(token)}" if token is not None else "") + ".")
 
 
 if __name__ == "__main__":

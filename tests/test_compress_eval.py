@@ -411,13 +411,13 @@ def test_cli_new_columns_settings_and_summary(tiny_run, tmp_path):
     assert "- `w8a8+fp1`: weights symmetric AbsMax 8-bit per tensor; input of every block Linear" in md
     assert "positions 0-1 of every window in full precision" in md
     summary = md.strip().splitlines()[-3:]
-    assert summary[0].startswith("Massive activation: |h| up to 900 (1,500x the layer median) in channel 7 at "
-                                 "position 0 (token '<s>'), layers 1-1")
+    assert summary[0] == ("Massive activation: |h| up to 900 (1,500x the layer median) in channel 7, layers 1-1, at "
+                          "position 0 (the largest on token '<s>'); 2 activations above tau = 1000 x mean |h|.")
     p = row["ppl"]
     def pc(n):
         return f"{p[n]:.2f} ({(p[n] / p['fp'] - 1) * 100:+.1f}%)"
-    assert summary[2] == (f"W8A8 per-tensor: PPL {p['fp']:.2f} -> {pc('w8a8+fp0')}; with the first 1 position(s) in "
-                          f"full precision (w8a8+fp1): {pc('w8a8+fp1')}; per-token scales (w8a8_token+fp0): "
+    assert summary[2] == (f"W8A8 per tensor: PPL {p['fp']:.2f} -> {pc('w8a8+fp0')}; with position 0 in full "
+                          f"precision (w8a8+fp1): {pc('w8a8+fp1')}; per-token scales (w8a8_token+fp0): "
                           f"{pc('w8a8_token+fp0')}.")
 
 
