@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from common import UserError, autocast_context
+from common import UserError, add_to_registry, autocast_context
 
 # ----------------------------------------------------------------------------------------------
 # the fake-quantizer
@@ -670,10 +670,7 @@ REPRODUCE = tuple(c for m in BUILTIN for c in m.reproduce)
 
 def register(method):
     """Add a method (e.g. from a research script); its name becomes valid in --methods."""
-    if method.name in REGISTRY:
-        raise ValueError(f"compression method {method.name!r} is already registered")
-    REGISTRY[method.name] = method
-    return method
+    return add_to_registry(REGISTRY, method, "compression method")
 
 
 def _method_of(name):
