@@ -376,7 +376,7 @@ def load_inputs(args, columns):
         if tokens.size and int(tokens.max()) >= s.vocab_size:
             raise UserError(f"the evaluation tokens go up to id {int(tokens.max())} but {s.checkpoint} has a vocabulary "
                             f"of {s.vocab_size}; evaluate with data tokenized for this model")
-        check_fp_tokens(columns, T)
+        check_fp_tokens(columns, T - 1 if args.drop_tail else T)  # a --drop_tail window reads T - 1 tokens
     calib, calib_desc = calibration_tokens(args, calibrated, encode) if calibrated else (None, None)
     if calib is not None and calib.size and int(calib.max()) >= min(s.vocab_size for s in sources):
         raise UserError(f"the calibration tokens go up to id {int(calib.max())}, beyond the models' vocabulary")
@@ -386,6 +386,7 @@ def load_inputs(args, columns):
 
 
 def check_fp_tokens(columns, T):
+    """Every activation / KV column quantizes something of a window of T tokens."""
     for c in columns:
         if c.fp_tokens >= T:
             raise UserError(f"{c.name}: {c.fp_tokens} full-precision positions leave nothing of a {T}-token window to "

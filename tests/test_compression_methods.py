@@ -312,8 +312,10 @@ def test_static_at_each_windows_own_maximum_equals_dynamic_per_tensor():
         h.remove()
     static = copy.deepcopy(base)
     cm.quantize_weights_(static, cm.QuantSpec(8, "tensor"))
-    cm.add_activation_quantization(static, cm.QuantSpec(8, "tensor"), scales=own)
+    hooks = cm.add_activation_quantization(static, cm.QuantSpec(8, "tensor"), scales=own)
     torch.testing.assert_close(hidden_states(static, x), expected, rtol=1e-5, atol=1e-5)
+    for h in hooks:
+        h.remove()
     # at half those ranges the largest inputs clamp: different numbers
     cm.add_activation_quantization(static, cm.QuantSpec(8, "tensor"), scales={n: s / 2 for n, s in own.items()})
     assert not torch.allclose(hidden_states(static, x), expected, rtol=1e-3, atol=1e-3)
