@@ -652,6 +652,13 @@ BUILTIN = [
         settings=lambda col, opts: {"kv": {**KV_SPEC.as_dict(), "granularity": "token and head"}},
         activations=True, reproduce=("kv4",)),
     CompressionMethod(
+        "kv8", "kv4 at 8 bits: the keys and values asymmetric 8-bit min-max per token and head",
+        source="QuaRot (Ashkboos et al. 2024), the KV8 baseline",
+        short="KV8", label=lambda col, opts: "KV8",
+        apply=lambda model, col, opts, calib: quantize_keys_values_(model, QuantSpec(8, "token", False), col.fp_tokens),
+        settings=lambda col, opts: {"kv": {**QuantSpec(8, "token", False).as_dict(), "granularity": "token and head"}},
+        activations=True),
+    CompressionMethod(
         "wanda", "Wanda pruning: score |W_ij|·‖X_j‖ (L2 norm of input feature j over the calibration tokens); "
                  "the round(s·in) lowest of every output row set to 0, block by block on the activations that "
                  "come through the already pruned blocks",

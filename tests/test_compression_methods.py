@@ -345,21 +345,22 @@ def test_static_scales_are_the_largest_window_percentile():
 # ----------------------------------------------------------------------------------------------
 # kv4
 
-def ref_heads(v, head_dim):
-    """(T, H*D) float64 -> per token and head asymmetric 4-bit."""
+def ref_heads(v, head_dim, bits=4):
+    """(T, H*D) float64 -> per token and head asymmetric min-max."""
     out = v.copy()
     for t in range(v.shape[0]):
         for lo in range(0, v.shape[1], head_dim):
-            out[t, lo:lo + head_dim] = ref_asymmetric(v[t, lo:lo + head_dim])
+            out[t, lo:lo + head_dim] = ref_asymmetric(v[t, lo:lo + head_dim], bits)
     return out
 
 
-def test_kv4_on_a_one_token_window_is_the_formula_on_v():
+@pytest.mark.parametrize("name, bits", [("kv4", 4), ("kv8", 8)])
+def test_kv_on_a_one_token_window_is_the_formula_on_v(name, bits):
     """With one token, attention returns its value: the logits are those of a float64 forward written out
-    here with v replaced by the formula's 4-bit v (q and k do not matter)."""
+    here with v replaced by the formula's b-bit v (q and k do not matter)."""
     base = tiny_gpt(gain=3.0)
     model = copy.deepcopy(base)
-    cm.parse_column("kv4").apply(model, cm.Options())
+    cm.parse_column(name).apply(model, cm.Options())
     token = 11
     with torch.no_grad():
         got = model(torch.tensor([[token]]))[0][0, -1].double()
@@ -368,7 +369,7 @@ def test_kv4_on_a_one_token_window_is_the_formula_on_v():
         x = tr.wte.weight[token] + tr.wpe.weight[0]
         for block in tr.h:
             qkv = block.attn.c_attn(block.ln_1(x)).numpy()
-            v_hat = ref_heads(qkv[None, 2 * C:], C // 2)[0]
+            v_hat = ref_heads(qkv[None, 2 * C:], C // 2, bits)[0]
             x = x + block.attn.c_proj(torch.from_numpy(v_hat))
             x = x + block.mlp(block.ln_2(x))
         ref = tr.ln_f(x) @ tr.wte.weight.T
