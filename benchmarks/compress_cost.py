@@ -2,16 +2,18 @@
 """Cost of the compression methods: evaluation time against fp's, calibration against one forward pass.
 
 Issue 27's targets: each method's perplexity evaluation within 1.5x the fp evaluation, calibration (wanda,
-w8a8_static) about one forward pass over the calibration windows. For every method: `compress` (changing a copy of the model: weight quantization, hooks, calibration) and
-`eval` (its perplexity evaluation, exactly as compress_eval.py runs it), each as wall time and as CPU time
-of this process (on a shared machine the CPU time is the steadier of the two; both are reported). fp is
-evaluated first and again last; every ratio is to the mean of those two fp evaluations. `pass` is one
-forward pass over the calibration windows (the batches calibration uses), the unit of calibration cost.
-Prints one JSON line on stdout and, with --markdown, a table on stderr; --out FILE.json also writes it.
+w8a8_static) about one forward pass over the calibration windows. For every method: `compress` (changing a
+fresh copy of the model: weight quantization, hooks, calibration) and `eval` (its perplexity evaluation,
+exactly as compress_eval.py runs it), as wall time and as CPU time of this process. `pass` is one forward pass
+over the calibration windows (the batches calibration uses), the unit of calibration cost. Every method (fp
+too) runs once per round; each number is the smallest over --rounds (the least disturbed round), and every
+ratio is to fp's. On a CPU shared with other jobs, --threads 1 gives the steadiest CPU times: with several
+threads a descheduled thread makes the others spin, which counts as CPU time. Prints one JSON line on
+stdout and, with --markdown, a table on stderr; --out FILE.json also writes it.
 
     python benchmarks/compress_cost.py --pretrained .cache/smollm2-135m \\
         --text_file ../shared/data/wikitext-2/test.txt --calib_text_file ../shared/data/wikitext-2/valid.txt \\
-        --max_tokens 2048 --block_size 512 --calib_windows 4 --markdown
+        --max_tokens 2048 --block_size 512 --calib_windows 4 --threads 1 --rounds 2 --markdown
 """
 
 import argparse
@@ -31,7 +33,7 @@ import compression_methods as cm  # noqa: E402
 from common import UserError, atomic_write_text, cli_main  # noqa: E402
 from perplexity import evaluate_perplexity  # noqa: E402
 
-DEFAULT_METHODS = "w8,w8a8,w8a8+fp1,w8a8_token,w8a8_static,w4g128,kv4,wanda"
+DEFAULT_METHODS = "w8,w8a8,w8a8+fp1,w8a8_token,w8a8_static,w4g128,kv4,kv8,wanda"
 
 
 def parse_args(argv):
@@ -47,6 +49,8 @@ def parse_args(argv):
     p.add_argument("--calib_windows", type=int, default=4, help="calibration windows (default 4)")
     p.add_argument("--batch_size", type=int, default=None, help="windows per forward (compress_eval.py's default)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds over every method; the smallest time counts (default 2)")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--markdown", action="store_true", help="print a markdown table on stderr")
     return p.parse_args(argv)
@@ -63,6 +67,10 @@ def main(argv=None):
     args = parse_args(argv)
     if bool(args.checkpoint) == bool(args.pretrained):
         raise UserError("give one model: a checkpoint file or --pretrained NAME_OR_DIR")
+    if args.rounds < 1 or (args.threads is not None and args.threads < 1):
+        raise UserError("--rounds and --threads must be positive integers")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cargs = ce.parse_args(([args.checkpoint] if args.checkpoint else ["--pretrained", args.pretrained])
                           + ["--text_file", args.text_file, "--calib_text_file", args.calib_text_file,
                              "--max_tokens", str(args.max_tokens), "--block_size", str(args.block_size),
@@ -92,19 +100,24 @@ def main(argv=None):
         return {"method": col.name, "ppl": res.ppl, "compress_s": cw, "compress_cpu_s": cc, "eval_s": ew,
                 "eval_cpu_s": ec}
 
-    with torch.no_grad():
-        _, pw, pc = timed(lambda: [cm.model_forward(base, calib[i:i + opts.calib_batch_size].to(device))
-                                   for i in range(0, calib.shape[0], opts.calib_batch_size)])
-    fp = columns[0]
-    rows = [one(fp)] + [one(c) for c in columns[1:]] + [one(fp)]
-    fp_wall = (rows[0]["eval_s"] + rows[-1]["eval_s"]) / 2
-    fp_cpu = (rows[0]["eval_cpu_s"] + rows[-1]["eval_cpu_s"]) / 2
+    def calibration_pass():
+        with torch.no_grad():
+            for i in range(0, calib.shape[0], opts.calib_batch_size):
+                cm.model_forward(base, calib[i:i + opts.calib_batch_size].to(device))
+
+    rounds = [[one(c) for c in columns] for _ in range(args.rounds)]
+    passes = [timed(calibration_pass)[1:] for _ in range(args.rounds)]
+    pw, pc = min(p[0] for p in passes), min(p[1] for p in passes)
+    keys = ("compress_s", "compress_cpu_s", "eval_s", "eval_cpu_s")
+    rows = [{"method": runs[0]["method"], "ppl": runs[0]["ppl"], **{k: min(r[k] for r in runs) for k in keys}}
+            for runs in zip(*rounds)]
+    fp = rows[0]
     for r in rows:
-        r.update(eval_vs_fp=r["eval_s"] / fp_wall, eval_cpu_vs_fp=r["eval_cpu_s"] / fp_cpu,
+        r.update(eval_vs_fp=r["eval_s"] / fp["eval_s"], eval_cpu_vs_fp=r["eval_cpu_s"] / fp["eval_cpu_s"],
                  compress_vs_pass=r["compress_s"] / pw, compress_cpu_vs_pass=r["compress_cpu_s"] / pc)
     doc = {"model": source.checkpoint, "device": str(device), "tokens": int(inputs.tokens.size), "block_size": T,
-           "calib_windows": int(calib.shape[0]), "pass_s": pw, "pass_cpu_s": pc, "load": os.getloadavg(),
-           "torch_threads": torch.get_num_threads(), "methods": rows}
+           "calib_windows": int(calib.shape[0]), "rounds": args.rounds, "pass_s": pw, "pass_cpu_s": pc,
+           "load": os.getloadavg(), "torch_threads": torch.get_num_threads(), "methods": rows}
     line = json.dumps(doc)
     print(line)
     if args.out:
