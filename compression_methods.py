@@ -302,13 +302,14 @@ def quantize_keys_values_(model, spec=KV_SPEC, fp_tokens=0):
         return transform_keys_values(model, lambda k, v: (heads_last(k), heads_last(v)))
     from hf_models import model_view
 
-    def c_attn_output(module, args, out, hs):
-        B, T, C3 = out.shape
-        q, kv = out.split([C3 // 3, 2 * C3 // 3], dim=2)
-        kv = quantize_after_prefix(kv.reshape(B, T, -1, hs), spec, fp_tokens).view(B, T, -1)
-        return torch.cat([q, kv], dim=2)
-    return [a.c_attn.register_forward_hook(lambda m, args, out, hs=a.n_embd // a.n_head: c_attn_output(m, args, out, hs))
-            for a in model_view(model).attn]
+    def c_attn_hook(head_dim):
+        def hook(module, args, out):  # out: [q | k | v], (B, T, 3C)
+            B, T, C3 = out.shape
+            q, kv = out.split([C3 // 3, 2 * C3 // 3], dim=2)
+            kv = quantize_after_prefix(kv.reshape(B, T, -1, head_dim), spec, fp_tokens).view(B, T, -1)
+            return torch.cat([q, kv], dim=2)
+        return hook
+    return [a.c_attn.register_forward_hook(c_attn_hook(a.n_embd // a.n_head)) for a in model_view(model).attn]
 
 
 # ----------------------------------------------------------------------------------------------
