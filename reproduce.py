@@ -1282,7 +1282,7 @@ def compression_table(runs):
                          for c in columns if c.name != "fp")
     return ["## Compression\n", _md_table(header, rows) + "\n",
             "Perplexity from compress_eval.py" + (f" on {ev['data']} ({ev['tokens']:,} scored tokens)" if ev else "")
-            + "; Δ is the change relative to fp. Every Linear of the blocks (the tied embedding and lm_head kept): "
+            + "; Δ is the change relative to fp. On the blocks (the tied embedding and lm_head kept): "
             + settings + ".\n"]
 
 
