@@ -267,7 +267,6 @@ def massive_model():
     return m
 
 
-@pytest.mark.slow
 def test_the_massive_activation_at_position_0_decides_w8a8():
     """Planted: one down-projection input near 1000 at position 0. Per-tensor dynamic W8A8 puts every other
     input of that c_proj on a grid of ~8: perplexity jumps; keeping position 0 in full precision, or
@@ -400,7 +399,6 @@ def hf_tiny(tmp_path_factory):
     return {f: hf_models.load_hf_causal_lm(build(f, d), device="cpu") for f in ("llama", "falcon", "opt")}
 
 
-@pytest.mark.slow
 def test_hf_kv4_quantizes_post_rope_keys_and_values(hf_tiny):
     """LLaMA (GQA: 4 heads, 2 KV heads) layer 0's attention output against attention written out here on
     transformers' own RoPE, with the formula's 4-bit keys and values per token and KV head."""
@@ -447,7 +445,6 @@ def test_hf_kv4_quantizes_post_rope_keys_and_values(hf_tiny):
     assert not torch.allclose(plain["out"].double(), ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "falcon", "opt"])
 def test_layerwise_replay_gives_every_block_its_own_inputs(hf_tiny, family):
     """The cached block calls (masks, positions, rotary embeddings replayed per block) give each block the
