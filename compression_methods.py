@@ -540,10 +540,10 @@ def _w8(opts):
     return QuantSpec(8, opts.w8_granularity)
 
 
-def _w8_label(name, opts):
+def _w8_label(name, opts, extra=""):
     kind, g = parse_granularity(opts.w8_granularity)
     detail = {"tensor": "", "row": ", per-channel", "group": f", group {g}"}[kind]
-    return f"AbsMax {name}{detail}{', +head' if opts.quantize_head else ''}"
+    return f"AbsMax {name}{detail}{extra}{', +head' if opts.quantize_head else ''}"
 
 
 def _activations(spec, opts, range_):
@@ -617,8 +617,8 @@ BUILTIN = [
                        "percentile of |x|); values beyond it clamp to ±127",
         source="Bondarenko et al. 2023 (Quantizable Transformers); SmoothQuant, per-tensor static",
         short="W8A8 static",
-        label=lambda col, opts: _w8_label("W8A8", opts) + ", static"
-        + (f" p{opts.act_percentile:g}" if opts.act_percentile < 100 else ""),
+        label=lambda col, opts: _w8_label("W8A8", opts, ", static" + (f" p{opts.act_percentile:g}"
+                                                                      if opts.act_percentile < 100 else "")),
         apply=_apply_w8a8_static,
         settings=lambda col, opts: {**_weights(_w8(opts), opts),
                                     **_activations(QuantSpec(8, "tensor"), opts, _static_range(opts))},
