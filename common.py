@@ -497,6 +497,14 @@ def is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def add_to_registry(registry, entry, kind):
+    """Add a named entry (an attention variant, a compression method) to its registry; a taken name is an error."""
+    if entry.name in registry:
+        raise ValueError(f"{kind} {entry.name!r} is already registered")
+    registry[entry.name] = entry
+    return entry
+
+
 def check_seed(seed, flag="--seed"):
     if not is_int(seed) or not 0 <= seed <= SEED_MAX:
         raise UserError(f"{flag} must be an integer from 0 to {SEED_MAX}, got {seed}")

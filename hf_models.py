@@ -263,20 +263,66 @@ def _record_attention(module, query, key, value, attention_mask=None, *args, **k
     return out, probs
 
 
+def _switch_attention(hf, name, fn, mask_fn):
+    """Registers the attention function fn and the mask function it needs with transformers under `name`
+    and switches the model to it; False (and the model left as it was) when transformers refuses."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, mask_fn)
+    try:
+        hf.set_attn_implementation(name)
+    except (ValueError, ImportError, NotImplementedError):
+        return False
+    return True
+
+
 def _use_record_attention(hf, attn_modules):
     """Registers the recording attention function and switches the model to it; False (and the model
     left as it was) when a module has no eager function to run or transformers refuses the switch."""
     if not all(_family_eager(a) is not None for a in attn_modules):
         return False
-    from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import eager_mask
-    AttentionInterface.register(RECORD_ATTENTION, _record_attention)
-    AttentionMaskInterface.register(RECORD_ATTENTION, eager_mask)  # the masks eager attention gets
-    try:
-        hf.set_attn_implementation(RECORD_ATTENTION)
-    except (ValueError, ImportError, NotImplementedError):
-        return False
-    return True
+    return _switch_attention(hf, RECORD_ATTENTION, _record_attention, eager_mask)  # the masks eager attention gets
+
+
+_KV = "_outlier_gpt_kv"  # per attention module: (transform, the attention function it runs after it)
+_KV_CALLED = "_outlier_gpt_kv_called"
+
+
+def _kv_attention(module, query, key, value, attention_mask=None, *args, **kwargs):
+    """The model's own attention function on keys and values changed by the module's transform."""
+    transform, inner = module.__dict__[_KV]
+    key, value = transform(key, value)
+    module.__dict__[_KV_CALLED] = True
+    return inner(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def transform_keys_values(model, transform):
+    """From now on every attention layer of the HFCausalLM runs its attention function (sdpa, eager, ...) on
+    transform(key, value): the (B, kv_heads, T, head_dim) keys and values it computed, after RoPE and before
+    GQA heads are repeated, as a KV cache holds them. Registered with transformers' AttentionInterface like
+    the q/k/v recording; the model stays switched (compress_eval changes a copy made for one method). A short
+    forward checks that every layer went through it: a UserError where one did not."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    hf, view = model.hf, model_view(model)
+    impl = hf.config._attn_implementation
+    for a in view.attn:
+        inner = _family_eager(a) if impl == "eager" else ALL_ATTENTION_FUNCTIONS.get(impl)
+        if inner is None:
+            raise UserError(f"{model.source}: no {impl!r} attention function to run after changing the keys and values")
+        a.__dict__[_KV] = (transform, inner)
+    mask = eager_mask if impl == "eager" else ALL_MASK_ATTENTION_FUNCTIONS[impl]
+    if not _switch_attention(hf, f"outlier_gpt_kv_{impl}", _kv_attention, mask):
+        raise UserError(f"{model.source}: transformers refused a registered attention function, so its keys and "
+                        f"values cannot be changed")
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        hf(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+    missing = [l for l, a in enumerate(view.attn) if not a.__dict__.pop(_KV_CALLED, False)]
+    if missing:
+        raise UserError(f"{model.source}: the attention of layer(s) {missing} does not call transformers' "
+                        f"AttentionInterface, so its keys and values cannot be changed")
 
 
 @contextlib.contextmanager

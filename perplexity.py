@@ -9,6 +9,9 @@ every one of them is scored exactly once.
 - sliding (`stride=s`, Hugging Face's convention): windows start at 0, s, 2s, ...; each reads up to
   T tokens, the first window scores all its positions, every later one only its last s (new)
   predictions, so each scored token sees at least T - s tokens of context.
+- GPTQ's (`drop_tail=True`): floor(N / T) windows [kT, (k+1)T), each scoring the T - 1 predictions
+  inside it; the tokens after the last full window, and each window's prediction of the next window's
+  first token, are not scored (the numbers GPTQ, AWQ and most quantization papers report).
 
 perplexity = exp(total negative log-likelihood / number of scored tokens). The cross-entropy is
 computed in float32 from the final hidden states (captured from `transformer.ln_f`), in row chunks
@@ -68,16 +71,25 @@ def load_eval_tokens(dataset=None, text_file=None, data=None, split="test", enco
 # ----------------------------------------------------------------------------------------------
 # windows
 
-def make_windows(n_tokens, block_size, stride=None):
+def make_windows(n_tokens, block_size, stride=None, drop_tail=False):
     """List of (begin, end, score_from): the model reads tokens[begin:end] to predict tokens[begin+1:end+1],
     and positions j >= score_from of that window (window coordinates) are scored.
 
     Every prediction 1..n_tokens-1 is scored exactly once; `stride=None` means stride = block_size
-    (non-overlapping windows).
+    (non-overlapping windows). drop_tail: GPTQ's windows (module doc); a window of T tokens predicts its
+    last T - 1, so it reads its first T - 1 (the last token is a target only).
     """
-    stride = block_size if stride is None else int(stride)
     if block_size < 1:
         raise UserError(f"block size must be positive, got {block_size}")
+    if drop_tail:
+        if stride is not None:
+            raise UserError("--drop_tail evaluates non-overlapping windows; leave out --stride")
+        if n_tokens < block_size or block_size < 2:
+            raise UserError(f"the evaluation text has {n_tokens} tokens, fewer than one window of {block_size} "
+                            f"(--drop_tail scores whole windows of at least 2 tokens); use a longer text or another "
+                            f"--block_size")
+        return [(k * block_size, (k + 1) * block_size - 1, 0) for k in range(n_tokens // block_size)]
+    stride = block_size if stride is None else int(stride)
     if not 1 <= stride <= block_size:
         raise UserError(f"--stride must be between 1 and the block size {block_size}, got {stride}")
     n_targets = n_tokens - 1
@@ -180,11 +192,11 @@ def _nll_sum(lm_head, h, y, chunk_rows):
 
 
 def evaluate_perplexity(model, tokens, block_size=None, stride=None, batch_size=None, dtype=None,
-                        progress=True, desc="perplexity", chunk_rows=None):
+                        progress=True, desc="perplexity", chunk_rows=None, drop_tail=False):
     """Perplexity of `model` (a model.GPT, on its device, in eval mode) on the 1-D token array `tokens`.
 
     block_size: window length (default and maximum: model.config.block_size); stride: None for
-    non-overlapping windows, else sliding windows (see module doc). dtype: autocast dtype (None or
+    non-overlapping windows, else sliding windows; drop_tail: GPTQ's windows (see module doc). dtype: autocast dtype (None or
     float32: plain float32). Returns a PerplexityResult.
     """
     device = model_device(model)
@@ -199,7 +211,7 @@ def evaluate_perplexity(model, tokens, block_size=None, stride=None, batch_size=
     if tokens.numel() and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
         raise UserError(f"the evaluation tokens range over [{int(tokens.min())}, {int(tokens.max())}] but the model's "
                         f"vocabulary has {vocab} entries; evaluate with data tokenized for this model")
-    windows = make_windows(tokens.numel(), block_size, stride)
+    windows = make_windows(tokens.numel(), block_size, stride, drop_tail)
     batch_size = batch_size or default_batch_size(device, block_size)
     chunk_rows = chunk_rows or LOGIT_CHUNK_ROWS.get(device.type, 1024)
     # batch windows of equal length (all but possibly the last one)
@@ -236,7 +248,7 @@ def evaluate_perplexity(model, tokens, block_size=None, stride=None, batch_size=
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    assert n_scored == tokens.numel() - 1, (n_scored, tokens.numel())
+    assert drop_tail or n_scored == tokens.numel() - 1, (n_scored, tokens.numel())
     nll = float(total_nll) / n_scored
     return PerplexityResult(ppl=safe_exp(nll), nll=nll, n_tokens=n_scored,
                             n_windows=len(windows), block_size=block_size,

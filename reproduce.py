@@ -12,8 +12,10 @@ Stages, each a subprocess of the repo's own scripts (run from the repo root; scr
 each other): prepare_data.py for the scale's corpus; train.py once per variant, all with the same
 seed and therefore the same initial-weight RNG stream and data order (under torchrun when
 --nproc_per_node > 1); analyze_outliers.py on every checkpoint; compress_eval.py over all of them
-(fp / W8 / 50% sparse). Then DIR/REPORT.md, DIR/reproduce.json and the figures (Fig. 11 top-1 /
-top-3 |h| per layer, Fig. 12 loss curves, outlier emergence over training from the telemetry).
+(the columns of compression_methods.REPRODUCE: the paper's W8 and 50% sparsity, W8A8 per tensor with
+and without position 0 in full precision, static and per token, W4 groups of 128, a 4-bit KV cache).
+Then DIR/REPORT.md, DIR/reproduce.json and the figures (Fig. 11 top-1 / top-3 |h| per layer, Fig. 12
+loss curves, outlier emergence over training from the telemetry).
 
 --scale gpu fits a wall-clock budget (--budget-s, default 540 s): the iterations per variant are
 sized from the training throughput measured on one H200 plus stated overheads, every stage has a
@@ -38,6 +40,7 @@ import sys
 import sysconfig
 import time
 
+import compression_methods
 from common import (ArgumentParser, UserError, atomic_write_json, atomic_write_text, check_output_dir, check_seed,
                     cli_main, is_number, json_safe, json_text, output_set, read_json_file, resolve_device)
 from reports import (have_matplotlib, loss_curve, markdown_table, number, plot_loss_curves, plot_top1, plot_top3,
@@ -53,7 +56,7 @@ FORMAT_VERSION = 1
 TOOL = "reproduce.py"
 REPORT_FILES = ("fig11_top1.png", "fig11_top3.png", "fig12_loss.png", "outlier_emergence.png", "emergence_by_layer.png",
                 "reproduce.json", "REPORT.md")
-METHODS = ("fp", "w8", "sparse50")
+METHODS = compression_methods.REPRODUCE  # compress_eval.py's columns, from the method registry
 
 # ------------------------------------------------------------------------------------------- scales
 # Each scale: corpus, training settings (config files + --key=value on top), analysis and compression
@@ -66,15 +69,15 @@ SCALES = {
         "configs": ["config/tiny.py"],
         # config/tiny.py is 2 layers x 64 dims, 8 x 64 tokens per iteration. Its 50k-entry output layer
         # dominates the cost (~0.2 s per iteration, ~0.3 s per 1k evaluated tokens and method on 2 idle
-        # cores); 60 iterations, 4 evaluations of 4 batches and 8k compression tokens keep all eight
-        # variants near 5 minutes idle, leaving room within the 10-minute budget for a CPU shared with
-        # other work (80 iterations took 11 minutes at a load average of 3-4)
+        # cores); 60 iterations, 4 evaluations of 4 batches and 4k compression tokens for each of the
+        # nine methods keep all eight variants near 5-6 minutes idle, leaving room within the 10-minute
+        # budget for a CPU shared with other work (80 iterations took 11 minutes at a load average of 3-4)
         "train": {"max_iters": 60, "lr_decay_iters": 60, "warmup_iters": 6, "eval_interval": 20,
                   "eval_iters": 4, "log_interval": 5, "outlier_interval": 10, "compile": False,
                   "snapshot_interval": 0},
         "lr_decay_follows_max_iters": True,
         "analysis": {"num_seqs": 16, "batch_size": 8},
-        "compress": {"max_tokens": 8192, "batch_size": 16},
+        "compress": {"max_tokens": 4096, "batch_size": 16},
         "compress_data": "val",
         "nproc_per_node": 1,
     },
@@ -178,7 +181,7 @@ GPU_ASSUMED = {
     "data_prepare_s": 20,      # preparing pysource here (needs `datasets`; 6 s on a 2-core CPU, measured)
     "analysis_s": 20,          # per variant: analyze_outliers.py start-up and num_seqs x 1024 tokens
     "compress_s": 15,          # compress_eval.py start-up ...
-    "compress_per_variant_s": 10,  # ... and fp / W8 / 50% sparse over max_tokens per checkpoint
+    "compress_per_method_s": 3.5,  # ... and each method over max_tokens per checkpoint (10 s for fp / W8 / 50% sparse)
     "report_s": 15,            # REPORT.md, reproduce.json and the figures, rewritten after every stage
 }
 PLAN_SHARE = 0.9       # the plan fills 90% of --budget-s; the rest absorbs estimate errors
@@ -433,9 +436,15 @@ class Plan:
         return os.path.join(self.out, "compress")
 
     def compress_data_args(self):
+        """The evaluation text and, for the calibrated methods, calibration data from another split: the
+        train.bin beside val.bin, WikiText-2 train through `datasets`, or the local WikiText-2 validation
+        text beside the local test text."""
         if self.scale["compress_data"] == "wikitext2":
             local = shared("data", "wikitext-2", "test.txt")
-            return ["--text_file", local] if local else ["--dataset", "wikitext2"]
+            valid = shared("data", "wikitext-2", "valid.txt")
+            if not local:
+                return ["--dataset", "wikitext2"]
+            return ["--text_file", local] + (["--calib_text_file", valid] if valid else [])
         return ["--data", rel(os.path.join(self.data_dir, "val.bin"))]
 
     def compress_command(self, variants):
@@ -469,7 +478,7 @@ def gpu_estimate(plan, iters):
     n = len(plan.args.variant_list)
     rows.append({"stage": "analyses", "what": f"{n} x analyze_outliers.py", "seconds": n * a["analysis_s"]})
     rows.append({"stage": "compression table", "what": f"compress_eval.py, {n} checkpoints",
-                 "seconds": a["compress_s"] + n * a["compress_per_variant_s"]})
+                 "seconds": a["compress_s"] + n * len(METHODS) * a["compress_per_method_s"]})
     rows.append({"stage": "reports", "what": "REPORT.md, reproduce.json, figures", "seconds": a["report_s"]})
     return {"iters": iters, "tokens_per_variant": tokens, "rows": rows, "total_s": round(sum(r["seconds"] for r in rows), 1),
             "budget_s": plan.budget_s, "plan_share": PLAN_SHARE, "throughput_source": H200_SOURCE,
@@ -1164,12 +1173,14 @@ def findings(runs, plan):
                            f"({_versus(cs, ds)}).")
         if bullets:
             out.append("\n".join(bullets))
-        changes = [c for r in ok.values() for c in (r.get("ppl_change") or {}).values() if c is not None]
+        changes = [c for r in ok.values() for m, c in (r.get("ppl_change") or {}).items()
+                   if m in ("w8", "sparse50") and c is not None]
         if changes and max(abs(c) for c in changes) < 0.05:
             out.append(f"Every variant loses less than 5% perplexity to either method here (`default`: W8 "
                        f"{signed_percent(dw)}, 50% sparse {signed_percent(ds)}), so the differences above are not the paper's effect: "
                        f"without massive activations the per-tensor AbsMax scale of W8 is not blown up, and the "
                        f"paper's gap between default and scaling cannot appear at this scale.")
+        out += first_position_finding(ok)
     # early convergence
     early = [r for r in ok.values() if len(r["loss_curve"]["eval_iter"]) > 1]
     if base in early and len(early) > 1:
@@ -1186,6 +1197,19 @@ def findings(runs, plan):
                    + f". One seed per variant: the spread at iter {at} ({_num(spread, 2)} nats) is not compared with "
                    f"seed-to-seed variation, so small differences are not evidence of faster convergence.")
     return out
+
+
+def first_position_finding(ok):
+    """W8A8 per tensor with and without position 0 in full precision, per variant: what the token that carries
+    a massive activation (where there is one) does to the per-tensor scales."""
+    have = [r for r in ok.values() if (r.get("ppl_change") or {}).get("w8a8") is not None
+            and r["ppl_change"].get("w8a8+fp1") is not None]
+    if not have:
+        return []
+    return ["**Position 0 in full precision** (W8A8 per tensor, dynamic -> the same with position 0 kept out of the "
+            "scales, `w8a8+fp1`): " + ", ".join(f"`{r['attention']}` {signed_percent(r['ppl_change']['w8a8'])} -> "
+                                                f"{signed_percent(r['ppl_change']['w8a8+fp1'])}" for r in have)
+            + ". A large gap means the first token alone sets the activation ranges, as a massive activation does."]
 
 
 def write_report(plan, runner, runs, figs, env, doc_name, outcome, partial=False):
@@ -1232,32 +1256,44 @@ def report_findings(plan, runs, outcome):
 
 def report_table(plan, runs):
     header = ["variant", "iters", "final val loss", "max top-1 |h| (layer)", "top-1 / median",
-              "activation outliers", "first-token attention", "sink share", "gate (first / other)",
-              "PPL fp", "PPL W8 (Δ)", "PPL 50% sparse (Δ)"]
-    ev = next((r.get("compress_eval") for r in runs if r.get("compress_eval")), None)
+              "activation outliers", "first-token attention", "sink share", "gate (first / other)"]
     return ["## Per variant\n", _md_table(header, [variant_row(r) for r in runs]) + "\n",
             "Columns: final val loss is train.py's last evaluation; |h| columns come from analyze_outliers.py "
             f"({plan.analysis['num_seqs']} sequences of `{rel(os.path.join(plan.data_dir, 'val.bin'))}`; largest "
             "|h| of a layer's output, mean over sequences; the ratio is to that layer's median |h|, maximum over "
             "layers); activation outliers are |h| > tau x mean|h| of a sequence (tau in outliers.json); "
             "first-token attention and sink share are means over layers and heads; the gate columns are "
-            "the variant's output gate at the first token and elsewhere (where the variant has one); "
-            "PPL from compress_eval.py"
-            + (f" on {ev['data']} ({ev['tokens']:,} scored tokens)" if ev else "")
-            + "; Δ is the change relative to fp.\n"]
+            "the variant's output gate at the first token and elsewhere (where the variant has one).\n"]\
+        + compression_table(runs)
+
+
+def compression_table(runs):
+    """Perplexity of every variant under every reproduce column (compress_eval.py's results.json)."""
+    columns = [compression_methods.parse_column(m) for m in METHODS]
+    header = ["variant"] + [f"PPL {c.short()}" + (" (Δ)" if c.name != "fp" else "") for c in columns]
+    rows = []
+    for r in runs:
+        ppl, ch = r.get("ppl") or {}, r.get("ppl_change") or {}
+        rows.append([f"`{r['attention']}`" + (" (failed)" if r["status"] != "ok" else "")]
+                    + [("–" if not ppl else _num(ppl.get(c.name)) if c.name == "fp"
+                        else f"{_num(ppl.get(c.name))} ({signed_percent(ch.get(c.name))})") for c in columns])
+    ev = next((r.get("compress_eval") for r in runs if r.get("compress_eval")), None)
+    settings = "; ".join(f"`{c.name}`: {compression_methods.describe(c.settings(compression_methods.Options()))}"
+                         for c in columns if c.name != "fp")
+    return ["## Compression\n", _md_table(header, rows) + "\n",
+            "Perplexity from compress_eval.py" + (f" on {ev['data']} ({ev['tokens']:,} scored tokens)" if ev else "")
+            + "; Δ is the change relative to fp. On the blocks (the tied embedding and lm_head kept): "
+            + settings + ".\n"]
 
 
 def variant_row(r):
     gate = r.get("gate")
-    ppl, ch = r.get("ppl") or {}, r.get("ppl_change") or {}
     return [f"`{r['attention']}`" + (" (failed)" if r["status"] != "ok" else ""), _num(r.get("iter_num")),
             _num(r.get("val_loss")),
             f"{_num(r.get('max_top1'))} (L{r['max_top1_layer']})" if r.get("max_top1") is not None else "–",
             _num(r.get("max_ratio")), _num(r.get("activation_outliers")), _num(r.get("first_token_attention"), 3),
             _num(r.get("sink_share"), 3),
-            f"{_num(gate.get('first'), 3)} / {_num(gate.get('other'), 3)}" if gate else "–",
-            _num(ppl.get("fp")), f"{_num(ppl.get('w8'))} ({signed_percent(ch.get('w8'))})" if ppl else "–",
-            f"{_num(ppl.get('sparse50'))} ({signed_percent(ch.get('sparse50'))})" if ppl else "–"]
+            f"{_num(gate.get('first'), 3)} / {_num(gate.get('other'), 3)}" if gate else "–"]
 
 
 FIGURE_TITLES = {"fig11_top1": "Fig. 11: largest |h| per layer, all variants",

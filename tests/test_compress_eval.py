@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import compress_eval as ce
+import compression_methods as cm
 from checkpoint import model_args_from, model_from_checkpoint, save_checkpoint
 from common import UserError, cli_main
 from data import write_tokens
@@ -53,74 +54,18 @@ def sha256(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# W8
+# W8 on a model (the quantizer itself: tests/test_compression_methods.py)
 
-def outlier_weight(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(48, 80, generator=g) * 0.05
-    w[7, 13] = 3.0  # one outlier dominates the per-tensor scale
-    return w
-
-
-def test_w8_per_tensor_levels_and_error():
-    w = outlier_weight()
-    w_hat, scale = ce.absmax_quantize(w, "tensor")
-    w64 = w.double().numpy()
-    ref_scale = np.abs(w64).max() / 127
-    assert float(scale) == pytest.approx(ref_scale, rel=1e-6)
-    q = w_hat.double().numpy() / ref_scale
-    assert np.abs(q - np.round(q)).max() < 1e-3          # on the integer grid
-    assert np.abs(q).max() <= 127 + 1e-3
-    assert len(np.unique(np.round(q))) <= 255
-    assert np.abs(w_hat.double().numpy() - w64).max() <= ref_scale / 2 * (1 + 1e-5)
-    assert round(q[7, 13]) == 127
-    # the outlier makes most weights collapse onto a handful of levels
-    assert len(np.unique(np.round(q))) < 20
-
-
-def test_w8_per_channel_scale_and_error():
-    w = outlier_weight()
-    w_hat, scale = ce.absmax_quantize(w, "channel")
-    w64 = w.double().numpy()
-    ref_scale = np.abs(w64).max(axis=1, keepdims=True) / 127
-    np.testing.assert_allclose(scale.double().numpy(), ref_scale, rtol=1e-6)
-    q = w_hat.double().numpy() / ref_scale
-    assert np.abs(q - np.round(q)).max() < 1e-3 and np.abs(q).max() <= 127 + 1e-3
-    assert np.all(np.abs(w_hat.double().numpy() - w64) <= ref_scale / 2 * (1 + 1e-5))
-    assert np.all(np.abs(np.round(q)).max(axis=1) == 127)  # every row reaches its extreme level
-    # the outlier only coarsens its own row
-    err_tensor = np.abs(ce.absmax_quantize(w, "tensor")[0].double().numpy() - w64)
-    err_channel = np.abs(w_hat.double().numpy() - w64)
-    others = np.arange(48) != 7
-    assert err_channel[others].mean() < err_tensor[others].mean() / 10
-
-
-def test_w8_groups_including_a_ragged_last_group():
-    w = outlier_weight()[:, :20]  # 20 columns, groups of 8: [0, 8), [8, 16), [16, 20)
-    w_hat, _ = ce.absmax_quantize(w, "group:8")
-    w64, out = w.double().numpy(), w_hat.double().numpy()
-    assert out.shape == w64.shape
-    for lo, hi in [(0, 8), (8, 16), (16, 20)]:
-        s = np.abs(w64[:, lo:hi]).max(axis=1, keepdims=True) / 127
-        q = out[:, lo:hi] / s
-        assert np.abs(q - np.round(q)).max() < 1e-3 and np.abs(q).max() <= 127 + 1e-3
-        assert np.all(np.abs(out[:, lo:hi] - w64[:, lo:hi]) <= s / 2 * (1 + 1e-5))
-
-
-def test_w8_zero_rows_and_bad_granularity():
-    w = torch.zeros(4, 8)
-    w[1] = torch.arange(8.0)
-    w_hat, _ = ce.absmax_quantize(w, "channel")
-    assert torch.isfinite(w_hat).all() and torch.equal(w_hat[0], torch.zeros(8))
+def test_bad_granularity_is_refused():
     for bad in ("row", "group:0", "group:x", "group"):
-        with pytest.raises(UserError, match="w8_granularity"):
-            ce.absmax_quantize(w, bad)
+        with pytest.raises(UserError, match="granularity"):
+            cm.QuantSpec(8, bad)
 
 
 def test_w8_on_a_model_touches_exactly_the_block_linears():
     model = tiny_model("scaling")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    names = ce.quantize_weights_(model, "tensor")
+    names = cm.quantize_weights_(model, cm.QuantSpec(8, "tensor"))
     assert any(n.endswith("scale_proj") for n in names) and len(names) == 2 * 5  # c_attn, c_proj, c_fc, c_proj, scale_proj
     for key, value in model.state_dict().items():
         changed = not torch.equal(value, before[key])
@@ -146,7 +91,7 @@ def test_magnitude_pruning_exact_count_with_ties(sparsity):
     w = tied_weights()
     k = round(sparsity * w.numel())
     assert int((w == 0).sum()) < k
-    mask = ce.smallest_k_mask(w.abs(), k)
+    mask = cm.smallest_k_mask(w.abs(), k)
     pruned = w.masked_fill(mask, 0.0)
     assert int(mask.sum()) == k and int((pruned == 0).sum()) == k
     assert w.abs()[mask].max() <= w.abs()[~mask].min()  # the smallest magnitudes go
@@ -155,28 +100,28 @@ def test_magnitude_pruning_exact_count_with_ties(sparsity):
 def test_prune_per_layer_and_global_on_a_model():
     model = tiny_model("scaling")
     with torch.no_grad():  # different scales per layer make global pruning differ from per-layer pruning
-        for i, (_, lin) in enumerate(ce.block_linears(model)):
+        for i, (_, lin) in enumerate(cm.block_linears(model)):
             lin.weight.mul_(1.0 + i)
-    orig = {n: lin.weight.detach().clone() for n, lin in ce.block_linears(model)}
+    orig = {n: lin.weight.detach().clone() for n, lin in cm.block_linears(model)}
     embed = model.transformer.wte.weight.detach().clone()
 
     per_layer = copy.deepcopy(model)
-    ce.prune_magnitude_(per_layer, 0.5, "layer")
-    for n, lin in ce.block_linears(per_layer):
+    cm.prune_magnitude_(per_layer, 0.5, "layer")
+    for n, lin in cm.block_linears(per_layer):
         assert int((lin.weight == 0).sum()) == round(0.5 * lin.weight.numel()), n
         removed = lin.weight == 0
         assert orig[n].abs()[removed].max() <= orig[n].abs()[~removed].min(), n
     assert torch.equal(per_layer.transformer.wte.weight, embed)
 
     glob = copy.deepcopy(model)
-    ce.prune_magnitude_(glob, 0.5, "global")
-    weights = [lin.weight for _, lin in ce.block_linears(glob)]
+    cm.prune_magnitude_(glob, 0.5, "global")
+    weights = [lin.weight for _, lin in cm.block_linears(glob)]
     total = sum(w.numel() for w in weights)
     assert sum(int((w == 0).sum()) for w in weights) == round(0.5 * total)
     fractions = [float((w == 0).float().mean()) for w in weights]
     assert max(fractions) - min(fractions) > 0.2  # global: small layers lose more than large ones
-    removed = torch.cat([orig[n].abs()[lin.weight == 0] for n, lin in ce.block_linears(glob)])
-    kept = torch.cat([orig[n].abs()[lin.weight != 0] for n, lin in ce.block_linears(glob)])
+    removed = torch.cat([orig[n].abs()[lin.weight == 0] for n, lin in cm.block_linears(glob)])
+    kept = torch.cat([orig[n].abs()[lin.weight != 0] for n, lin in cm.block_linears(glob)])
     assert removed.max() <= kept.min()
 
 
@@ -185,7 +130,7 @@ def test_wanda_mask_per_row():
     w = torch.randn(12, 40, generator=g)
     norm = torch.rand(40, generator=g) + 0.1
     norm[5] = 1e4  # an input feature with huge activations is never pruned
-    mask = ce.wanda_mask(w, norm, 0.5)
+    mask = cm.wanda_mask(w, norm, 0.5)
     assert torch.equal(mask.sum(1), torch.full((12,), 20))
     assert not mask[:, 5].any()
     score = (w.double().abs() * norm.double()).numpy()
@@ -198,8 +143,8 @@ def test_wanda_on_a_model_uses_the_calibration_activations():
     model = tiny_model("default", gain=3.0)
     w0 = model.transformer.h[0].attn.c_attn.weight.detach().clone()
     calib = torch.from_numpy(random_tokens(4 * BLOCK, seed=3)).view(4, BLOCK)
-    ce.prune_wanda_(model, calib, 0.5, batch_size=3)
-    for n, lin in ce.block_linears(model):
+    cm.prune_wanda_(model, calib, 0.5, batch_size=3)
+    for n, lin in cm.block_linears(model):
         per_row = (lin.weight == 0).sum(1)
         assert torch.equal(per_row, torch.full_like(per_row, lin.in_features // 2)), n
     # block 0's c_attn input, written out in float64: ln_1(wte(x) + wpe(pos))
@@ -208,10 +153,10 @@ def test_wanda_on_a_model_uses_the_calibration_activations():
         x = ref.transformer.wte(calib) + ref.transformer.wpe(torch.arange(BLOCK))
         feats = ref.transformer.h[0].ln_1(x).reshape(-1, 32)
     norms = feats.pow(2).sum(0).sqrt()
-    expected = ce.wanda_mask(w0.double(), norms, 0.5)
+    expected = cm.wanda_mask(w0.double(), norms, 0.5)
     got = model.transformer.h[0].attn.c_attn.weight == 0
     assert (expected != got).float().mean() < 0.01
-    assert not torch.equal(expected, ce.wanda_mask(w0, torch.ones(32), 0.5))  # norms matter
+    assert not torch.equal(expected, cm.wanda_mask(w0, torch.ones(32), 0.5))  # norms matter
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,6 +175,34 @@ def test_windows_cover_every_prediction_once():
         make_windows(32, 32)
     with pytest.raises(UserError, match="stride"):
         make_windows(100, 32, stride=33)
+
+
+def test_drop_tail_windows_are_gptqs():
+    # floor(100 / 32) = 3 windows of 32 tokens, each predicting its last 31 from its first 31
+    assert make_windows(100, 32, drop_tail=True) == [(0, 31, 0), (32, 63, 0), (64, 95, 0)]
+    assert make_windows(64, 32, drop_tail=True) == [(0, 31, 0), (32, 63, 0)]
+    with pytest.raises(UserError, match="stride"):
+        make_windows(100, 32, stride=8, drop_tail=True)
+    with pytest.raises(UserError, match="fewer than one window"):
+        make_windows(31, 32, drop_tail=True)
+
+
+def test_drop_tail_perplexity_matches_gptqs_loop():
+    """GPTQ's evaluation: for each full window, the mean NLL of predictions 1..T-1 inside it; ppl = exp of
+    the mean over windows (all windows have T - 1 predictions). Written out in float64."""
+    model = tiny_model(gain=4.0)
+    tokens = random_tokens(150, seed=2)  # 4 windows of 32, 22 tokens dropped
+    res = evaluate_perplexity(model, tokens, drop_tail=True, batch_size=3, progress=False)
+    m64 = copy.deepcopy(model).double()
+    nlls = []
+    for k in range(len(tokens) // BLOCK):
+        x = torch.from_numpy(tokens[k * BLOCK:(k + 1) * BLOCK])
+        with torch.no_grad():
+            logits, _ = m64(x[None], x[None])  # targets given: logits at every position
+        logp = torch.log_softmax(logits[0, :-1].double(), dim=-1)
+        nlls.append(-logp.gather(1, x[1:, None]).mean().item())
+    assert res.n_tokens == 4 * (BLOCK - 1) and res.n_windows == 4
+    assert res.ppl == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
 
 
 def reference_ppl(model, tokens, T, stride):
@@ -267,7 +240,7 @@ def test_planted_outlier_hurts_per_tensor_w8_far_more_than_per_channel():
     generated (so that its predictions are sharp and the comparison sensitive)."""
     clean = tiny_model(seed=0)
     with torch.no_grad():
-        for _, lin in ce.block_linears(clean):
+        for _, lin in cm.block_linears(clean):
             lin.weight.mul_(6.0)              # larger blocks: the residual stream depends on them
         clean.transformer.ln_f.weight.mul_(10.0)  # sharper next-token distributions
     planted = copy.deepcopy(clean)
@@ -282,7 +255,7 @@ def test_planted_outlier_hurts_per_tensor_w8_far_more_than_per_channel():
     def change(model, granularity):
         fp = evaluate_perplexity(model, tokens, progress=False).nll
         q = copy.deepcopy(model)
-        ce.quantize_weights_(q, granularity)
+        cm.quantize_weights_(q, cm.QuantSpec(8, granularity))
         return abs(evaluate_perplexity(q, tokens, progress=False).nll - fp)
 
     assert evaluate_perplexity(planted, tokens, progress=False).nll == pytest.approx(
@@ -403,6 +376,71 @@ def test_script_entry_point(tiny_run, tmp_path):
     bad = subprocess.run([sys.executable, "compress_eval.py", "--data", str(d / "val.bin")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+
+
+def test_cli_new_columns_settings_and_summary(tiny_run, tmp_path):
+    """Every column of the issue on one table: +fpK columns, --fp_tokens, static calibration from train.bin,
+    --drop_tail; results.json records each column's settings, results.md says them, --summary adds two lines."""
+    d, ckpts, _, _ = tiny_run
+    outliers = tmp_path / "outliers.json"
+    outliers.write_text(json.dumps({"tau": 1000, "activation": {"layer_output": {
+        "top3": [[5.0, 4.0, 3.0], [900.0, 5.0, 4.0]], "ratio_top1_median": [3.0, 1500.0], "outliers_total": 2,
+        "outliers": [{"layer": 1, "seq": 0, "position": 0, "token": "<s>", "token_id": 1, "channel": 7,
+                      "value": 900.0, "ratio": 1500.0},
+                     {"layer": 1, "seq": 1, "position": 0, "token": "<s>", "token_id": 1, "channel": 7,
+                      "value": -850.0, "ratio": 1400.0}]}}}))
+    out = tmp_path / "o"
+    argv = [ckpts[0], "--data", str(d / "val.bin"), "--out", str(out), "--no_progress", "--fp_tokens", "2",
+            "--methods", "fp,w8a8+fp0,w8a8+fp1,w8a8,w8a8_static,w8a8_token+fp0,w4g16,kv4", "--calib_windows", "3",
+            "--drop_tail", "--summary", str(outliers)]
+    assert ce.main(argv) == 0
+    row = json.loads((out / "results.json").read_text())[0]
+    names = ["fp", "w8a8+fp0", "w8a8+fp1", "w8a8", "w8a8_static", "w8a8_token+fp0", "w4g16", "kv4"]
+    assert list(row["ppl"]) == names and all(math.isfinite(v) for v in row["ppl"].values())
+    assert row["eval"]["drop_tail"] and row["eval"]["tokens"] == (300 // BLOCK) * (BLOCK - 1)
+    m = row["settings"]["methods"]
+    assert [m[n].get("fp_tokens") for n in names] == [None, 0, 1, 2, 2, 0, None, 2]
+    tok = m["w8a8_token+fp0"]
+    assert tok["weights"]["granularity"] == "channel" and tok["activations"]["granularity"] == "token"
+    assert m["w4g16"]["weights"] == {"bits": 4, "granularity": "group:16", "symmetric": False,
+                                     "rounding": "nearest, ties to even", "lm_head": False}
+    assert m["w8a8_static"]["activations"]["range"].startswith("static") and row["settings"]["calib_windows"] == 3
+    assert row["settings"]["calibration"].endswith("train.bin")
+    assert set(row["compress_seconds"]) == set(row["eval_seconds"]) == set(names)
+    md = (out / "results.md").read_text()
+    assert "| PPL (AbsMax W8A8, +fp1) |" in md and "| Δ W4 g16 |" in md and "GPTQ's protocol" in md
+    assert "- `w8a8+fp1`: weights symmetric AbsMax 8-bit per tensor; input of every block Linear" in md
+    assert "positions 0-1 of every window in full precision" in md
+    summary = md.strip().splitlines()[-3:]
+    assert summary[0] == ("Massive activation: |h| up to 900 (1,500x the layer median) in channel 7, layers 1-1, at "
+                          "position 0 (the largest on token '<s>'); 2 activations above tau = 1000 x mean |h|.")
+    p = row["ppl"]
+    def pc(n):
+        return f"{p[n]:.2f} ({(p[n] / p['fp'] - 1) * 100:+.1f}%)"
+    assert summary[2] == (f"W8A8 per tensor: PPL {p['fp']:.2f} -> {pc('w8a8+fp0')}; with position 0 in full "
+                          f"precision (w8a8+fp1): {pc('w8a8+fp1')}; per-token scales (w8a8_token+fp0): "
+                          f"{pc('w8a8_token+fp0')}.")
+
+
+@pytest.mark.parametrize("case", ["plus_fp", "fp_tokens", "static_calib", "drop_tail_stride", "summary", "percentile"])
+def test_new_flags_refuse_bad_input(tiny_run, tmp_path, capsys, case):
+    d, ckpts, _, _ = tiny_run
+    out = tmp_path / "never"
+    data = [ckpts[0], "--data", str(d / "val.bin"), "--out", str(out), "--no_progress"]
+    argv, msg = {
+        "plus_fp": (data + ["--methods", "fp,w8+fp1"], "quantizes no activations"),
+        "fp_tokens": (data + ["--methods", "w8a8", "--fp_tokens", str(BLOCK)], "leave nothing"),
+        "drop_tail_stride": (data + ["--drop_tail", "--stride", "8"], "--drop_tail"),
+        "summary": (data + ["--summary", str(d / "val.bin")], "outliers.json"),
+        "percentile": (data + ["--act_percentile", "0"], "--act_percentile"),
+    }.get(case, (None, None))
+    if case == "static_calib":
+        (tmp_path / "eval.bin").write_bytes((d / "val.bin").read_bytes())  # no train.bin beside it
+        argv, msg = ([ckpts[0], "--methods", "fp,w8a8_static", "--data", str(tmp_path / "eval.bin"), "--out", str(out)],
+                     "w8a8_static needs calibration data")
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
+    assert not out.exists()
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared (WikiText-2 text) is not available")

@@ -326,7 +326,7 @@ def _main_of(path):
 
 CLIS = ["train.py", "analyze_outliers.py", "compress_eval.py", "prepare_data.py", "reproduce.py",
         "benchmarks/attention.py", "benchmarks/train_throughput.py", "benchmarks/gpu_check.py",
-        "benchmarks/kernel_registers.py", "benchmarks/host_overhead.py"]
+        "benchmarks/kernel_registers.py", "benchmarks/host_overhead.py", "benchmarks/compress_cost.py"]
 
 
 @pytest.mark.parametrize("script", CLIS)

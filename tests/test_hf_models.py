@@ -13,6 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import compress_eval  # noqa: E402
+import compression_methods  # noqa: E402
 import hf_models  # noqa: E402
 import outlier_stats  # noqa: E402
 from perplexity import evaluate_perplexity  # noqa: E402
@@ -459,14 +460,14 @@ def test_perplexity_under_compression_matches_float64(family, tmp_path):
     path = build(family, tmp_path)
     ids = np.random.default_rng(1).integers(0, V, size=3 * T_EVAL + 1)
     base = hf_models.load_hf_causal_lm(path, device="cpu")
-    for method, apply in (("fp", lambda m: None), ("w8", compress_eval.quantize_weights_),
-                          ("sparse50", compress_eval.prune_magnitude_)):
+    for method, apply in (("fp", lambda m: None), ("w8", compression_methods.quantize_weights_),
+                          ("sparse50", compression_methods.prune_magnitude_)):
         model = base if method == "fp" else copy.deepcopy(base)
         apply(model)
         got = evaluate_perplexity(model, ids, block_size=T_EVAL, progress=False).ppl
         ref = reference_ppl(path, family, ids, method)
         assert got == pytest.approx(ref, rel=1e-5), method
-    assert compress_eval.head_is_tied(base) == bool(base.hf.config.tie_word_embeddings)
+    assert compression_methods.head_is_tied(base) == bool(base.hf.config.tie_word_embeddings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,7 +606,7 @@ def test_w8a8_uses_one_activation_scale_per_window_in_every_family(tmp_path):
     """OPT's MLP sees (B*T, C) inputs: the quantized input of fc1 must still lie on one grid per window,
     max|x| / 127 of that window (a per-token scale would put each token on its own grid)."""
     model = hf_models.load_hf_causal_lm(build("opt", tmp_path), device="cpu")
-    handles = compress_eval.add_activation_quantization(model)
+    handles = compression_methods.add_activation_quantization(model)
     seen = []
     fc1 = hf_models.model_view(model).up[0]
     handles.append(fc1.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().double())))

@@ -438,7 +438,9 @@ def test_json_agrees_with_every_runs_artifacts(smoke):
         assert (run["gate"] is not None) == (v == "scaling")
         row = results[os.path.realpath(ckpt)]
         assert row["attention"] == v and row["iter_num"] == it
-        assert run["ppl"] == {m: row["ppl"][m] for m in ("fp", "w8", "sparse50")}
+        assert set(run["ppl"]) >= {"fp", "w8", "sparse50", "w8a8", "w8a8+fp1", "w8a8_static", "w8a8_token", "w4g128",
+                                   "kv4"}
+        assert run["ppl"] == {m: row["ppl"][m] for m in run["ppl"]}
         assert run["ppl_change"]["w8"] == pytest.approx(row["ppl"]["w8"] / row["ppl"]["fp"] - 1)
 
 
@@ -448,9 +450,12 @@ def test_report_has_every_variant_figure_and_command(smoke):
         report = f.read()
     with open(os.path.join(out, "reproduce.json"), encoding="utf-8") as f:
         doc = json.load(f)
+    per_variant, compression = report.split("## Compression\n")
     for run in doc["runs"]:
-        row = next(l for l in report.splitlines() if l.startswith(f"| `{run['attention']}` |"))
-        assert f"| {run['val_loss']:.4g} |" in row and f"{run['ppl']['fp']:.4g}" in row
+        row = next(l for l in per_variant.splitlines() if l.startswith(f"| `{run['attention']}` |"))
+        assert f"| {run['val_loss']:.4g} |" in row
+        row = next(l for l in compression.splitlines() if l.startswith(f"| `{run['attention']}` |"))
+        assert all(f"{run['ppl'][m]:.4g}" in row for m in run["ppl"]) and "w8a8+fp1" in compression
     for name in ("fig11_top1.png", "fig11_top3.png", "fig12_loss.png", "outlier_emergence.png"):
         assert os.path.getsize(os.path.join(out, name)) > 1000 and f"]({name})" in report
     assert "No massive activations emerged in `default`" in report  # a 2-layer model after 10 iterations
