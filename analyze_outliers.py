@@ -8,7 +8,7 @@ Reproduces the analyses of An et al., "Systematic Outliers in Large Language Mod
 Sec. 3-4: activation / weight / attention outliers, their consistency (Table 1), lifecycle and the
 per-variant comparison of Figure 11) and of "Rethinking the Outlier Distribution in LLMs" (massive
 activations generated in early layers and carried by the residual stream; channel-wise outliers from
-LayerNorm rescaling). Definitions: see outlier_stats.py. Streams over sequences: one forward per
+LayerNorm rescaling). Definitions: see analysis/definitions.py. Streams over sequences: one forward per
 batch with hooks, per-layer accumulators, capped outlier lists; memory does not grow with
 --num_seqs. Writes DIR/report.md, DIR/outliers.json and PNG figures, atomically (a temporary
 directory beside DIR renamed at the end; nothing is left behind on error).
@@ -23,11 +23,13 @@ import time
 
 import numpy as np
 
-from common import (ArgumentParser, UserError, autocast_context, check_fits, check_output_dir, check_seed, cli_main,
-                    json_safe, not_a_file, output_set, resolve_device, resolve_dtype, run_metadata)
-from data import check_vocab, input_tokens, read_text_file
-from reports import (layer_axis, layer_ranges, loss_curve, markdown_table, number, percent, plot_loss_curves, plot_top1, plot_top3,
-                     pyplot, read_training_log, save_figure, token_code)
+from runtime.cli import ArgumentParser, UserError, check_seed, cli_main
+from runtime.files import json_safe, not_a_file
+from runtime.outputs import check_output_dir, output_set
+from runtime.reports import (layer_axis, layer_ranges, loss_curve, markdown_table, number, percent, plot_loss_curves,
+                             plot_top1, plot_top3, pyplot, read_training_log, save_figure, token_code)
+from runtime.system import autocast_context, check_fits, resolve_device, resolve_dtype, run_metadata
+from runtime.token_data import check_vocab, input_tokens, read_text_file
 
 FORMAT = "outlier-gpt/outliers"
 FORMAT_VERSION = 1
@@ -119,8 +121,8 @@ def validate_args(args):
     twice = [p for i, p in enumerate(args.compare or []) if seen[i] in seen[:i]]
     if twice:
         raise UserError(f"--compare names {twice[0]} twice; compare different checkpoints")
-    from checkpoint import check_checkpoint_path
-    from hf_models import is_pretrained_dir
+    from hf.models import is_pretrained_dir
+    from training.checkpoint import check_checkpoint_path
     for path in [args.ckpt] + list(args.compare or []):
         if path is not None and not (path in (args.compare or []) and is_pretrained_dir(path)):
             check_checkpoint_path(path)
@@ -138,7 +140,7 @@ def validate_args(args):
     check_output_dir(args.out, *output_kind(args), inputs=input_paths(args))  # before the analysis
 
 
-# what each mode may write into --out (common.output_set replaces only these, and only its own)
+# what each mode may write into --out (runtime.outputs.output_set replaces only these, and only its own)
 ANALYSIS_FILES = ("report.md", "outliers.json", "activation_h.png", "activation_xdown.png", "surface.png", "weights.png",
                   "attention.png", "attention_heads.png", "token_categories.png", "lifecycle.png", "outlier_channels.png",
                   "down_proj_weights.png", "attention_outlier_share.png", "weight_link.png", "lifecycle_cancellation.png")
@@ -160,8 +162,8 @@ def input_paths(args):
 
 def model_and_info(args, path, device):
     """(model on device in eval mode, model info for outliers.json) of checkpoint `path`, or of --pretrained."""
-    from checkpoint import load_model
-    from hf_models import is_pretrained_dir
+    from hf.models import is_pretrained_dir
+    from training.checkpoint import load_model
     if path is not None and is_pretrained_dir(path):  # --compare of Hugging Face model directories
         model, _ = load_model(pretrained=path, device=device, attention=args.attention)
         info = {"source": os.path.abspath(path), "iter_num": None}
@@ -171,7 +173,7 @@ def model_and_info(args, path, device):
     else:
         model, _ = load_model(pretrained=args.pretrained, device=device, attention=args.attention)
         info = {"source": args.pretrained, "iter_num": None}
-    from hf_models import model_view
+    from hf.models import model_view
     cfg, view = model.config, model_view(model)
     info.update(attention=cfg.attention, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                 block_size=cfg.block_size, vocab_size=cfg.vocab_size, bias=cfg.bias,
@@ -227,9 +229,9 @@ def load_sequences(args, block_size, encode=None):
 @functools.lru_cache(maxsize=None)
 def gpt2_token_info():
     """Token strings through GPT-2 BPE (this repo's GPT); loaded once, and only for models that use it."""
-    import outlier_stats
+    from analysis import definitions as outlier_stats
     try:
-        from tokenizer import get_tokenizer
+        from runtime.tokenizer import get_tokenizer
         enc = get_tokenizer()
     except UserError as e:
         print(f"warning: token strings unavailable ({e}); tokens are shown as <id>", file=sys.stderr)
@@ -242,9 +244,9 @@ def gpt2_token_info():
 
 def model_tokenization(model, args):
     """(token info, encode): a Hugging Face model's own tokenizer, or GPT-2 BPE for this repo's GPT (encode
-    None: load_sequences then uses tokenizer.py)."""
-    import outlier_stats
-    from hf_models import HFCausalLM, tokenization
+    None: load_sequences then uses runtime/tokenizer.py)."""
+    from analysis import definitions as outlier_stats
+    from hf.models import HFCausalLM, tokenization
     if not isinstance(model, HFCausalLM):
         return gpt2_token_info(), None
     encode, decode_one = tokenization(model, required=args.data is None)
@@ -253,7 +255,7 @@ def model_tokenization(model, args):
 
 def check_forward(model, seqs, source, device, dtype):
     """A forward that overflows (finite but huge weights, fp16's range) is an error now, not NaN results later."""
-    from checkpoint import check_forward_finite
+    from training.checkpoint import check_forward_finite
     X, Y = next(batches(seqs[:1], 1, device))
     check_forward_finite(model, X, Y, source, autocast_context(device, dtype), dtype)
 
@@ -274,7 +276,7 @@ def progress(total, disable, desc):
 # analysis
 
 def analyse(args, model, seqs, device, dtype, token_info):
-    from outlier_analysis import OutlierAnalyzer
+    from analysis.statistics import OutlierAnalyzer
     bs = args.batch_size or (8 if device.startswith("cuda") else 1)
     an = OutlierAnalyzer(
         model, tau_act=args.tau_activation, tau_weight=args.tau_weight, tau_attn=args.tau_attention,
@@ -303,7 +305,7 @@ def intervene(args, model, an, device, dtype, normalization):
     target of interventions.INTERVENTION_TARGETS, and the gamma-driven LayerNorm channels set to the median
     gamma. The loss without is the analysis' own; the intervened forwards replay it (same attention path)
     from the first edited layer. The top-level fields are those of the 'generated' target."""
-    from interventions import INTERVENTION_TARGETS, intervention_losses
+    from analysis.interventions import INTERVENTION_TARGETS, intervention_losses
 
     def changed(loss):
         return {"loss_intervened": loss, "perplexity_intervened": math.exp(min(loss, 700)), "loss_change": loss - base}
@@ -503,7 +505,7 @@ def fig_heads(out_dir, att, name="attention_heads.png"):
 
 
 def fig_categories(out_dir, groups, name="token_categories.png"):
-    from outlier_stats import CATEGORIES as cats
+    from analysis.definitions import CATEGORIES as cats
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / max(len(groups), 1)
@@ -759,7 +761,7 @@ def report_header(doc):
               f"- attention ({th['attention']['rule']}): {th['attention']['definition']}; Ahat threshold per layer "
               + ", ".join(number(x) for x in th["attention"]["effective"]) + f". Paper: {th['attention']['paper_formula']}.",
               f"- channel: {th['channel']['rule']}, tau_channel = {number(t['channel'])}.", "",
-              "Definitions: see `outlier_stats.py`; numbers: `outliers.json`."]
+              "Definitions: see `analysis/definitions.py`; numbers: `outliers.json`."]
     if th["attention"]["rule"] == "paper" and t["attention"] >= d["seq_len"] and m["attention"] != "sigmoid":
         lines.append(f"\n> Note: with softmax the mean cumulative attention is 1, so no key can exceed tau_attention "
                      f"{number(t['attention'])} >= seq_len {d['seq_len']}; use a smaller --tau_attention.")
@@ -904,7 +906,7 @@ def attention_row(att, l):
 
 
 def report_token_categories(doc):
-    from outlier_stats import CATEGORIES
+    from analysis.definitions import CATEGORIES
     act, att = doc["activation"], doc["attention"]
     rows = [[label] + [c[k] for k in CATEGORIES] for label, c in (
         ("h outliers", act["layer_output"]["token_categories"]), ("x_down outliers", act["down_input"]["token_categories"]),
@@ -922,7 +924,7 @@ def report_consistency(doc):
     by_layer = [[l, percent(v["a_in_b"]), percent(v["b_in_a"]), v["n_a"], v["n_b"]] for l, v in enumerate(ha["by_layer"])]
     return ["## Consistency (Table 1)", "",
             "Overlap |A∩B|/|A| of the sets below, in both directions (definitions in `outliers.json` and "
-            "`outlier_stats.py`).", "",
+            "`analysis/definitions.py`).", "",
             markdown_table(["pair", "A in B", "B in A", "n A", "n B", "sets"], rows), "",
             "Row 4 (h vs attention, Appendix B.2) per layer: the overall value averages over the (sample, layer, head) "
             f"triples of layers {layer_ranges(ha['layers'])} (those whose output h_l has activation outliers).", "",
@@ -1043,7 +1045,8 @@ def report_footer(doc):
 
 def _write_json(path, obj):
     import json
-    from common import _json_default
+
+    from runtime.files import _json_default
     with open(path, "w", encoding="utf-8") as f:
         json.dump(json_safe(obj), f, indent=1, default=_json_default, allow_nan=False)
         f.write("\n")
@@ -1059,7 +1062,8 @@ def fig_loss_curves(out_dir, runs, name="compare_loss.png"):
 
 def run_compare(args, device, dtype):
     import torch
-    from outlier_analysis import OutlierAnalyzer
+
+    from analysis.statistics import OutlierAnalyzer
     runs = []
     seqs, data_info = None, None
     for path in args.compare:
@@ -1137,7 +1141,7 @@ def main(argv=None):
     top1 = [t[0] for t in doc["activation"]["layer_output"]["top3"]]
     bad = next((l for l, v in enumerate(top1) if not math.isfinite(v)), None)
     if bad is not None:  # a later sequence overflowed: no report of NaN
-        from checkpoint import overflow_error
+        from training.checkpoint import overflow_error
         raise overflow_error(model_info["source"], model, f"top-1 |h| of layer {bad} is {top1[bad]}", dtype)
     layer = args.surface_layer if args.surface_layer is not None else int(np.argmax(top1))
     doc["surface"] = {"layer": layer, "tokens": [token_info.text(t) for t in an.surface_tokens_ids]}

@@ -44,8 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, add_to_registry
 from fused_kernels.flags import KernelFlags  # data only: imports no triton
+from runtime.cli import UserError, add_to_registry
 
 BACKENDS = ("auto", "reference", "sdpa", "triton")
 

@@ -6,7 +6,7 @@
 
 Each method runs on a fresh copy of the model (the checkpoint file is only read), on the Linears of the
 transformer blocks (embeddings and the tied lm_head only with --quantize_head); the methods are the
-entries of compression_methods.py (listed below). NAME+fpK (e.g. w8a8+fp1) keeps the first K positions of
+entries of compress/methods.py (listed below). NAME+fpK (e.g. w8a8+fp1) keeps the first K positions of
 every window in full precision and out of every scale; --fp_tokens K does so for every activation / KV
 column without a suffix. Writes DIR/results.md (the table), DIR/results.json and DIR/results.csv atomically.
 """
@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import compression_methods as cm
-from common import (ArgumentParser, UserError, autocast_context, check_fits, check_output_dir, check_seed, cli_main,
-                    json_text, output_set, read_json_file, resolve_device, resolve_dtype, run_metadata)
-from data import WIKITEXT2, input_tokens, read_text_file
-from perplexity import evaluate_perplexity, load_eval_tokens, make_windows, text_ids, wikitext2_text
-import reports
+from compress import methods as cm
+from compress.perplexity import evaluate_perplexity, load_eval_tokens, make_windows, text_ids, wikitext2_text
+from runtime import reports
+from runtime.cli import ArgumentParser, UserError, check_seed, cli_main
+from runtime.files import json_text, read_json_file
+from runtime.outputs import check_output_dir, output_set
+from runtime.system import autocast_context, check_fits, resolve_device, resolve_dtype, run_metadata
+from runtime.token_data import WIKITEXT2, input_tokens, read_text_file
 
 DEFAULT_METHODS = "fp,w8,sparse50"
 DTYPE_LABELS = {torch.float32: "FP32", torch.bfloat16: "BF16", torch.float16: "FP16"}
@@ -81,7 +83,7 @@ class Source:
 
 
 def load_sources(paths, pretrained, attn_backend):
-    from checkpoint import load_checkpoint, load_model
+    from training.checkpoint import load_checkpoint, load_model
     sources = []
     for path in paths:
         ckpt = load_checkpoint(path)
@@ -115,7 +117,7 @@ def check_vocabularies(sources):
 def build_model(source, device, attn_backend):
     if source.model is not None:
         return copy.deepcopy(source.model).to(device).eval()
-    from checkpoint import load_model
+    from training.checkpoint import load_model
     model, _ = load_model(source.checkpoint, device=device, attn_backend=attn_backend)
     return model
 
@@ -280,12 +282,12 @@ def text_encoder(sources, needed):
     if len(hf) < len(sources):
         raise UserError("text input is tokenized with each model's own tokenizer, and this table mixes GPT-2 BPE models "
                         "with Hugging Face models of another tokenizer; evaluate them in separate tables or pass --data")
-    from hf_models import load_tokenizer
+    from hf.models import load_tokenizer
     vocabs = [load_tokenizer(s.model).get_vocab() for s in hf]
     if any(v != vocabs[0] for v in vocabs[1:]):
         raise UserError(f"{hf[0].checkpoint} and another model have different tokenizers, so one text cannot be scored "
                         f"for both; evaluate them in separate tables or pass --data")
-    from hf_models import tokenization
+    from hf.models import tokenization
     return tokenization(hf[0].model, required=True)[0]
 
 
@@ -417,7 +419,7 @@ def evaluate_source(s, columns, inputs, args, opts, device, dtype, settings, met
                                   drop_tail=args.drop_tail)
         del model
         if c.name == "fp" and not math.isfinite(res.nll):  # the model itself overflowed: no table of NaN
-            from checkpoint import overflow_error
+            from training.checkpoint import overflow_error
             raise overflow_error(s.checkpoint, base, f"mean loss {res.nll} over {res.n_tokens:,} tokens", dtype)
         row["ppl"][c.name] = res.ppl if math.isfinite(res.ppl) else None
         row["nll"][c.name] = res.nll if math.isfinite(res.nll) else None
@@ -434,7 +436,7 @@ def evaluate_source(s, columns, inputs, args, opts, device, dtype, settings, met
 
 def check_forward(model, tokens, T, source, device, dtype):
     """A model whose forward overflows (finite but huge weights, fp16's range) is an error before any method runs."""
-    from checkpoint import check_forward_finite
+    from training.checkpoint import check_forward_finite
     window = torch.as_tensor(np.asarray(tokens[:T + 1], dtype=np.int64), device=device)[None]
     autocast = autocast_context(device, dtype)
     check_forward_finite(model, window[:, :-1], window[:, 1:], source.checkpoint, autocast, dtype)

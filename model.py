@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import attention_variants
-from common import UserError
+from runtime.cli import UserError
 
 
 class LayerNorm(nn.Module):
@@ -215,7 +215,7 @@ class GPT(nn.Module):
             raise UserError(f"from_pretrained can only override {sorted(allowed)}, not {sorted(set(overrides) - allowed)}")
         directory = _pretrained_directory(name_or_dir)
         hf_config, hf_state = _read_hf_gpt2(directory)
-        from checkpoint import TIED_WEIGHTS, check_finite_weights, check_tied  # checkpoint imports this module
+        from training.checkpoint import TIED_WEIGHTS, check_finite_weights, check_tied  # checkpoint imports this module
         check_finite_weights(directory, hf_state.items(), "the model's files are damaged; use another copy")
         check_tied(directory, hf_state, TIED_WEIGHTS)
         config = GPTConfig(

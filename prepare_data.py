@@ -7,7 +7,7 @@
     python prepare_data.py --dataset text --input my_corpus/ notes.txt --out_dir data/mine
 
 Every corpus is a list of *documents*. Each document is tokenized with the repo's one tokenizer
-(tokenizer.py: tiktoken's GPT-2 BPE, `<|endoftext|>` in the text is treated as ordinary text) and
+(runtime/tokenizer.py: tiktoken's GPT-2 BPE, `<|endoftext|>` in the text is treated as ordinary text) and
 followed by one end-of-text token (50256). Empty or whitespace-only documents are skipped.
 
 Train/validation split (`--val_fraction F`):
@@ -47,11 +47,12 @@ import urllib.request
 
 import numpy as np
 
-import tokenizer
-from common import (ArgumentParser, UserError, atomic_path, check_output_dir, check_seed, check_writable_dir, cli_main,
-                    json_text, not_a_file, one_line, output_set, write_error)
-from data import (TOKEN_DTYPE, WIKITEXT2, check_token_range, import_datasets, load_hf_dataset, read_text_file,
-                  wikitext2_split)
+from runtime import tokenizer
+from runtime.cli import ArgumentParser, UserError, check_seed, cli_main, one_line
+from runtime.files import atomic_path, check_writable_dir, json_text, not_a_file, write_error
+from runtime.outputs import check_output_dir, output_set
+from runtime.token_data import (TOKEN_DTYPE, WIKITEXT2, check_token_range, import_datasets, load_hf_dataset,
+                                read_text_file, wikitext2_split)
 
 DATASETS = ("builtin", "openwebtext", "wikitext2", "shakespeare", "text")
 NETWORK_DATASETS = {"openwebtext", "wikitext2", "shakespeare"}
@@ -385,7 +386,7 @@ def _nproc(num_proc, n_rows):
 
 
 def write_splits(splits, out_dir, source, split_rule, num_proc=1, overwrite=False, may_replace=(), inputs=()):
-    """Tokenize both splits and write train.bin, val.bin, meta.json as one set (common.output_set); return meta."""
+    """Tokenize both splits and write train.bin, val.bin, meta.json as one set (runtime.outputs.output_set); return meta."""
     tokenized = {}
     for part in ("train", "val"):
         tokenized[part] = splits[part].map(_tokenize_batch, batched=True, remove_columns=["text"],

@@ -40,19 +40,21 @@ import sys
 import sysconfig
 import time
 
-import compression_methods
-from common import (ArgumentParser, UserError, atomic_write_json, atomic_write_text, check_output_dir, check_seed,
-                    cli_main, is_number, json_safe, json_text, output_set, read_json_file, resolve_device)
-from reports import (have_matplotlib, loss_curve, markdown_table, number, plot_loss_curves, plot_top1, plot_top3,
-                     pyplot, read_training_log, save_figure, signed_percent)
-from train_config import FREE_ON_RESUME
+from compress import methods as compression_methods
+from runtime.cli import ArgumentParser, UserError, check_seed, cli_main, is_number
+from runtime.files import atomic_write_json, atomic_write_text, json_safe, json_text, read_json_file
+from runtime.outputs import check_output_dir, output_set
+from runtime.reports import (have_matplotlib, loss_curve, markdown_table, number, plot_loss_curves, plot_top1,
+                             plot_top3, pyplot, read_training_log, save_figure, signed_percent)
+from runtime.system import resolve_device
+from training.config import FREE_ON_RESUME
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # shared files: ../shared beside the repo, or a git-ignored ./shared copy carried to a GPU machine
 SHARED_DIRS = (os.path.normpath(os.path.join(REPO, "..", "shared")), os.path.join(REPO, "shared"))
 FORMAT = "outlier-gpt/reproduce"
 FORMAT_VERSION = 1
-# what reproduce.py itself writes into --out, as one set (common.output_set); each stage's script owns its folder
+# what reproduce.py itself writes into --out, as one set (runtime.outputs.output_set); each stage's script owns its folder
 TOOL = "reproduce.py"
 REPORT_FILES = ("fig11_top1.png", "fig11_top3.png", "fig12_loss.png", "outlier_emergence.png", "emergence_by_layer.png",
                 "reproduce.json", "REPORT.md")
@@ -556,7 +558,7 @@ def run_state(plan, variant):
     path = plan.ckpt(variant)
     if not os.path.exists(path):
         return "start", 0
-    from checkpoint import load_checkpoint
+    from training.checkpoint import load_checkpoint
     ckpt = load_checkpoint(path, map_location="cpu")
     config = ckpt.get("config") or {}
     want = {**plan.train_settings, "attention": variant, "data_dir": rel(plan.data_dir)}
@@ -574,7 +576,7 @@ def run_state(plan, variant):
 
 
 def same_command(recorded, cmd):
-    """Whether a script's recorded command line (common.run_metadata: interpreter name + argv) ran `cmd`."""
+    """Whether a script's recorded command line (runtime.system.run_metadata: interpreter name + argv) ran `cmd`."""
     return isinstance(recorded, str) and recorded.split(" ", 1)[-1] == " ".join(cmd[1:])
 
 
@@ -974,7 +976,7 @@ def collect_run(plan, variant, outcome):
 
 
 def environment(plan):
-    from common import run_metadata
+    from runtime.system import run_metadata
     meta = run_metadata(plan.args.device if plan.args.device != "auto" else None)
     meta.update(python_executable=sys.executable, cpu_count=os.cpu_count(), platform=platform.platform(),
                 processor=platform.processor() or platform.machine())
@@ -1341,7 +1343,7 @@ def print_paper_notes(plan):
 
 def write_outputs(plan, runner, outcome, t0, env, partial):
     """reproduce.json, REPORT.md and the figures from what is on disk now, as one set into --out (and
-    --report_dir): each lands whole or not at all (common.output_set)."""
+    --report_dir): each lands whole or not at all (runtime.outputs.output_set)."""
     args = plan.args
     runs = [collect_run(plan, v, outcome) for v in args.variant_list]
     for out, flag in output_dirs(args):

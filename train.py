@@ -7,7 +7,7 @@
         --rdzv_endpoint=HOST:29500 train.py config/sigmoid.py          # (and node_rank=1 on the other)
     python train.py config/scaling.py --init_from=resume               # continue out_dir/ckpt.pt exactly
 
-Configuration (train_config.py): the defaults of `TrainConfig`, then each config file given (in order), then each
+Configuration (training/config.py): the defaults of `TrainConfig`, then each config file given (in order), then each
 `--key=value` (in order). A config file is plain Python executed in a fresh namespace; every public
 name it defines must be a known key of the right type. `python train.py --help` lists the keys.
 
@@ -58,19 +58,19 @@ from typing import Optional
 import numpy as np
 import torch
 
-from checkpoint import (all_finite, forward_loss, largest_weight, load_checkpoint, load_model, model_args_from,
-                        save_checkpoint)
-from common import (UserError, atomic_path, atomic_write_json, autocast_context, check_fits, check_regular_file, cli_main,
-                    directory_lock, file_stat, is_int, json_safe, not_a_file, one_line, read_json_file, resolve_device,
-                    resolve_dtype, run_metadata, unchanged_since, write_error)
-from data import TOKEN_DTYPE, load_tokens
+from analysis.telemetry import training_telemetry
 from model import GPT, GPTConfig
-from telemetry import training_telemetry
-from train_config import (CONFIG_KEYS, FREE_ON_RESUME, MODEL_KEYS, SHAPE_KEYS, TrainConfig, format_config,  # noqa: F401
-                          parse_config, print_help)
-from train_state import (RESUME_FIX, TrainCheckpoint, check_resume_state, load_optimizer_state, rng_state,
-                         set_rng_state)
-
+from runtime.cli import UserError, cli_main, is_int, one_line
+from runtime.files import (atomic_path, atomic_write_json, check_regular_file, directory_lock, json_safe, not_a_file,
+                           read_json_file, write_error)
+from runtime.outputs import file_stat, unchanged_since
+from runtime.system import autocast_context, check_fits, resolve_device, resolve_dtype, run_metadata
+from runtime.token_data import TOKEN_DTYPE, load_tokens
+from training.checkpoint import (all_finite, forward_loss, largest_weight, load_checkpoint, load_model, model_args_from,
+                                 save_checkpoint)
+from training.config import CONFIG_KEYS, FREE_ON_RESUME, MODEL_KEYS, SHAPE_KEYS, format_config, parse_config, print_help
+from training.state import (RESUME_FIX, TrainCheckpoint, check_resume_state, load_optimizer_state, rng_state,
+                            set_rng_state)
 
 PREPARE_COMMANDS = {"openwebtext": "python prepare_data.py --dataset openwebtext",
                     "wikitext2": "python prepare_data.py --dataset wikitext2",

@@ -24,13 +24,13 @@ Inputs mimic the model: q, k, v are views of one (B, T, 3*H*D) projection; a var
 inputs (sink vectors, gates) come from its registry entry, computed from a block input x.  An implementation that runs out of memory is recorded
 as "OOM".
 
-Writes benchmarks/results/attention_<gpu>_<date>.json (common.run_metadata(): command line,
+Writes benchmarks/results/attention_<gpu>_<date>.json (runtime.system.run_metadata(): command line,
 date, git commit, versions, GPU; plus compute capability, driver version, the tile configs the
 fused kernels ran with, every measurement) and a markdown summary (printed and saved next to it).
 
-    python benchmarks/attention.py                       # the full sweep (needs CUDA)
-    python benchmarks/attention.py --seq-lens 1024 --variants default scaling gated
-    python benchmarks/attention.py --interpret-smoke     # tiny CPU run through the Triton
+    python -m benchmarks.attention                       # the full sweep (needs CUDA)
+    python -m benchmarks.attention --seq-lens 1024 --variants default scaling gated
+    python -m benchmarks.attention --interpret-smoke     # tiny CPU run through the Triton
                                                          # interpreter: exercises the code only
 """
 
@@ -42,18 +42,20 @@ import time
 import traceback
 from dataclasses import dataclass
 
+if not __package__:  # run as a file, the repo's packages are not importable: say how to run it
+    sys.exit(f"run it from the repo root as a module: python -m benchmarks.{os.path.basename(__file__)[:-3]} ...")
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, BENCH_DIR)  # bench_utils, for parse_args
 from attention_variants import VARIANTS as ALL_VARIANTS  # noqa: E402  (imports no triton)
+
 MODES = ("fwd", "bwd", "fwdbwd")
 SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 
 
 def parse_args(argv=None):
-    from common import ArgumentParser
+    from runtime.cli import ArgumentParser
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
@@ -74,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--interpret-smoke", action="store_true",
                    help="run one tiny shape on CPU through the Triton interpreter (checks the code path only; "
                         "the timings mean nothing)")
-    import bench_utils
+    from benchmarks import bench_utils
     return bench_utils.parse_with_smoke(p, argv, "--interpret-smoke",
                                         {"seq_lens": [80], "tokens": 80, "heads": 2, "head_dim": 16})
 
@@ -105,17 +107,15 @@ def main(argv=None):
         print("error: benchmarks/attention.py needs a CUDA GPU (use --interpret-smoke for a CPU check of the "
               "code path)", file=sys.stderr)
         return 2
-    sys.path.insert(0, REPO_ROOT)
-    sys.path.insert(0, BENCH_DIR)
     import triton
 
-    import bench_utils
     import fused_kernels.fused_attention  # noqa: F401  (imported under the interpreter flag above: tiles recorded)
+    from benchmarks import bench_utils
 
     device = "cpu" if args.interpret_smoke else "cuda"
     s = Setting(args, device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype],
                 args.heads, args.head_dim)
-    meta = bench_utils.bench_metadata("attention", "benchmarks/attention.py", argv, device)
+    meta = bench_utils.bench_metadata("attention", "benchmarks.attention", argv, device)
     bench_utils.check_out_dir(args.out_dir, "attention")
     results = [row for T in args.seq_lens for row in sweep_length(s, T)]
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix="attn_bench_smoke_") if args.interpret_smoke
@@ -202,6 +202,7 @@ def make_inputs(s, B, T, variant):
     """(leaves, fn inputs, dout): the qkv projection, a block input x and the variant's own
     parameters (sink vectors N(0, 0.5^2), gate weights N(0, 0.02^2)) are the leaves."""
     import torch
+
     import attention_variants as av
     H, D = s.H, s.D
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -351,5 +352,5 @@ def markdown_table(results):
 
 
 if __name__ == "__main__":
-    from common import cli_main
+    from runtime.cli import cli_main
     cli_main(main)

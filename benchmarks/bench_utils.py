@@ -1,7 +1,7 @@
 """Pieces shared by the benchmark scripts (attention.py, train_throughput.py): run metadata
 and the JSON + markdown result files.
 
-    meta = bench_metadata("attention", "benchmarks/attention.py", argv, device)
+    meta = bench_metadata("attention", "benchmarks.attention", argv, device)
     ...
     write_results(meta, results, table, out_dir, title="Attention benchmark", label=gpu,
                   summary="torch ..., bf16, ...")
@@ -15,15 +15,13 @@ import subprocess
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
-import common  # noqa: E402  (the repo is flat: its modules import by name)
+from runtime import cli, files, outputs, system  # noqa: E402  (the repo is flat: its modules import by name)
 
 
 def parse_with_smoke(parser, argv, smoke_flag, smoke_sizes):
     """parser.parse_args(argv), where the smoke mode (`smoke_flag`, e.g. '--smoke') fixes the settings
-    `smoke_sizes` ({dest: its smoke value}): given together with it, one is refused (common.UserError) rather
+    `smoke_sizes` ({dest: its smoke value}): given together with it, one is refused (cli.UserError) rather
     than ignored while the recorded command line shows it."""
     defaults = {dest: parser.get_default(dest) for dest in smoke_sizes}
     parser.set_defaults(**dict.fromkeys(smoke_sizes))
@@ -31,7 +29,7 @@ def parse_with_smoke(parser, argv, smoke_flag, smoke_sizes):
     smoke = getattr(args, smoke_flag.lstrip("-").replace("-", "_"))
     given = ["--" + dest.replace("_", "-") for dest in smoke_sizes if getattr(args, dest) is not None]
     if smoke and given:
-        raise common.UserError(f"{smoke_flag} runs its own tiny sizes, so {', '.join(given)} would be ignored (while "
+        raise cli.UserError(f"{smoke_flag} runs its own tiny sizes, so {', '.join(given)} would be ignored (while "
                                f"the results record the command line): leave {'it' if len(given) == 1 else 'them'} "
                                f"out, or drop {smoke_flag}")
     for dest, value in (smoke_sizes if smoke else defaults).items():
@@ -80,13 +78,13 @@ def gpu_info(device):
     return info
 
 
-def bench_metadata(benchmark, script, argv, device):
-    """common.run_metadata() plus the GPU's compute capability / driver; the recorded command
+def bench_metadata(benchmark, module, argv, device):
+    """system.run_metadata() plus the GPU's compute capability / driver; the recorded command
     is the argv given to the script's main (not sys.argv, which differs when main is called
     from Python)."""
     meta = {"benchmark": benchmark}
-    meta.update(common.run_metadata(device))
-    meta["command"] = shlex.join(["python", script] + list(argv))
+    meta.update(system.run_metadata(device))
+    meta["command"] = shlex.join(["python", "-m", module] + list(argv))
     meta.update(gpu_info(device))
     return meta
 
@@ -104,7 +102,7 @@ def chosen_tile_configs():
 def check_out_dir(out_dir, benchmark):
     """--out-dir checked before the measurements (None: the default, chosen later)."""
     if out_dir is not None:
-        common.check_output_dir(out_dir, f"benchmarks/{benchmark}", [], flag="--out-dir")
+        outputs.check_output_dir(out_dir, f"benchmarks/{benchmark}", [], flag="--out-dir")
 
 
 def write_results(meta, results, table, out_dir, *, title, label, summary):
@@ -120,10 +118,10 @@ def write_results(meta, results, table, out_dir, *, title, label, summary):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = f"{meta['benchmark']}_{slug}_{stamp}"
     # the pair lands together, beside the earlier results (never replacing a file the benchmarks did not write)
-    with common.output_set(out_dir, f"benchmarks/{meta['benchmark']}", [name + ".json", name + ".md"],
+    with outputs.output_set(out_dir, f"benchmarks/{meta['benchmark']}", [name + ".json", name + ".md"],
                            flag="--out-dir", keep_previous=True) as tmp:
         with open(os.path.join(tmp, name + ".json"), "w", encoding="utf-8") as f:
-            f.write(common.json_text(meta))
+            f.write(files.json_text(meta))
         with open(os.path.join(tmp, name + ".md"), "w", encoding="utf-8") as f:
             f.write(f"# {title}: {meta.get('gpu')}, {meta.get('date')}\n\n"
                     f"{summary}; commit {meta.get('git_commit')}; `{meta['command']}`\n\n{table}\n")

@@ -11,7 +11,7 @@ ratio is to fp's. On a CPU shared with other jobs, --threads 1 gives the steadie
 threads a descheduled thread makes the others spin, which counts as CPU time. Prints one JSON line on
 stdout and, with --markdown, a table on stderr; --out FILE.json also writes it.
 
-    python benchmarks/compress_cost.py --pretrained .cache/smollm2-135m \\
+    python -m benchmarks.compress_cost --pretrained .cache/smollm2-135m \\
         --text_file ../shared/data/wikitext-2/test.txt --calib_text_file ../shared/data/wikitext-2/valid.txt \\
         --max_tokens 2048 --block_size 512 --calib_windows 4 --threads 1 --rounds 2 --markdown
 """
@@ -23,15 +23,18 @@ import os
 import sys
 import time
 
+if not __package__:  # run as a file, the repo's packages are not importable: say how to run it
+    sys.exit(f"run it from the repo root as a module: python -m benchmarks.{os.path.basename(__file__)[:-3]} ...")
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(BENCH_DIR))
 
 import torch  # noqa: E402
 
 import compress_eval as ce  # noqa: E402
-import compression_methods as cm  # noqa: E402
-from common import UserError, atomic_write_text, cli_main  # noqa: E402
-from perplexity import evaluate_perplexity  # noqa: E402
+from compress import methods as cm  # noqa: E402
+from compress.perplexity import evaluate_perplexity  # noqa: E402
+from runtime.cli import UserError, cli_main  # noqa: E402
+from runtime.files import atomic_write_text  # noqa: E402
 
 DEFAULT_METHODS = "w8,w8a8,w8a8+fp1,w8a8_token,w8a8_static,w4g128,kv4,kv8,wanda"
 
@@ -128,7 +131,7 @@ def main(argv=None):
 
 
 def markdown(doc):
-    from reports import markdown_table
+    from runtime.reports import markdown_table
     rows = [[f"`{r['method']}`", f"{r['ppl']:.2f}", f"{r['eval_s']:.1f} / {r['eval_cpu_s']:.1f}",
              f"{r['eval_vs_fp']:.2f}x / {r['eval_cpu_vs_fp']:.2f}x", f"{r['compress_s']:.1f} / {r['compress_cpu_s']:.1f}",
              f"{r['compress_vs_pass']:.2f} / {r['compress_cpu_vs_pass']:.2f}"] for r in doc["methods"]]

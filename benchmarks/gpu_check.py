@@ -15,8 +15,8 @@ recorded and the rest still runs), in this order:
   gpu_tests        the GPU tests of tests/test_fused_attention.py.
 
 The plan has a planned time per step, from the step timings measured on one H200 (commit c99af85,
-2026-12-04) where a step was measured and from stated estimates where not (`python
-benchmarks/gpu_check.py --plan` prints the table). The default budget is 480 s: the planned times
+2026-12-04) where a step was measured and from stated estimates where not (`python -m
+benchmarks.gpu_check --plan` prints the table). The default budget is 480 s: the planned times
 plus a reserve for this process fit in it by construction, shortening the longest sweeps first;
 `--budget-s` shrinks the plan further (shortening, then dropping steps, and saying which). Each step
 runs under a time limit of 1.5x its planned time, never past the budget's deadline.
@@ -33,9 +33,9 @@ Offline by design: the tokenizer cache and WikiText-2 come from $TIKTOKEN_CACHE_
 carried to a GPU machine); without WikiText-2 the compress_eval timing runs on random tokens and
 says so.
 
-    python benchmarks/gpu_check.py                     # or: make gpu-check   (<= 480 s)
-    python benchmarks/gpu_check.py --budget-s 300       # a shorter plan
-    python benchmarks/gpu_check.py --plan               # print the plan for the budget; run nothing
+    python -m benchmarks.gpu_check                     # or: make gpu-check   (<= 480 s)
+    python -m benchmarks.gpu_check --budget-s 300       # a shorter plan
+    python -m benchmarks.gpu_check --plan               # print the plan for the budget; run nothing
 """
 
 import argparse
@@ -51,12 +51,14 @@ import tempfile
 import threading
 import time
 
+if not __package__:  # run as a file, the repo's packages are not importable: say how to run it
+    sys.exit(f"run it from the repo root as a module: python -m benchmarks.{os.path.basename(__file__)[:-3]} ...")
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, BENCH_DIR)
 
-from common import ArgumentParser, UserError, atomic_write_json, atomic_write_text  # noqa: E402
+from runtime.cli import ArgumentParser, UserError  # noqa: E402
+from runtime.files import atomic_write_json, atomic_write_text  # noqa: E402
 
 RESULTS_MD = os.path.join(BENCH_DIR, "RESULTS.md")
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
@@ -88,12 +90,12 @@ class Step:
 
 
 def _attention(out, *args):
-    return ("benchmarks/attention.py", *args, "--warmup", "10", "--rep", "40", "--sdpa-backend", "flash",
+    return ("-m", "benchmarks.attention", *args, "--warmup", "10", "--rep", "40", "--sdpa-backend", "flash",
             "--out-dir", "{work}/" + out)
 
 
 def _train(out, *args):
-    return ("benchmarks/train_throughput.py", *args, "--warmup-steps", "5", "--steps", "20", "--out-dir", "{work}/" + out)
+    return ("-m", "benchmarks.train_throughput", *args, "--warmup-steps", "5", "--steps", "20", "--out-dir", "{work}/" + out)
 
 
 GPU_TESTS = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fused_attention.py", "-k")
@@ -130,7 +132,7 @@ STEPS = (
                              "{work}/compress"), 25,
              "not measured on a GPU yet: the RESULTS.md target (<= 10 s) plus 15 s of start-up"),)),
     Step("host_overhead", "host enqueue time and CUDA-graph GPU time per attention call, fused vs SDPA", (
-        Form("T = 1024, 2048", ("benchmarks/host_overhead.py", "--device", "cuda", "--seq-lens", "1024", "2048",
+        Form("T = 1024, 2048", ("-m", "benchmarks.host_overhead", "--device", "cuda", "--seq-lens", "1024", "2048",
                                 "--out", "{work}/host_overhead.json"), 40,
              "not measured yet (a new script): an estimate"),), requires="benchmarks/host_overhead.py"),
     Step("gpu_tests", "GPU tests of the fused kernel (tests/test_fused_attention.py)", (
@@ -442,8 +444,8 @@ def update_results_md(doc, path=RESULTS_MD):
 
 def random_checkpoint(path):
     """A random GPT-2 124M checkpoint in this repo's format (for the timing steps)."""
-    from checkpoint import save_checkpoint
     from model import GPT, GPTConfig
+    from training.checkpoint import save_checkpoint
     config = GPTConfig()
     model = GPT(config)
     save_checkpoint(path, {"model": model.state_dict(), "model_args": vars(config), "iter_num": 0,
@@ -534,7 +536,7 @@ def main(argv=None):
         print("error: make gpu-check needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); "
               "run it on a machine with one (--plan prints the plan anywhere)", file=sys.stderr)
         return 2
-    import bench_utils
+    from benchmarks import bench_utils
 
     print(plan_text(plan, notes, args.budget_s), flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
@@ -542,7 +544,7 @@ def main(argv=None):
     if cache:
         env["TIKTOKEN_CACHE_DIR"] = cache
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    meta = bench_utils.bench_metadata("gpu-check", "benchmarks/gpu_check.py", argv, "cuda")
+    meta = bench_utils.bench_metadata("gpu-check", "benchmarks.gpu_check", argv, "cuda")
     try:
         doc = run_plan(plan, notes, budget_s=args.budget_s, out=args.out,
                        results_md=None if args.no_results_md else args.results_md, meta=meta, env=env,

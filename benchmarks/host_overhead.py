@@ -27,8 +27,8 @@ machine slows all of them.  fwd_vs_floor and fwd_bwd_vs_floor are fused / floor.
 each.  Prints one JSON line on stdout (everything else goes to stderr);
 --out FILE.json also writes it.
 
-    python benchmarks/host_overhead.py                                   # CPU, stubbed launches
-    python benchmarks/host_overhead.py --device cuda --seq-lens 1024 2048 --out host.json
+    python -m benchmarks.host_overhead                                   # CPU, stubbed launches
+    python -m benchmarks.host_overhead --device cuda --seq-lens 1024 2048 --out host.json
 """
 
 import argparse
@@ -39,10 +39,11 @@ import os
 import sys
 import time
 
+if not __package__:  # run as a file, the repo's packages are not importable: say how to run it
+    sys.exit(f"run it from the repo root as a module: python -m benchmarks.{os.path.basename(__file__)[:-3]} ...")
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, BENCH_DIR)
 
 KEYS = ("fwd_us", "fwd_bwd_us", "floor_fwd_us", "floor_fwd_bwd_us")
 CUDA_KEYS = ("sdpa_fwd_us", "sdpa_fwd_bwd_us", "fused_graph_fwd_us", "fused_graph_fwd_bwd_us",
@@ -50,7 +51,7 @@ CUDA_KEYS = ("sdpa_fwd_us", "sdpa_fwd_bwd_us", "fused_graph_fwd_us", "fused_grap
 
 
 def parse_args(argv=None):
-    from common import ArgumentParser
+    from runtime.cli import ArgumentParser
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -194,7 +195,9 @@ HEAD_DIMS = (16, 32, 64, 128)
 
 def check_args(args):
     """Every size checked before anything is allocated or imported: one line, exit 2."""
-    from common import UserError, check_fits, check_writable_dir
+    from runtime.cli import UserError
+    from runtime.files import check_writable_dir
+    from runtime.system import check_fits
     for name in ("tokens", "heads", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -227,8 +230,8 @@ def main(argv=None):
         return 2
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before fused_attention is imported: it accepts CPU tensors
-    import bench_utils
     import fused_kernels.fused_attention as fa
+    from benchmarks import bench_utils
 
     if device == "cpu" and not fa.interpreting():
         print("error: fused_attention was imported without TRITON_INTERPRET=1; run this script on its own",
@@ -236,7 +239,7 @@ def main(argv=None):
         return 2
     args.calls = args.calls or (50 if device == "cuda" else 500)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    meta = bench_utils.bench_metadata("host_overhead", "benchmarks/host_overhead.py", argv, device)
+    meta = bench_utils.bench_metadata("host_overhead", "benchmarks.host_overhead", argv, device)
     counter = [0]
     # stdout carries the JSON line alone (fused_attention prints its autotuning choices)
     with contextlib.redirect_stdout(sys.stderr):
@@ -259,12 +262,12 @@ def main(argv=None):
         result["cpu_count"] = os.cpu_count()
     line = json.dumps(result)
     if args.out:
-        import common
-        common.atomic_write_json(args.out, result)
+        from runtime.files import atomic_write_json
+        atomic_write_json(args.out, result)
     print(line, flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    from common import cli_main
+    from runtime.cli import cli_main
     cli_main(main)

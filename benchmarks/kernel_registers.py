@@ -10,8 +10,8 @@ config spills, or, with --max-sink-reg-ratio R, when a sink variant's forward ne
 times the registers of the default forward with the same tiles (its extra state must not cost
 occupancy).
 
-    python benchmarks/kernel_registers.py --check --max-sink-reg-ratio 1.1   # sm_90, D = 64, bf16
-    python benchmarks/kernel_registers.py --arch 80 --head-dim 128 --check
+    python -m benchmarks.kernel_registers --check --max-sink-reg-ratio 1.1   # sm_90, D = 64, bf16
+    python -m benchmarks.kernel_registers --arch 80 --head-dim 128 --check
 """
 
 import inspect
@@ -21,15 +21,17 @@ import subprocess
 import sys
 import tempfile
 
+if not __package__:  # run as a file, the repo's packages are not importable: say how to run it
+    sys.exit(f"run it from the repo root as a module: python -m benchmarks.{os.path.basename(__file__)[:-3]} ...")
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(BENCH_DIR))
 
 KINDS = ("fwd", "dkdv", "dq")  # the preprocess kernel has no tiles to choose
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
 
 
 def parse_args(argv=None):
-    from common import ArgumentParser
+    from runtime.cli import ArgumentParser
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200, 80: A100)")
     p.add_argument("--head-dim", type=int, default=64)
@@ -148,8 +150,8 @@ ARCHS = (80, 86, 89, 90, 100, 120)
 
 def check_args(args):
     """--arch and --head-dim before anything is compiled (an unknown architecture aborts inside LLVM)."""
-    from common import UserError
     from fused_kernels import fused_attention as fa
+    from runtime.cli import UserError
     if args.arch not in ARCHS:
         raise UserError(f"--arch {args.arch} is not a GPU architecture these kernels are tuned for; choose one of "
                         f"{', '.join(map(str, ARCHS))} (compute capability x 10: 90 for H100/H200, 80 for A100)")
@@ -172,5 +174,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from common import cli_main
+    from runtime.cli import cli_main
     cli_main(main)

@@ -11,14 +11,14 @@ Backends: 'triton' is the fused kernel (fused_kernels/fused_attention.py); 'sdpa
 PyTorch path (torch SDPA where the variant has such a form, the materialised reference for
 sigmoid); 'reference' and 'auto' are accepted too.  An out-of-memory case is recorded as "OOM".
 
-Writes benchmarks/results/train_throughput_<gpu>_<date>.json (common.run_metadata(): command
+Writes benchmarks/results/train_throughput_<gpu>_<date>.json (runtime.system.run_metadata(): command
 line, date, git commit, versions, GPU; plus compute capability, driver version, the tile configs
 the fused kernels ran with, every measurement) and a markdown summary (printed and saved next
 to it).
 
-    python benchmarks/train_throughput.py                      # all variants, triton vs sdpa
-    python benchmarks/train_throughput.py --compile --variants default sigmoid
-    python benchmarks/train_throughput.py --smoke              # tiny model, 2 steps, CPU
+    python -m benchmarks.train_throughput                      # all variants, triton vs sdpa
+    python -m benchmarks.train_throughput --compile --variants default sigmoid
+    python -m benchmarks.train_throughput --smoke              # tiny model, 2 steps, CPU
 """
 
 import argparse
@@ -28,15 +28,16 @@ import tempfile
 import time
 import traceback
 
+if not __package__:  # run as a file, the repo's packages are not importable: say how to run it
+    sys.exit(f"run it from the repo root as a module: python -m benchmarks.{os.path.basename(__file__)[:-3]} ...")
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, BENCH_DIR)  # bench_utils, for parse_args
 from attention_variants import VARIANTS as ALL_VARIANTS  # noqa: E402  (imports no triton)
 
 
 def parse_args(argv=None):
-    from common import ArgumentParser
+    from runtime.cli import ArgumentParser
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=ALL_VARIANTS)
@@ -58,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="tiny model for 2 steps on CPU (Triton interpreter for the fused kernel): checks the "
                         "code path only, the numbers mean nothing")
-    import bench_utils
+    from benchmarks import bench_utils
     return bench_utils.parse_with_smoke(p, argv, "--smoke",
                                         {"batch_size": 2, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32,
                                          "vocab_size": 128, "warmup_steps": 1, "steps": 2})
@@ -75,18 +76,16 @@ def main(argv=None):
         print("error: benchmarks/train_throughput.py needs a CUDA GPU (use --smoke for a tiny CPU check of the "
               "code path)", file=sys.stderr)
         return 2
-    sys.path.insert(0, REPO_ROOT)
-    sys.path.insert(0, BENCH_DIR)
     try:
         import model  # noqa: F401  (this repo's model.py, found through the path above)
     except ImportError as err:
         print(f"error: cannot import model.py ({err})", file=sys.stderr)
         return 2
-    import bench_utils
+    from benchmarks import bench_utils
 
     device = "cpu" if args.smoke else "cuda"
     gpu = "cpu-interpreter" if args.smoke else torch.cuda.get_device_name()
-    meta = bench_utils.bench_metadata("train_throughput", "benchmarks/train_throughput.py", argv, device)
+    meta = bench_utils.bench_metadata("train_throughput", "benchmarks.train_throughput", argv, device)
     bench_utils.check_out_dir(args.out_dir, "train_throughput")
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -132,6 +131,7 @@ def main(argv=None):
 def run_case(args, device, autocast, variant, backend, peak_flops):
     """Steps/s of one (variant, backend): warm-up steps, then timed steps on 4 fixed random batches."""
     import torch
+
     from model import GPT, GPTConfig
     B, T = args.batch_size, args.block_size
     model = optimizer = None
@@ -218,5 +218,5 @@ def markdown_table(results, backends):
 
 
 if __name__ == "__main__":
-    from common import cli_main
+    from runtime.cli import cli_main
     cli_main(main)

@@ -13,9 +13,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DIR = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared"))
 TIKTOKEN_CACHE = os.path.join(SHARED_DIR, "tiktoken_cache")
 
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)  # the repo is flat (nanoGPT style): its modules import by name
-
 # --- tiktoken: the offline cache of the GPT-2 ranks, when the shared folder is there -------------
 if os.path.isdir(TIKTOKEN_CACHE):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
@@ -49,8 +46,8 @@ def shared_path(*parts):
 
 def needs_tokenizer():
     """Skip when the GPT-2 BPE cannot be loaded (no network and no tiktoken cache)."""
-    from common import UserError
-    from tokenizer import get_tokenizer
+    from runtime.cli import UserError
+    from runtime.tokenizer import get_tokenizer
     try:
         get_tokenizer()
     except UserError as e:
@@ -83,9 +80,3 @@ def run_torchrun(args, env, timeout=180, nproc=2):
         pytest.fail(f"torchrun did not exit within {timeout} s\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
-
-# --- markers ------------------------------------------------------------------------------------------
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "slow: end-to-end runs (torchrun, reproduce, goldens, the reliability catalogue); "
-                   "`make test-fast` leaves them out, `make test` runs them")

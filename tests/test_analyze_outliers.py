@@ -11,18 +11,17 @@ import pytest
 import torch
 
 import analyze_outliers
-from checkpoint import model_args_from, save_checkpoint
-from common import cli_main
-from data import write_tokens
 from model import GPT, GPTConfig
+from runtime.cli import cli_main
+from runtime.token_data import write_tokens
+from training.checkpoint import model_args_from, save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(REPO, "..", "shared")
 TIKTOKEN_CACHE = os.path.join(SHARED, "tiktoken_cache")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_outlier_stats import CH, E0, K_UNIT, SPECIAL, planted_all_model, planted_model  # noqa: E402
+from planted import CH, E0, K_UNIT, SPECIAL, planted_all_model, planted_model  # noqa: E402
 
 
 def save(model, path):
@@ -270,7 +269,7 @@ def test_short_text_and_token_categories(tmp_path, monkeypatch):
 def test_text_file_samples_are_random_nonoverlapping_windows(tmp_path, monkeypatch):
     """Appendix B.2's randomly selected samples: seeded, non-overlapping, not simply the first windows."""
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.path.abspath(TIKTOKEN_CACHE))
-    from tokenizer import get_tokenizer
+    from runtime.tokenizer import get_tokenizer
     text = " ".join(f"w{i}" for i in range(600))
     (tmp_path / "t.txt").write_text(text)
     ids = get_tokenizer().encode_ordinary(text)

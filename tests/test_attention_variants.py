@@ -10,9 +10,9 @@ import torch
 
 import attention_variants
 from attention_variants import RECORDS, VARIANTS, attention, get_variant
-from common import UserError
 from fused_kernels.flags import KernelFlags
 from model import GPT, GPTConfig
+from runtime.cli import UserError
 
 try:
     import fused_kernels.fused_attention  # noqa: F401
@@ -315,13 +315,13 @@ def test_new_variant_reusing_kernel_flags_is_one_entry(monkeypatch, backend):
 def test_analysis_reports_each_variant_by_its_entry(name):
     """The analysis labels a gate with what its entry says it is (never another variant's S(x)), reports
     the sink share of sink variants, and lists the variant's own Linear among the weight statistics."""
-    import outlier_stats
+    from analysis.statistics import OutlierAnalyzer
 
     variant = get_variant(name)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16, attention=name)).eval()
     X = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
-    an = outlier_stats.OutlierAnalyzer(model, seq_len=16)
+    an = OutlierAnalyzer(model, seq_len=16)
     an.run_batch(X)
     res = an.result()
     att = res["attention"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from attention_variants import VARIANTS
-from checkpoint import load_checkpoint, load_model, model_args_from, model_from_checkpoint, save_checkpoint
-from common import UserError
 from model import GPT, GPTConfig
+from runtime.cli import UserError
+from training.checkpoint import load_checkpoint, load_model, model_args_from, model_from_checkpoint, save_checkpoint
 
 
 def tiny(name="default", **kw):

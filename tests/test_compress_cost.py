@@ -12,13 +12,13 @@ import pytest
 from conftest import shared_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "benchmarks", "compress_cost.py")
+MODULE = ["-m", "benchmarks.compress_cost"]  # run from the repo root
 
 
 @pytest.mark.slow
 def test_tiny_run_prints_one_json_line_with_its_ratios(tmp_path):
     import compress_eval
-    from test_compress_eval import save_tiny, tiny_model
+    from planted import save_tiny, tiny_model
     text, calib = tmp_path / "test.txt", tmp_path / "valid.txt"
     for name, path in (("test.txt", text), ("valid.txt", calib)):  # a few kB of each split: quick to tokenize
         with open(shared_path("data", "wikitext-2", name), encoding="utf-8") as f:
@@ -27,7 +27,7 @@ def test_tiny_run_prints_one_json_line_with_its_ratios(tmp_path):
     ckpt = save_tiny(tmp_path / "g.pt", tiny_model(vocab=50304))
     common = ["--text_file", text, "--calib_text_file", calib, "--max_tokens", "300", "--block_size", "32",
               "--calib_windows", "2"]
-    proc = subprocess.run([sys.executable, SCRIPT, ckpt, *common, "--methods", "w8a8+fp1,wanda", "--rounds", "2",
+    proc = subprocess.run([sys.executable, *MODULE, ckpt, *common, "--methods", "w8a8+fp1,wanda", "--rounds", "2",
                            "--threads", "1", "--out", str(tmp_path / "cost.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

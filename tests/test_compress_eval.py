@@ -1,4 +1,4 @@
-"""compress_eval.py and perplexity.py: quantization / pruning against explicit float64 references,
+"""compress_eval.py and compress/perplexity.py: quantization / pruning against explicit float64 references,
 perplexity against a per-token float64 loop, and the command line's outputs and errors."""
 
 import copy
@@ -15,33 +15,15 @@ import pytest
 import torch
 
 import compress_eval as ce
-import compression_methods as cm
-from checkpoint import model_args_from, model_from_checkpoint, save_checkpoint
-from common import UserError, cli_main
-from data import write_tokens
-from model import GPT, GPTConfig
-from perplexity import evaluate_perplexity, make_windows
+from compress import methods as cm
+from compress.perplexity import evaluate_perplexity, make_windows
+from planted import BLOCK, VOCAB, save_tiny, tiny_model
+from runtime.cli import UserError, cli_main
+from runtime.token_data import write_tokens
+from training.checkpoint import model_from_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(REPO, "..", "shared")
-VOCAB, BLOCK = 256, 32
-
-
-def tiny_model(attention="default", vocab=VOCAB, gain=1.0, seed=0):
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=BLOCK, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, attention=attention))
-    if gain != 1.0:  # larger weights: sharper, more input-sensitive predictions than the 0.02 init
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.mul_(gain)
-    return model.eval()
-
-
-def save_tiny(path, model, iter_num=100):
-    save_checkpoint(path, {"model": model.state_dict(), "model_args": model_args_from(model.config),
-                           "iter_num": iter_num, "config": {"note": "test"}})
-    return str(path)
 
 
 def random_tokens(n, vocab=VOCAB, seed=0):
@@ -353,7 +335,7 @@ def test_offline_wikitext_says_what_to_do(tiny_run, tmp_path, capsys, monkeypatc
 
 def test_wikitext2_text_joins_lines_of_the_one_loader(monkeypatch):
     datasets = pytest.importorskip("datasets")
-    import perplexity
+    from compress import perplexity
     calls = []
 
     def fake(name, config=None, split=None, **kw):

@@ -1,4 +1,4 @@
-"""compression_methods.py: the fake-quantizer against the formulas written out in float64 here (planted
+"""compress/methods.py: the fake-quantizer against the formulas written out in float64 here (planted
 outliers, constant groups, rows shorter than a group, ties), the activation / KV methods on models against
 hand-written forwards, full-precision positions, static calibration, layer-by-layer calibration against
 the model's own forward, the registry and the README's method table."""
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import compression_methods as cm
-from common import UserError
+from compress import methods as cm
 from model import GPT, GPTConfig
+from runtime.cli import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, BLOCK = 256, 32
@@ -216,7 +216,7 @@ def hidden_states(model, x):
 
 
 def _gpt_hidden(model, x):
-    from perplexity import _hidden_states
+    from compress.perplexity import _hidden_states
     with torch.no_grad():
         return _hidden_states(model, x)
 
@@ -271,7 +271,7 @@ def test_the_massive_activation_at_position_0_decides_w8a8():
     """Planted: one down-projection input near 1000 at position 0. Per-tensor dynamic W8A8 puts every other
     input of that c_proj on a grid of ~8: perplexity jumps; keeping position 0 in full precision, or
     per-token scales, bring it back to that of the weights alone."""
-    from perplexity import evaluate_perplexity
+    from compress.perplexity import evaluate_perplexity
     model = massive_model()
     seen = []
     h = model.transformer.h[0].mlp.c_proj.register_forward_pre_hook(lambda mod, a: seen.append(a[0].detach()))
@@ -393,8 +393,8 @@ def test_kv4_leaves_learned_sinks_alone():
 @pytest.fixture(scope="module")
 def hf_tiny(tmp_path_factory):
     pytest.importorskip("transformers")
-    import hf_models
-    from test_hf_models import build
+    from hf import models as hf_models
+    from hf_tiny import build
     d = tmp_path_factory.mktemp("hf")
     return {f: hf_models.load_hf_causal_lm(build(f, d), device="cpu") for f in ("llama", "falcon", "opt")}
 
@@ -449,7 +449,7 @@ def test_hf_kv4_quantizes_post_rope_keys_and_values(hf_tiny):
 def test_layerwise_replay_gives_every_block_its_own_inputs(hf_tiny, family):
     """The cached block calls (masks, positions, rotary embeddings replayed per block) give each block the
     output the model's own forward gives it, seen by hooks of the test."""
-    from hf_models import first, model_view
+    from hf.models import first, model_view
     model = hf_tiny[family]
     blocks = model_view(model).blocks
     x = torch.randint(8, 128, (3, 16), generator=torch.Generator().manual_seed(12))
@@ -499,7 +499,7 @@ def test_every_entry_records_its_settings_and_reads_in_words():
 
 
 def test_readme_method_table_is_generated_from_the_registry():
-    """Regenerate with `python -c "import compression_methods as c; print(c.readme_table())"`."""
+    """Regenerate with `python -c "from compress import methods as c; print(c.readme_table())"`."""
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     assert cm.readme_table() in readme, "README method table differs from compression_methods.readme_table()"

@@ -33,8 +33,6 @@ import torch
 if not torch.cuda.is_available():  # conftest does this too; harmless if repeated
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import attention_variants as av  # noqa: E402
 import fused_kernels.fused_attention as fa  # noqa: E402
 from fused_kernels import attention_kernels, launch  # noqa: E402
@@ -766,12 +764,8 @@ def test_gpu_second_device():
 # ----------------------------------------------------------------------------
 
 def _load_script(name):
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", name)
-    spec = importlib.util.spec_from_file_location(f"_bench_{name[:-3]}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import importlib
+    return importlib.import_module(f"benchmarks.{name[:-3]}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="smoke mode is the CPU-interpreter path")
@@ -784,7 +778,7 @@ def test_attention_benchmark_smoke(tmp_path):
     assert bench.main(argv) == 0
     (out,) = tmp_path.glob("attention_*.json")
     data = json.loads(out.read_text())
-    assert shlex.split(data["command"])[2:] == argv  # the argv given to main, not sys.argv
+    assert shlex.split(data["command"])[3:] == argv  # the argv given to main, not sys.argv
     for key in ("git_commit", "date", "torch", "triton", "gpu", "compute_capability", "driver_version"):
         assert key in data
     assert {"fwd", "dkdv", "dq"} <= {row["kernel"] for row in data["tile_configs"]}
@@ -822,9 +816,9 @@ def test_kernels_compile_for_sm90_without_spills():
         pytest.skip("this triton build has no NVIDIA backend (ptxas)")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "kernel_registers.py"), "--arch", "90",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_registers", "--arch", "90",
                            "--head-dim", "64", "--check", "--max-sink-reg-ratio", "1.1"],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          cwd=repo, capture_output=True, text=True, env=env, timeout=600)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if "registers" in line]

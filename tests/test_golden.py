@@ -23,17 +23,16 @@ import numpy as np
 import pytest
 
 import analyze_outliers
-import outlier_stats
 import train
-from checkpoint import load_checkpoint, model_args_from, save_checkpoint
+from analysis import definitions as outlier_stats
 from conftest import REPO_ROOT
-from data import write_tokens
+from runtime.token_data import write_tokens
+from training.checkpoint import load_checkpoint, model_args_from, save_checkpoint
 
 GOLDEN = os.path.join(REPO_ROOT, "tests", "golden")
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_outlier_stats import SPECIAL, planted_all_model  # noqa: E402
+from planted import SPECIAL, planted_all_model  # noqa: E402
 
 pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` leaves them out
 
@@ -313,15 +312,7 @@ def test_training_records(tmp_path):
 # ---------------------------------------------------------------------------------------------- command lines
 
 def _main_of(path):
-    if "/" not in path:  # the top-level scripts import by name
-        return importlib.import_module(path[:-3]).main
-    name = "golden_" + os.path.splitext(os.path.basename(path))[0]
-    if os.path.dirname(path) not in sys.path:
-        sys.path.insert(0, os.path.join(REPO_ROOT, os.path.dirname(path)))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return importlib.import_module(path[:-3].replace("/", ".")).main
 
 
 CLIS = ["train.py", "analyze_outliers.py", "compress_eval.py", "prepare_data.py", "reproduce.py",

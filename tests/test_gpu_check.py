@@ -20,10 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("_gpu_check", os.path.join(REPO, "benchmarks", "gpu_check.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("benchmarks.gpu_check")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -59,7 +56,7 @@ def test_results_md_section_is_regenerated(tmp_path):
     md = tmp_path / "RESULTS.md"
     md.write_text(f"# Results\n\n{gc.BEGIN}\nold text\n{gc.END}\n\n## CPU\nkept\n")
     doc = {"metadata": {"gpu": "Test GPU", "date": "d", "git_commit": "c", "torch": "t", "triton": "tr",
-                        "command": "python benchmarks/gpu_check.py"},
+                        "command": "python -m benchmarks.gpu_check"},
            "attention": gc.attention_rows([fake_attention_doc()]),
            "train": gc.train_rows([{"compile": True, "results": [
                {"variant": "default", "backend": "triton", "status": "ok", "tokens_per_s": 1234.5, "mfu": 0.5}]}]),
@@ -137,8 +134,7 @@ def test_too_small_budget_is_one_line(capsys):
 
 STUB_RUNNER = textwrap.dedent("""
     import json, os, sys
-    sys.path.insert(0, os.path.join({repo!r}, "benchmarks"))
-    import gpu_check as gc
+    from benchmarks import gpu_check as gc
     def stub(name, code, planned=30.0, requires=None):
         return gc.Step(name, "stub " + name, (gc.Form("stub", ("-c", code), planned, "test"),), requires=requires)
     plan = [(s, s.forms[0]) for s in (

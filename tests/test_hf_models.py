@@ -13,119 +13,20 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import compress_eval  # noqa: E402
-import compression_methods  # noqa: E402
-import hf_models  # noqa: E402
-import outlier_stats  # noqa: E402
-from perplexity import evaluate_perplexity  # noqa: E402
-
-V, C, FF, L, NH = 128, 64, 128, 2, 4
-TAU = 100.0
-PLANT_TOKEN, PLANT_CHANNEL, PLANT_UNIT, PLANT_IN = 7, 5, 11, 3  # token, h channel, MLP unit, input channel read
-
-CONFIGS = {
-    "llama": lambda: transformers.LlamaConfig(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
-                                              num_attention_heads=NH, num_key_value_heads=2, max_position_embeddings=64),
-    "mistral": lambda: transformers.MistralConfig(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
-                                                  num_attention_heads=NH, num_key_value_heads=2, max_position_embeddings=64,
-                                                  sliding_window=16),
-    "qwen2": lambda: transformers.Qwen2Config(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
-                                              num_attention_heads=NH, num_key_value_heads=2, max_position_embeddings=64),
-    "qwen3": lambda: transformers.Qwen3Config(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
-                                              num_attention_heads=NH, num_key_value_heads=2, head_dim=16,
-                                              max_position_embeddings=64),
-    "phi3": lambda: transformers.Phi3Config(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
-                                            num_attention_heads=NH, num_key_value_heads=2, max_position_embeddings=64,
-                                            pad_token_id=0),
-    "phi": lambda: transformers.PhiConfig(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
-                                          num_attention_heads=NH, max_position_embeddings=64),
-    "opt": lambda: transformers.OPTConfig(vocab_size=V, hidden_size=C, ffn_dim=FF, num_hidden_layers=L,
-                                          num_attention_heads=NH, max_position_embeddings=64, word_embed_proj_dim=C),
-    "falcon": lambda: transformers.FalconConfig(vocab_size=V, hidden_size=C, num_hidden_layers=L, num_attention_heads=NH),
-    "gpt_neox": lambda: transformers.GPTNeoXConfig(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
-                                                   num_attention_heads=NH, max_position_embeddings=64),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=C, n_layer=L, n_head=NH, n_positions=64),
-    # Gemma: embeddings scaled by sqrt(C), RMSNorm gains 1 + weight; Gemma 2 / 3: a norm after each branch,
-    # and Gemma 2's soft-capping of the attention logits (50, its default) and of the output logits (0.5 here:
-    # this tiny model's logits are far below its default of 30, which would change nothing)
-    "gemma": lambda: transformers.GemmaConfig(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
-                                              num_attention_heads=NH, num_key_value_heads=2, head_dim=16,
-                                              max_position_embeddings=64),
-    "gemma2": lambda: transformers.Gemma2Config(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=L,
-                                                num_attention_heads=NH, num_key_value_heads=2, head_dim=16,
-                                                max_position_embeddings=64, sliding_window=16,
-                                                final_logit_softcapping=0.5),
-    "gemma3_text": lambda: transformers.Gemma3TextConfig(vocab_size=V, hidden_size=C, intermediate_size=FF,
-                                                         num_hidden_layers=L, num_attention_heads=NH,
-                                                         num_key_value_heads=2, head_dim=16,
-                                                         max_position_embeddings=64, sliding_window=16,
-                                                final_logit_softcapping=0.5),
-}
-POST_NORM = {"gemma2", "gemma3_text"}  # the branch outputs are norms' outputs
-FAMILIES = sorted(CONFIGS)
-
-
-@torch.no_grad()
-def plant(hf):
-    """Token PLANT_TOKEN alone carries input channel PLANT_IN; MLP unit PLANT_UNIT of layer 0 reads only
-    that channel (its up and gate rows) and its down-projection column writes only h channel PLANT_CHANNEL:
-    a weight outlier (the whole column in one entry) and, at that token, a massive x_down and h value."""
-    emb = hf.get_input_embeddings().weight
-    emb[:, PLANT_IN] = 0.0
-    emb[PLANT_TOKEN, PLANT_IN] = 1.0
-    for path in ("transformer.wpe", "model.decoder.embed_positions"):  # learned positions must not carry it either
-        positions = hf_models.get_path(hf, path)
-        if positions is not None:
-            positions.weight[:, PLANT_IN] = 0.0
-    view = hf_models.ModelView(hf_models.HFCausalLM(hf, "test"), hf_models.family_of(hf.config))
-    up = hf_models.weight_of(view.up[0])
-    rows = [PLANT_UNIT, PLANT_UNIT + view.d_ff] if view.family.fused_gate_up else [PLANT_UNIT]
-    for r in rows:
-        up[r] = 0.0
-        up[r, PLANT_IN] = 8.0
-        if getattr(view.up[0], "bias", None) is not None:
-            view.up[0].bias[r] = 0.0
-    if view.gate is not None:
-        g = hf_models.weight_of(view.gate[0])
-        g[PLANT_UNIT] = 0.0
-        g[PLANT_UNIT, PLANT_IN] = 8.0
-    out = view.attn_branch[0]  # layer 0's attention must not write the channel either (normalized, it would count)
-    if not hf_models.is_linear(out):  # Gemma 2 / 3: a norm after the output projection, which writes nothing there
-        out = view.blocks[0].self_attn.o_proj
-    hf_models.weight_of(out)[PLANT_IN] = 0.0
-    if getattr(out, "bias", None) is not None:
-        out.bias[PLANT_IN] = 0.0
-    down = hf_models.weight_of(view.down[0])
-    down[:, PLANT_UNIT] = 0.0
-    down[PLANT_CHANNEL, PLANT_UNIT] = 20.0
-    if not hf_models.is_linear(view.mlp_branch[0]):
-        # Gemma 2 / 3 normalize the MLP output: the planted channel alone at the token, and a gain of 51 there
-        # (1 + weight) make it massive; elsewhere the channel gets nothing from the down projection
-        down[PLANT_CHANNEL] = 0.0
-        down[PLANT_CHANNEL, PLANT_UNIT] = 20.0
-        view.mlp_branch[0].weight[PLANT_CHANNEL] = 50.0
-
-
-def build(family, tmp_path):
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
-    plant(hf)
-    path = tmp_path / family
-    hf.save_pretrained(path)
-    return str(path)
-
-
-def tokens(n=32, batch=2, seed=0):
-    x = torch.randint(8, V, (batch, n), generator=torch.Generator().manual_seed(seed))
-    x[:, 9] = PLANT_TOKEN
-    x[1, 20] = PLANT_TOKEN
-    return x
+from analysis.capture import Probe  # noqa: E402
+from analysis.statistics import OutlierAnalyzer  # noqa: E402
+from compress import methods as compression_methods  # noqa: E402
+from compress.perplexity import evaluate_perplexity  # noqa: E402
+from hf import models as hf_models  # noqa: E402
+from hf_tiny import (CONFIGS, FAMILIES, FF, NH, PLANT_CHANNEL, PLANT_TOKEN, PLANT_UNIT, POST_NORM, TAU, C,  # noqa: E402
+                     L, V, build, tokens)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_planted_outliers_found(family, tmp_path):
     model = hf_models.load_hf_causal_lm(build(family, tmp_path), device="cpu")
     assert isinstance(model, hf_models.HFCausalLM)
-    an = outlier_stats.OutlierAnalyzer(model, tau_act=TAU, seq_len=32)
+    an = OutlierAnalyzer(model, tau_act=TAU, seq_len=32)
     X = tokens()
     an.run_batch(X, X)
     res = an.result()
@@ -175,7 +76,7 @@ def test_captured_branches_add_up_to_transformers_hidden_states(family, tmp_path
     X = tokens()
     with torch.no_grad():
         ref = model.hf(input_ids=X, output_hidden_states=True, use_cache=False).hidden_states
-        with outlier_stats.Probe(model, branches=True) as p:
+        with Probe(model, branches=True) as p:
             model(X)
             h, h_in0 = [x.double() for x in p.h], p.h_in0.double()
             added = [a.double() + m.double() for a, m in zip(p.attn_out, p.mlp_out)]
@@ -193,11 +94,11 @@ def test_interventions_replay_the_analysis_forward(family, tmp_path):
     """--intervene in every family: each target's loss equals transformers' own eager forward with the same
     coordinates zeroed by hooks (float64 cross-entropy of its logits), and a forward resumed at block 1 from
     the recorded output of block 0 (block 0 skipped, Falcon's tuple outputs included) gives the analysis' loss."""
-    from interventions import INTERVENTION_TARGETS, analysis_attention, intervention_losses, replayed_nll
+    from analysis.interventions import INTERVENTION_TARGETS, analysis_attention, intervention_losses, replayed_nll
     model = hf_models.load_hf_causal_lm(build(family, tmp_path), device="cpu")
     X = tokens()
     Y = torch.roll(X, -1, 1)
-    an = outlier_stats.OutlierAnalyzer(model, tau_act=TAU, seq_len=32, keep_replay=True)
+    an = OutlierAnalyzer(model, tau_act=TAU, seq_len=32, keep_replay=True)
     an.run_batch(X, Y)
     (batch,) = an.replay
     losses, _ = intervention_losses(model, an.replay, "zero", {})
@@ -218,7 +119,7 @@ def test_interventions_replay_the_analysis_forward(family, tmp_path):
             h.remove()
         ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1)).item()
         assert losses[target][0] == pytest.approx(ref, rel=1e-5), target
-    with outlier_stats.Probe(model) as p, torch.no_grad():
+    with Probe(model) as p, torch.no_grad():
         model(X)
         h0, returns_tuple = p.h[0].clone(), p.block_returns_tuple
     assert returns_tuple == (family == "falcon")
@@ -264,7 +165,7 @@ def test_falcon_records_q_k_v_under_current_transformers(tmp_path):
     if Version(transformers.__version__) < Version("5.25"):
         pytest.skip(f"transformers {transformers.__version__} predates Falcon's AttentionInterface path")
     model = hf_models.load_hf_causal_lm(build("falcon", tmp_path), device="cpu")
-    an = outlier_stats.OutlierAnalyzer(model, tau_act=TAU, seq_len=32)
+    an = OutlierAnalyzer(model, tau_act=TAU, seq_len=32)
     an.run_batch(tokens())
     att = an.result()["attention"]
     assert att["qkv"] == {"recorded_layers": list(range(L)), "missing": []}
@@ -278,7 +179,7 @@ def test_alibi_bias_gives_probabilities_only():
     cfg.alibi = True
     model = hf_models.HFCausalLM(transformers.AutoModelForCausalLM.from_config(cfg).eval(), "test")
     got, X = {}, tokens()
-    with outlier_stats.Probe(model, attention_fn=lambda l, rec, x: got.__setitem__(l, rec)):
+    with Probe(model, attention_fn=lambda l, rec, x: got.__setitem__(l, rec)):
         model(X)
     assert all(rec.get("qkv_missing") == hf_models.QKV_ADDITIVE_MASK and "q" not in rec for rec in got.values())
     model.hf.set_attn_implementation("eager")
@@ -309,9 +210,9 @@ def test_probabilities_only_fallback(how, tmp_path, monkeypatch):
     if how == "not_called":
         ignore_recorder(monkeypatch)
     X = tokens()
-    an = outlier_stats.OutlierAnalyzer(model, tau_act=TAU, seq_len=32, record_qkv=how != "switched_off")
+    an = OutlierAnalyzer(model, tau_act=TAU, seq_len=32, record_qkv=how != "switched_off")
     got = {}
-    with outlier_stats.Probe(model, record_qkv=how != "switched_off",
+    with Probe(model, record_qkv=how != "switched_off",
                              attention_fn=lambda l, rec, x: got.__setitem__(l, rec)):
         model(X)
     reason = hf_models.QKV_OFF if how == "switched_off" else hf_models.QKV_NOT_CALLED
@@ -370,7 +271,7 @@ def test_attention_probabilities_match_transformers(family, tmp_path):
     got = {}
     X = tokens()
     before = model.hf.config._attn_implementation
-    with outlier_stats.Probe(model, attention_fn=lambda l, rec, x: got.__setitem__(l, rec["probs"].double().sum(-2))):
+    with Probe(model, attention_fn=lambda l, rec, x: got.__setitem__(l, rec["probs"].double().sum(-2))):
         model(X)
     assert model.hf.config._attn_implementation == before  # restored after the probe
     model.hf.set_attn_implementation("eager")
@@ -393,7 +294,7 @@ def test_recorded_q_k_v_give_the_models_attention(family, tmp_path):
     handles = [m.register_forward_pre_hook(lambda mod, args, l=l: branch_in.__setitem__(l, args[0].double()))
                for l, m in enumerate(out_proj)]
     X = tokens()
-    with outlier_stats.Probe(model, attention_fn=lambda l, rec, x: recs.__setitem__(l, rec)):
+    with Probe(model, attention_fn=lambda l, rec, x: recs.__setitem__(l, rec)):
         model(X)
     for h in handles:
         h.remove()
@@ -512,8 +413,8 @@ def test_forced_probabilities_only_is_reported_and_no_gpt2_tokenizer_is_loaded(t
     """--attention_capture eager: report.md and outliers.json say why the q/k/v statistics are missing. A
     non-GPT-2 model never loads the GPT-2 tokenizer (no misleading warning when it is unavailable)."""
     import analyze_outliers
-    import tokenizer
-    from common import UserError
+    from runtime import tokenizer
+    from runtime.cli import UserError
 
     def no_gpt2_bpe():
         raise UserError("cannot load the GPT-2 tokenizer (test)")
@@ -568,7 +469,7 @@ def test_text_goes_through_the_models_own_tokenizer_and_compare(tmp_path):
 
 
 def test_mixture_of_experts_and_unknown_families_are_refused(tmp_path):
-    from common import UserError
+    from runtime.cli import UserError
     cfg = transformers.MixtralConfig(vocab_size=V, hidden_size=C, intermediate_size=FF, num_hidden_layers=1,
                                      num_attention_heads=NH, num_key_value_heads=2, num_local_experts=2)
     with pytest.raises(UserError, match="mixture-of-experts"):
@@ -580,7 +481,7 @@ def test_mixture_of_experts_and_unknown_families_are_refused(tmp_path):
 
 
 def test_compress_text_uses_the_models_tokenizer(tmp_path):
-    from common import UserError
+    from runtime.cli import UserError
     llama, qwen = build("llama", tmp_path), build("qwen2", tmp_path)
     save_word_tokenizer(llama)
     text = tmp_path / "eval.txt"

@@ -9,11 +9,11 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "benchmarks", "host_overhead.py")
+MODULE = ["-m", "benchmarks.host_overhead"]  # run from the repo root
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *MODULE, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ import torch
 
 import attention_variants
 from attention_variants import VARIANTS, get_variant
-from common import UserError
 from model import GPT, GPTConfig
+from runtime.cli import UserError
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -179,7 +179,7 @@ def test_checkpoints_of_the_six_paper_variants_still_load():
     format, and the loaded models must compute the same function on every backend."""
     from pathlib import Path
 
-    from checkpoint import load_state_dict_checked
+    from training.checkpoint import load_state_dict_checked
 
     fixture = torch.load(Path(__file__).parent / "fixtures" / "six_variants_v1.pt", weights_only=True)
     assert sorted(fixture["models"]) == sorted(VARIANTS[:6])

@@ -11,10 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-import outlier_stats as S
+from analysis import definitions as S
+from analysis.capture import Probe
+from analysis.interventions import INTERVENTION_TARGETS, GammaIntervention, intervention_losses
+from analysis.statistics import LifecycleAccumulator, OutlierAnalyzer, TopList, weight_statistics
+from analysis.telemetry import training_telemetry
 from attention_variants import REGISTRY, VARIANTS
 from model import GPT, GPTConfig
-
+from planted import (BIG, C3, CH, E0, FC_W, K_UNIT, K_UNIT2, POSITIONS, SPECIAL, SPECIAL2, T3, C, L, T, V,
+                     planted_all_batch, planted_all_model, planted_batch, planted_model)
 
 # The paper's formulas, which the planted-model tests below were written for (thresholds given explicitly);
 # the default rules have their own tests.
@@ -79,7 +84,7 @@ def test_weight_outlier_mask_and_extremal_ratio_match_loops():
     m = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=2, n_head=1, n_embd=6))
     with torch.no_grad():
         m.transformer.h[1].mlp.c_proj.weight.copy_(torch.nn.functional.pad(w.float(), (0, 24 - 9)))
-    res = S.weight_statistics(m, 5.0, rule="paper")["mlp.c_proj"]
+    res = weight_statistics(m, 5.0, rule="paper")["mlp.c_proj"]
     wp = torch.nn.functional.pad(w, (0, 24 - 9))
     loop = {(i, j) for i in range(6) for j in range(24) if abs(float(wp[i, j])) > 5.0 * float(wp[i].abs().mean())}
     assert res["outlier_count"][1] == len(loop) and {(1, 2), (3, 2)} <= loop
@@ -88,7 +93,7 @@ def test_weight_outlier_mask_and_extremal_ratio_match_loops():
     cols = [max(abs(float(wp[i, j])) for i in range(6)) / max(float(wp[:, j].abs().mean()), 1e-30) for j in range(24)]
     assert res["extremal_ratio"][1] == pytest.approx(max(cols), rel=1e-5)
     assert res["extremal_channel"][1] == int(np.argmax(cols))
-    assert "attn.scale_proj" not in S.weight_statistics(m, 5.0, rule="paper")
+    assert "attn.scale_proj" not in weight_statistics(m, 5.0, rule="paper")
 
 
 def test_attention_outliers_match_loop():
@@ -179,7 +184,7 @@ def test_channel_kurtosis_float64_reference():
 
 
 def test_toplist_keeps_largest_and_counts():
-    tl = S.TopList(3)
+    tl = TopList(3)
     for chunk in range(5):
         vals = [chunk * 10 + i for i in range(4)]
         tl.add(vals, [{"v": v} for v in vals])
@@ -187,44 +192,7 @@ def test_toplist_keeps_largest_and_counts():
 
 
 # ----------------------------------------------------------------------------------------------
-# tiny models with planted outliers
-
-V, T, C, L = 64, 32, 32, 4
-SPECIAL, E0, K_UNIT, CH, BIG = 63, 3, 7, 11, 40.0
-POSITIONS = (5, 17)
-SPECIAL2, E1, K_UNIT2 = 62, 4, 9  # a second unit: fires on SPECIAL2 but writes nothing (x_down outlier only)
-
-
-def planted_model():
-    """Massive activation planted in layer 1: MLP unit K_UNIT fires only on token SPECIAL (through an
-    embedding dimension E0 that only SPECIAL uses) and column K_UNIT of layer 1's W_down writes BIG
-    into channel CH only."""
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=2, n_embd=C, bias=True)).eval()
-    with torch.no_grad():
-        b0, b1 = m.transformer.h[0], m.transformer.h[1]
-        for token, dim, unit in ((SPECIAL, E0, K_UNIT), (SPECIAL2, E1, K_UNIT2)):
-            m.transformer.wte.weight[:, dim] = 0
-            m.transformer.wpe.weight[:, dim] = 0
-            m.transformer.wte.weight[token, dim] = 0.1
-            for lin in (b0.attn.c_proj, b0.mlp.c_proj):
-                lin.weight[dim] = 0
-                lin.bias[dim] = 0
-            b1.mlp.c_fc.weight[unit] = 0
-            b1.mlp.c_fc.weight[unit, dim] = 5.0
-            b1.mlp.c_fc.bias[unit] = -3.0
-            b1.mlp.c_proj.weight[:, unit] = 0
-        b1.mlp.c_proj.weight[CH, K_UNIT] = BIG
-    return m
-
-
-def planted_batch(n=3):
-    g = torch.Generator().manual_seed(1)
-    X = torch.randint(0, SPECIAL2, (n, T), generator=g)
-    for p in POSITIONS:
-        X[:, p] = SPECIAL
-    return X, torch.roll(X, -1, 1)
-
+# tiny models with planted outliers (tests/planted.py)
 
 def block_outputs(model, X):
     """Independent forward: layer outputs h_l and branch outputs by calling the modules directly, float64 copies."""
@@ -244,7 +212,7 @@ def block_outputs(model, X):
 def planted_result():
     m = planted_model()
     X, Y = planted_batch()
-    an = S.OutlierAnalyzer(m, tau_act=20, tau_weight=20, tau_attn=8, seq_len=T, **PAPER_RULES)
+    an = OutlierAnalyzer(m, tau_act=20, tau_weight=20, tau_attn=8, seq_len=T, **PAPER_RULES)
     with torch.no_grad():
         an.run_batch(X[:2], Y[:2])
         an.run_batch(X[2:], Y[2:])
@@ -320,7 +288,7 @@ def constructed_lifecycle(attn, mlp, tau, L_, T_=4, C_=4, where=(2, 1)):
     for l in range(L_):
         x = x + A[l] + M[l]
         H.append(x.clone())
-    acc = S.LifecycleAccumulator(L_)
+    acc = LifecycleAccumulator(L_)
     h_out = [S.find_activation_outliers(h, tau) for h in H]
     acc.update(H, A, M, None, None, h_out, tau, np.zeros((1, T_), dtype=np.int64), S.TokenInfo())
     return {(e["position"], e["channel"]): e for e in acc.result(S.TokenInfo())}[where], H
@@ -367,7 +335,7 @@ def test_lifecycle_value_kept_while_the_threshold_rises_is_not_cancelled():
     tau = 50.0
     thr = [tau * float(h.abs().mean()) for h in H]
     assert thr[3] < 1340.1 < thr[4]  # the value stays, the threshold passes it
-    acc = S.LifecycleAccumulator(L_)
+    acc = LifecycleAccumulator(L_)
     acc.update(H, A, M, None, None, [S.find_activation_outliers(h, tau, stats=True)[0] for h in H], tau,
                np.zeros((1, T_), dtype=np.int64), S.TokenInfo())
     (e,) = acc.result(S.TokenInfo())
@@ -441,7 +409,7 @@ def staged_model(n_layer, first, follow=(), lift=()):
 def staged_lifecycle(model, tau):
     """The analysis' lifecycle of the SPECIAL positions of planted_batch, with the float64 block outputs."""
     X, Y = planted_batch()
-    an = S.OutlierAnalyzer(model, tau_act=tau, seq_len=T, **PAPER_RULES)
+    an = OutlierAnalyzer(model, tau_act=tau, seq_len=T, **PAPER_RULES)
     an.run_batch(X, Y)
     life = {(e["position"], e["channel"]): e for e in an.result()["lifecycle"]}
     with torch.no_grad():
@@ -514,7 +482,7 @@ def test_consistency_h_vs_xdown_differing_sets():
     m = planted_model()
     X, _ = planted_batch(2)
     X[:, 9] = SPECIAL2
-    an = S.OutlierAnalyzer(m, tau_act=20, tau_weight=20, tau_attn=8, seq_len=T, **PAPER_RULES)
+    an = OutlierAnalyzer(m, tau_act=20, tau_weight=20, tau_attn=8, seq_len=T, **PAPER_RULES)
     an.run_batch(X)
     r = an.result()
     assert r["down_input"]["channels"][1] == [[K_UNIT, 4], [K_UNIT2, 2]]
@@ -528,11 +496,11 @@ def test_consistency_h_vs_xdown_differing_sets():
 def replay(model, X, Y, tau, mode, batch=2):
     """The analysis with keep_replay over X in batches, then the interventions. -> (analyzer, {target: (loss,
     edits)})"""
-    an = S.OutlierAnalyzer(model, tau_act=tau, seq_len=X.shape[1], keep_replay=True, **PAPER_RULES)
+    an = OutlierAnalyzer(model, tau_act=tau, seq_len=X.shape[1], keep_replay=True, **PAPER_RULES)
     for i in range(0, X.shape[0], batch):
         an.run_batch(X[i:i + batch], Y[i:i + batch])
-    means = {t: an.lifecycle.means(t) for t in S.INTERVENTION_TARGETS} if mode == "mean" else {}
-    losses, _ = S.intervention_losses(model, an.replay, mode, means)
+    means = {t: an.lifecycle.means(t) for t in INTERVENTION_TARGETS} if mode == "mean" else {}
+    losses, _ = intervention_losses(model, an.replay, mode, means)
     return an, losses
 
 
@@ -575,7 +543,7 @@ def test_intervention_targets_generated_propagated_all(planted_result):
     calls = []
     handle = m.transformer.h[0].mlp.register_forward_hook(lambda *a: calls.append(1))
     try:
-        S.intervention_losses(m, an.replay, "zero", {})
+        intervention_losses(m, an.replay, "zero", {})
     finally:
         handle.remove()
     assert calls == []
@@ -584,11 +552,11 @@ def test_intervention_targets_generated_propagated_all(planted_result):
 def test_replay_without_edits_gives_the_analysis_loss():
     """A replayed forward without edits, from the recorded layer, gives the analysis' own loss: the
     interventions' loss changes are their edits' alone."""
-    from hf_models import model_view
-    from interventions import analysis_attention, replayed_nll
+    from analysis.interventions import analysis_attention, replayed_nll
+    from hf.models import model_view
     m = planted_model()
     X, Y = planted_batch()
-    an = S.OutlierAnalyzer(m, tau_act=20, seq_len=T, keep_replay=True, **PAPER_RULES)
+    an = OutlierAnalyzer(m, tau_act=20, seq_len=T, keep_replay=True, **PAPER_RULES)
     an.run_batch(X, Y)
     (b,) = an.replay
     assert b.start == 1 and b.h_start.shape == (3, T, C)
@@ -625,7 +593,7 @@ def test_constructed_attention_sink_found(variant):
     g = torch.Generator().manual_seed(2)
     X = torch.randint(0, V - 1, (2, T), generator=g)
     X[:, 7] = SPECIAL
-    an = S.OutlierAnalyzer(m, tau_act=1000, tau_weight=1000, tau_attn=8, seq_len=T, **PAPER_RULES)
+    an = OutlierAnalyzer(m, tau_act=1000, tau_weight=1000, tau_attn=8, seq_len=T, **PAPER_RULES)
     an.run_batch(X)
     r = an.result()
     att = r["attention"]
@@ -679,7 +647,7 @@ def test_query_centred_logits_ignore_a_k_bias():
         m = sink_model()
         with torch.no_grad():
             m.transformer.h[0].attn.c_attn.bias[C] += k_bias
-        an = S.OutlierAnalyzer(m, tau_act=1000, tau_weight=1000, tau_attn=8, seq_len=T, **PAPER_RULES)
+        an = OutlierAnalyzer(m, tau_act=1000, tau_weight=1000, tau_attn=8, seq_len=T, **PAPER_RULES)
         an.run_batch(X)
         att = an.result()["attention"]
         logits = layer0_logits(m, X)
@@ -706,7 +674,7 @@ def test_variant_specific_attention_reports(variant):
     torch.manual_seed(0)
     m = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=16, attention=variant)).eval()
     X = torch.randint(0, V, (2, 16))
-    an = S.OutlierAnalyzer(m, tau_act=5, tau_weight=5, tau_attn=2, seq_len=16, **PAPER_RULES)
+    an = OutlierAnalyzer(m, tau_act=5, tau_weight=5, tau_attn=2, seq_len=16, **PAPER_RULES)
     an.run_batch(X)
     att = an.result()["attention"]
     blk = m.transformer.h[0].attn
@@ -736,7 +704,7 @@ def test_training_telemetry_keys_values_and_restored_state(variant):
     m = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=16, attention=variant, dropout=0.1))
     m.train()
     X = torch.randint(0, V, (2, 16))
-    out = S.training_telemetry(m, X)
+    out = training_telemetry(m, X)
     keys = {f"outlier/{k}/L{l}" for k in ("top1_h", "median_h", "ratio_h", "kurtosis", "first_attn") for l in range(2)}
     keys |= {"outlier/max_top1_h", "outlier/max_ratio_h", "outlier/max_kurtosis", "outlier/max_first_attn"}
     records = REGISTRY[variant].records  # what the variant's reference path records, from its registry entry
@@ -768,7 +736,7 @@ def test_telemetry_of_a_single_token_is_finite_json():
     """T == 1: scaling's gate_rest has no positions to average and is left out (never NaN)."""
     torch.manual_seed(0)
     m = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=16, attention="scaling"))
-    out = S.training_telemetry(m, torch.randint(0, V, (2, 1)))
+    out = training_telemetry(m, torch.randint(0, V, (2, 1)))
     assert "outlier/gate_first/L0" in out and not any(k.startswith("outlier/gate_rest/") for k in out)
     assert all(math.isfinite(v) for v in out.values())
     json.dumps(out, allow_nan=False)
@@ -778,7 +746,7 @@ def test_telemetry_first_token_attention_of_a_sink():
     m = sink_model()
     X = torch.randint(0, V - 1, (1, T))
     X[:, 0] = SPECIAL  # the sink token at position 0: head 0 of layer 0 puts ~all attention on it
-    out = S.training_telemetry(m, X)
+    out = training_telemetry(m, X)
     assert out["outlier/first_attn/L0"] > 0.45  # head 0 ~1, head 1 ~ mean 1/(i+1)
     assert out["outlier/max_first_attn"] == out["outlier/first_attn/L0"]
 
@@ -790,7 +758,7 @@ def test_probe_restores_state_on_error():
     def boom(l, rec, x):
         raise RuntimeError("boom")
     with pytest.raises(RuntimeError):
-        with S.Probe(m, attention_fn=boom, branches=True, down_input=True, norms=True):
+        with Probe(m, attention_fn=boom, branches=True, down_input=True, norms=True):
             m(torch.zeros(1, 4, dtype=torch.long))
     for mod in m.modules():
         assert not mod._forward_hooks and not mod._forward_pre_hooks
@@ -884,50 +852,10 @@ def test_b2_overlap_per_head_hand_computed():
     assert k_in_a[:2].tolist() == [1.0, 0.5] and k_in_a[2].item() == 0.0 and math.isnan(k_in_a[3].item())
 
 
-T3, C3 = 64, 64  # T x C = 4096: the default tau = 1000 x mean|h| can be met by one activation per sequence
-FC_W = 100.0  # the unit's x_down (~200) must exceed 1000 x mean|x_down| over 64 x 256 GELU outputs (~0.07)
-
-
-def planted_all_model():
-    """One model with the three outlier types planted, for the default rules (n_layer 3, n_head 2):
-    the first position (any token) fires MLP unit K_UNIT of layer 1 through position-embedding dimension E0,
-    and column K_UNIT of layer 1's W_down writes BIG into channel CH only: a massive activation
-    (layers 1-2) and a down-projection weight outlier (the column holds nothing else). In layer 2 every
-    head's query is constant and its key reads channel CH, so all heads attend to token 0: a sink."""
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(block_size=T3, vocab_size=V, n_layer=3, n_head=2, n_embd=C3, bias=True)).eval()
-    hs = C3 // 2
-    with torch.no_grad():
-        b0, b1, b2 = m.transformer.h
-        m.transformer.wte.weight[:, E0] = 0
-        m.transformer.wpe.weight[:, E0] = 0
-        m.transformer.wpe.weight[0, E0] = 0.1
-        for lin in (b0.attn.c_proj, b0.mlp.c_proj):
-            lin.weight[E0] = 0
-            lin.bias[E0] = 0
-        b1.mlp.c_fc.weight[K_UNIT] = 0
-        b1.mlp.c_fc.weight[K_UNIT, E0] = FC_W
-        b1.mlp.c_fc.bias[K_UNIT] = -FC_W  # fires where ln_2 gives E0 above 1: position 0 only (about 3 there)
-        b1.mlp.c_proj.weight[:, K_UNIT] = 0
-        b1.mlp.c_proj.weight[CH, K_UNIT] = BIG
-        qkv = b2.attn.c_attn
-        for h in range(2):
-            qkv.weight[h * hs] = 0
-            qkv.bias[h * hs] = 10.0
-            qkv.weight[C3 + h * hs] = 0
-            qkv.weight[C3 + h * hs, CH] = 10.0
-            qkv.bias[C3 + h * hs] = -5.0
-    return m
-
-
-def planted_all_batch(n=4):
-    return torch.randint(0, V, (n, T3), generator=torch.Generator().manual_seed(5))
-
-
 def test_defaults_find_planted_activation_weight_outlier_and_sink():
     m = planted_all_model()
     X = planted_all_batch()
-    an = S.OutlierAnalyzer(m, seq_len=T3)  # no thresholds: the defaults
+    an = OutlierAnalyzer(m, seq_len=T3)  # no thresholds: the defaults
     an.run_batch(X[:2])
     an.run_batch(X[2:])
     r = an.result()
@@ -1004,7 +932,7 @@ def test_gamma_driven_channel_found_and_set_to_median():
         m.transformer.ln_f.weight[5] = 30.0
     X = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(3))
     Y = torch.roll(X, -1, 1)
-    an = S.OutlierAnalyzer(m, seq_len=16)
+    an = OutlierAnalyzer(m, seq_len=16)
     an.run_batch(X, Y)
     norm = {n["module"]: n for n in an.result()["normalization"]}
     assert norm["ln_f"]["outlier_channels"] == [5] and norm["ln_f"]["gamma_driven"] == [5]
@@ -1013,7 +941,7 @@ def test_gamma_driven_channel_found_and_set_to_median():
     ref.load_state_dict(m.state_dict())
     with torch.no_grad():
         ref.transformer.ln_f.weight[5] = 1.0
-        with S.GammaIntervention(m, {"ln_f": [5]}):
+        with GammaIntervention(m, {"ln_f": [5]}):
             assert m(X, Y)[1].item() == pytest.approx(ref(X, Y)[1].item(), rel=1e-6)
         assert m.transformer.ln_f.weight[5].item() == 30.0
 

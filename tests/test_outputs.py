@@ -1,4 +1,4 @@
-"""common.output_set: a tool replaces only the files it wrote into a directory, as a whole set or not at all."""
+"""runtime.outputs.output_set: a tool replaces only the files it wrote into a directory, as a whole set or not at all."""
 
 import errno
 import json
@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-import common
-from common import OUTPUTS_MANIFEST, UserError, output_set
+from runtime import files
+from runtime.cli import UserError
+from runtime.outputs import OUTPUTS_MANIFEST, output_set
 
 
 def write(tool, out, files, **kw):
@@ -64,7 +65,7 @@ def test_failed_move_puts_the_previous_set_back(tmp_path, monkeypatch):
         if os.path.basename(dst) == "c" and os.path.dirname(os.path.abspath(dst)) == str(out):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return rename(src, dst)
-    monkeypatch.setattr(common.os, "rename", fails_on_c)  # persistent: c's old file cannot go back either
+    monkeypatch.setattr(os, "rename", fails_on_c)  # persistent: c's old file cannot go back either
     with pytest.raises(UserError) as e:
         write("tool", out, {"a": "new a", "b": "new b", "c": "new c"})
     # a and b are back; c's previous file is kept where the message says, never deleted
@@ -138,7 +139,7 @@ def test_backup_folders_are_unique(tmp_path, monkeypatch):
     """A folder of previous files a killed commit left behind is never reused (PIDs repeat in containers)."""
     out = tmp_path / "o"
     write("tool", out, {"a": "first"})
-    left = out / f"tool-previous-{common.HOST}-{os.getpid()}"
+    left = out / f"tool-previous-{files.HOST}-{os.getpid()}"
     left.mkdir()
     (left / "a").write_text("the only copy of an older result")
     write("tool", out, {"a": "second"})
@@ -148,7 +149,7 @@ def test_backup_folders_are_unique(tmp_path, monkeypatch):
 
 def test_json_readers_take_a_bom_and_refuse_deep_nesting(tmp_path):
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf{\"a\": 1}")
-    assert common.read_json_file(tmp_path / "bom.json") == {"a": 1}
+    assert files.read_json_file(tmp_path / "bom.json") == {"a": 1}
     (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(UserError, match="nested too deeply"):
-        common.read_json_file(tmp_path / "deep.json")
+        files.read_json_file(tmp_path / "deep.json")

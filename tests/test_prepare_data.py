@@ -1,7 +1,7 @@
 """prepare_data.py: round trips through the token files, meta.json, the split rule, clear errors, atomicity.
 
 References are independent of the code under test: the token ids are checked against tiktoken's own
-`gpt2` encoding (not tokenizer.py), file hashes against hashlib, the builtin corpus against the
+`gpt2` encoding (not runtime/tokenizer.py), file hashes against hashlib, the builtin corpus against the
 standard-library files read directly.
 """
 
@@ -15,10 +15,9 @@ import sysconfig
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, needs_tokenizer
-
 import prepare_data
-from common import UserError
+from conftest import REPO_ROOT, needs_tokenizer
+from runtime.cli import UserError
 
 EOT = 50256
 
@@ -30,7 +29,7 @@ def _tokenizer():
 
 def reference_encoding():
     import tiktoken
-    return tiktoken.get_encoding("r50k_base")  # GPT-2's ranks, loaded directly (not through tokenizer.py)
+    return tiktoken.get_encoding("r50k_base")  # GPT-2's ranks, loaded directly (not through runtime/tokenizer.py)
 
 
 def read_ids(path):

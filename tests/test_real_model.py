@@ -1,19 +1,19 @@
-"""real_model.py without the network: what it reuses, what it refuses, how a failed step reads."""
+"""hf/real_model.py without the network: what it reuses, what it refuses, how a failed step reads."""
 
 import json
 import sys
 
 import pytest
 
-import real_model
-from common import UserError
+from hf import real_model
+from runtime.cli import UserError
 
 
 def test_a_directory_it_did_not_write_is_refused_and_left_alone(tmp_path):
     target = tmp_path / "model"
     target.mkdir()
     (target / "config.json").write_text("{}")
-    with pytest.raises(UserError, match="was not written by real_model.py"):
+    with pytest.raises(UserError, match="was not written by hf/real_model.py"):
         real_model.build(str(target))
     assert [p.name for p in target.iterdir()] == ["config.json"]
 

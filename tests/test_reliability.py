@@ -1,7 +1,7 @@
 """The catalogue of bad inputs and faults (tests/FAULTS.md), run row by row.
 
 Each row of FAULTS.md names a scenario here (registered with @scenario). A scenario plants its fault,
-runs the script's `main` through `common.cli_main` (in process, so the exit status and stderr are the
+runs the script's `main` through `runtime.cli.cli_main` (in process, so the exit status and stderr are the
 real ones) and returns (exit status, stderr, {placeholder: value}); the row's expected line, with its
 placeholders filled in, must be the one error line of stderr, and its last. Scenarios also check what
 must NOT happen (a file overwritten, output or temporaries left behind, work done before a doomed write).
@@ -23,16 +23,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, needs_tokenizer, run_torchrun
-
 import analyze_outliers
-import common
 import compress_eval
-import data
 import prepare_data
 import train
-from checkpoint import load_checkpoint, model_args_from, save_checkpoint
+from conftest import REPO_ROOT, needs_tokenizer, run_torchrun
 from model import GPT, GPTConfig
+from runtime import files, outputs
+from runtime import token_data as data
+from runtime.cli import cli_main
+from training.checkpoint import load_checkpoint, model_args_from, save_checkpoint
 
 FAULTS_MD = os.path.join(REPO_ROOT, "tests", "FAULTS.md")
 VOCAB = 64
@@ -125,7 +125,7 @@ def cli(main, argv, capsys):
     """(exit status, stderr) of `main` run as its script runs it."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        common.cli_main(main, [str(a) for a in argv])
+        cli_main(main, [str(a) for a in argv])
     return e.value.code or 0, capsys.readouterr().err
 
 
@@ -357,9 +357,8 @@ DISK_FULL = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
-sys.path.insert(0, ".")
 import train
-from common import cli_main
+from runtime.cli import cli_main
 cli_main(train.main, sys.argv[1:])
 """
 
@@ -517,7 +516,7 @@ def analyze_write_fails(tmp_path, capsys, monkeypatch, **_):
         if os.path.dirname(os.path.abspath(dst)) == str(out):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
         return real_rename(src, dst)
-    monkeypatch.setattr(common.os, "rename", read_only)
+    monkeypatch.setattr(os, "rename", read_only)
     code, err = cli(analyze_outliers.main, [ckpt, "--data", eval_data(tmp_path), "--out", out, "--no_progress",
                                             "--num_seqs", "1", "--tau", "4"], capsys)
     assert not out.exists() and [n for n in os.listdir(tmp_path) if n.startswith(".report.")] == []
@@ -566,7 +565,7 @@ def compress_write_fails(tmp_path, capsys, monkeypatch, **_):
             failed.append(dst)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_rename(src, dst)
-    monkeypatch.setattr(common.os, "rename", full)
+    monkeypatch.setattr(os, "rename", full)
     code, err = cli(compress_eval.main, argv + ["--max_tokens", "200"], capsys)
     assert tree_bytes(out) == before  # the previous results, whole
     return code, err, {"out": str(out)}
@@ -612,8 +611,8 @@ def umask(tmp_path, capsys, trained, **_):
         try:
             d = tmp_path / f"m{mask:o}"
             save_model(d / "ckpt.pt", tiny_model())
-            common.atomic_write_json(d / "x.json", {"a": 1})
-            with common.output_set(d / "report", "a test", ["r.md"]) as tmp:
+            files.atomic_write_json(d / "x.json", {"a": 1})
+            with outputs.output_set(d / "report", "a test", ["r.md"]) as tmp:
                 open(os.path.join(tmp, "r.md"), "w").write("x")
             data.write_tokens(d / "t.bin", [1, 2, 3])
             names = ("ckpt.pt", "x.json", "t.bin", "report", "report/r.md")
@@ -633,7 +632,7 @@ def umask(tmp_path, capsys, trained, **_):
 
 # ------------------------------------------------------------------------------------------ output locations (A, B)
 # Scripts write only their own files into an output directory and replace only what they wrote there
-# (common.output_set and its manifest); everything else there is byte-identical afterwards.
+# (outputs.output_set and its manifest); everything else there is byte-identical afterwards.
 
 def analyze_args(ckpt, tmp_path, out):
     return [ckpt, "--data", eval_data(tmp_path), "--out", out, "--no_progress", "--num_seqs", "1", "--seq_len", "8",
@@ -1161,12 +1160,12 @@ def outputs_manifest_escape(tmp_path, capsys, monkeypatch, **_):
     victim.write_text("precious\n")
     out = tmp_path / "o"
     out.mkdir()
-    (out / common.OUTPUTS_MANIFEST).write_text(json.dumps(
+    (out / outputs.OUTPUTS_MANIFEST).write_text(json.dumps(
         {"format": "outlier-gpt-outputs", "version": 1, "tools": {"compress_eval.py": {"files": ["../victim.txt"]}}}))
     monkeypatch.setattr(compress_eval, "evaluate_perplexity", must_not_run)
     code, err = cli(compress_eval.main, [ckpt, "--data", eval_data(tmp_path), "--out", out, "--no_progress"], capsys)
     assert victim.read_text() == "precious\n"
-    return code, err, {"out": str(out), "manifest": str(out / common.OUTPUTS_MANIFEST)}
+    return code, err, {"out": str(out), "manifest": str(out / outputs.OUTPUTS_MANIFEST)}
 
 
 @slow_scenario
@@ -1428,7 +1427,7 @@ def _api(fn):
 
 @scenario
 def api_dict_nonfinite(tmp_path, capsys, **_):
-    from checkpoint import model_from_checkpoint
+    from training.checkpoint import model_from_checkpoint
     model = tiny_model()
     ckpt = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "model_args": model_args_from(model.config),
             "iter_num": 0, "config": {}}
@@ -1438,7 +1437,7 @@ def api_dict_nonfinite(tmp_path, capsys, **_):
 
 @scenario
 def api_dict_bad_args(tmp_path, capsys, **_):
-    from checkpoint import model_from_checkpoint
+    from training.checkpoint import model_from_checkpoint
     model = tiny_model()
     ckpt = {"model": model.state_dict(), "model_args": {**model_args_from(model.config), "n_layer": None},
             "iter_num": 0, "config": {}}
@@ -1552,18 +1551,29 @@ def _with_custom_code(model_dir, model_type, marker):
     open(os.path.join(model_dir, "modeling_custom.py"), "w").write(_CUSTOM_CODE.format(marker=str(marker)))
 
 
+def first_party_sources():
+    """The repo's own Python files: the root's scripts and every package of the layout (not tests, venvs, data)."""
+    skip = {"tests", "data", "out", "shared"}
+    for top in sorted(os.listdir(REPO_ROOT)):
+        path = os.path.join(REPO_ROOT, top)
+        if top.endswith(".py"):
+            yield path
+        elif os.path.isfile(os.path.join(path, "__init__.py")) and top not in skip:
+            for folder, dirs, files in os.walk(path):
+                yield from (os.path.join(folder, f) for f in sorted(files) if f.endswith(".py"))
+
+
 def test_every_from_pretrained_refuses_remote_code():
     """Every transformers Auto*.from_pretrained call of the repo passes trust_remote_code=False (transformers
     would otherwise ask on a terminal, and run the model directory's code on 'y')."""
     calls = []
-    for name in sorted(os.listdir(REPO_ROOT)):
-        if name.endswith(".py"):
-            source = open(os.path.join(REPO_ROOT, name), encoding="utf-8").read()
-            calls += [(name, c) for c in re.findall(r"Auto\w+\.from_pretrained\(([^)]*)\)", source)]
+    for path in first_party_sources():
+        source = open(path, encoding="utf-8").read()
+        calls += [(path, c) for c in re.findall(r"Auto\w+\.from_pretrained\(([^)]*)\)", source)]
     assert len(calls) >= 3, calls  # config, model, tokenizer
     assert all("trust_remote_code=False" in args or '"trust_remote_code": False' in args or "**kwargs" in args
                for _, args in calls), calls
-    import hf_models
+    from hf import models as hf_models
     assert '"trust_remote_code": False' in open(hf_models.__file__).read()
 
 
@@ -1666,12 +1676,7 @@ def train_accumulation_huge(tmp_path, capsys, trained, **_):
 def _bench_main(script, monkeypatch):
     """The main of benchmarks/SCRIPT, imported as the golden --help test does (TRITON_INTERPRET restored after)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.syspath_prepend(os.path.join(REPO_ROOT, "benchmarks"))
-    path = os.path.join(REPO_ROOT, "benchmarks", script)
-    spec = importlib.util.spec_from_file_location(f"faults_{script[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return importlib.import_module(f"benchmarks.{script[:-3]}").main
 
 
 @scenario
@@ -1801,11 +1806,11 @@ def train_record_write_fails(tmp_path, capsys, trained, monkeypatch, **_):
     def full(path, obj):  # run.json's first write (the launch) lands; the disk is full after it
         writes.append(path)
         if len(writes) > 1:
-            raise common.write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
-        common.atomic_write_json(path, obj)
+            raise files.write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        files.atomic_write_json(path, obj)
 
     def no_space(path, ckpt):
-        raise common.write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        raise files.write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     monkeypatch.setattr(train, "atomic_write_json", full)
     monkeypatch.setattr(train, "save_checkpoint", no_space)
     code, err = _train_fresh(tmp_path, capsys, trained, "--max_iters=2", "--snapshot_interval=0")

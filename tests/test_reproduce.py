@@ -18,12 +18,10 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 import reproduce  # noqa: E402
-from common import UserError  # noqa: E402
 from conftest import needs_tokenizer  # noqa: E402
+from runtime.cli import UserError  # noqa: E402
 
 pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` leaves them out
 
@@ -331,7 +329,7 @@ def test_a_budgeted_run_stops_a_training_at_its_deadline_and_analyses_it(tmp_pat
     assert train["status"] == "stopped at its deadline" and train["time_limited"]
     it = outcome.truncated["default"]["iter"]
     assert 0 < it < 5000 and outcome.failed == {}
-    from checkpoint import load_checkpoint
+    from training.checkpoint import load_checkpoint
     assert load_checkpoint(str(out / "runs" / "default" / "ckpt.pt"))["iter_num"] == it
     with open(out / "runs" / "default" / "outliers" / "outliers.json", encoding="utf-8") as f:
         assert json.load(f)["model"]["iter_num"] == it  # analysed as far as it got
@@ -410,7 +408,7 @@ def test_smoke_resumes_the_interrupted_run(smoke):
 
 def test_json_agrees_with_every_runs_artifacts(smoke):
     out = smoke["out"]
-    from checkpoint import load_checkpoint
+    from training.checkpoint import load_checkpoint
     with open(os.path.join(out, "reproduce.json"), encoding="utf-8") as f:
         doc = json.load(f)
     with open(os.path.join(out, "compress", "results.json"), encoding="utf-8") as f:

@@ -7,15 +7,15 @@ import sys
 import numpy as np
 import pytest
 
-from common import UserError
 from conftest import REPO_ROOT, needs_tokenizer
-import data
-from data import input_tokens, load_tokens, read_text_file, tokens_from_text, write_tokens
+from runtime import token_data as data
+from runtime.cli import UserError
+from runtime.token_data import input_tokens, load_tokens, read_text_file, tokens_from_text, write_tokens
 
 
 def test_gpt2_token_ids():
     needs_tokenizer()
-    from tokenizer import EOT_TOKEN, decode, encode
+    from runtime.tokenizer import EOT_TOKEN, decode, encode
     assert encode("Hello world") == [15496, 995]  # GPT-2's published ids
     assert encode("<|endoftext|>") != [EOT_TOKEN]  # special text is ordinary text
     text = "Summer is warm. Winter is cold.\n\n  Ünïcödé ✓"
@@ -27,7 +27,7 @@ def test_offline_without_cache_says_how_to_fix(tmp_path):
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path),
            # an unreachable proxy makes the download fail even on a machine with network
            "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
-    code = "from common import cli_main\nfrom tokenizer import get_tokenizer\ncli_main(lambda a: get_tokenizer() and 0)"
+    code = "from runtime.cli import cli_main\nfrom runtime.tokenizer import get_tokenizer\ncli_main(lambda a: get_tokenizer() and 0)"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "TIKTOKEN_CACHE_DIR" in r.stderr and "Traceback" not in r.stderr

@@ -18,13 +18,12 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 import train  # noqa: E402
-from common import UserError  # noqa: E402
 from attention_variants import VARIANTS  # noqa: E402
 from conftest import run_torchrun  # noqa: E402
+from runtime.cli import UserError  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--vocab_size=50304",
         "--gradient_accumulation_steps=2", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2",
@@ -142,7 +141,7 @@ def test_paper_configs_differ_only_in_attention():
 
 
 def test_learning_rate_schedule():
-    cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
     assert train.get_lr(cfg, 0) == pytest.approx(1 / 11)
     assert train.get_lr(cfg, 10) == pytest.approx(1.0)
     assert train.get_lr(cfg, 60) == pytest.approx(0.55)  # half-way down the cosine
@@ -198,7 +197,7 @@ def test_loss_falls_and_outputs(data_dir, tmp_path):
     assert run["config"]["max_iters"] == 40 and run["launches"][0]["status"] == "finished"
     for key in ("command", "git_commit", "torch", "triton", "gpu"):
         assert key in run["launches"][0]
-    from checkpoint import load_checkpoint
+    from training.checkpoint import load_checkpoint
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["iter_num"] == 40 and ckpt["config"]["n_embd"] == 32
     # a new scratch run must not silently replace this one
@@ -235,15 +234,14 @@ KILL_MID_WRITE = textwrap.dedent("""
             return real_save(obj, f, *args, **kwargs)
         buf = io.BytesIO()
         real_save(obj, buf, *args, **kwargs)
-        out = f if hasattr(f, "write") else open(f, "wb")  # checkpoint.py hands torch.save an open file
+        out = f if hasattr(f, "write") else open(f, "wb")  # training/checkpoint.py hands torch.save an open file
         out.write(buf.getvalue()[: len(buf.getvalue()) // 2])  # half of the second checkpoint reaches the disk
         out.flush()
         os.fsync(out.fileno())
         os.kill(os.getpid(), signal.SIGKILL)  # then kill -9
     torch.save = save
-    sys.path.insert(0, os.getcwd())
     import train
-    from common import cli_main
+    from runtime.cli import cli_main
     sys.argv = ["train.py"] + sys.argv[1:]
     cli_main(train.main)
 """)
@@ -258,7 +256,7 @@ def test_kill_during_checkpoint_write_keeps_previous(data_dir, tmp_path):
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     leftovers = [n for n in os.listdir(out) if n.endswith(".tmp")]
     assert len(leftovers) == 1  # the half-written second checkpoint (iter 6) really was being written
-    from checkpoint import load_checkpoint
+    from training.checkpoint import load_checkpoint
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 3  # the first one is intact
     run_train(args + ["--init_from=resume"])
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
@@ -281,7 +279,7 @@ def test_sigterm_checkpoints_and_resumes_exactly(data_dir, tmp_path):
     stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 0, stderr[-2000:]
     assert "received SIGTERM" in stderr and "stopped at iter" in stdout and "--init_from=resume" in stdout
-    from checkpoint import load_checkpoint
+    from training.checkpoint import load_checkpoint
     stopped = load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"]
     assert 3 <= stopped < 1000
     assert json.load(open(os.path.join(out, "run.json")))["launches"][0]["status"] == "stopped"
@@ -313,7 +311,7 @@ def test_ddp_two_processes_match_single_process(data_dir, tmp_path):
                 assert rb[key] == pytest.approx(ra[key], rel=1e-4), (ra, rb)
     # the losses moved (a run that never trains would match trivially)
     assert a[-1]["val_loss"] < a[0]["val_loss"]
-    from checkpoint import load_checkpoint
+    from training.checkpoint import load_checkpoint
     ckpt = load_checkpoint(os.path.join(ddp, "ckpt.pt"))
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
 

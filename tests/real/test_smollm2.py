@@ -1,5 +1,5 @@
 """The analysis and the compression table on a real pretrained model: SmolLM2-135M-Instruct, the facts a
-researcher reads in its report. `make test-real` builds the model once (real_model.py) and runs these; they
+researcher reads in its report. `make test-real` builds the model once (hf/real_model.py) and runs these; they
 are skipped in `make test`, which has no model to read.
 
 Known facts of this model (README): a massive activation in channel 507 at position 0, written by layer 11's

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import UserError, autocast_context
-from data import WIKITEXT2, input_tokens, read_text_file, wikitext2_split
+from runtime.cli import UserError
+from runtime.system import autocast_context
+from runtime.token_data import WIKITEXT2, input_tokens, read_text_file, wikitext2_split
 
 # rows of (rows x vocab) float32 logits computed at once: 4096 x 50304 x 4 B = 0.8 GB on GPU, 0.2 GB on CPU
 LOGIT_CHUNK_ROWS = {"cuda": 4096, "cpu": 1024}

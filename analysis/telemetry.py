@@ -4,8 +4,8 @@ first token (the emergence curves of massive activations and attention sinks ove
 
 import torch
 
-from outlier_stats import channel_kurtosis, top_and_median
-from probe import Probe
+from analysis.capture import Probe
+from analysis.definitions import channel_kurtosis, top_and_median
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, one_line
+from runtime.cli import UserError, one_line
 
 
 @dataclass(frozen=True)
@@ -563,7 +563,7 @@ def load_hf_causal_lm(name_or_dir, device="cpu", dtype=None, attn_implementation
         hf = transformers.AutoModelForCausalLM.from_pretrained(name_or_dir, **kwargs)
     except Exception as e:
         raise _load_failure(name_or_dir, e) from None
-    from checkpoint import check_finite_weights
+    from training.checkpoint import check_finite_weights
     check_finite_weights(name_or_dir, hf.named_parameters(), "the model's files are damaged; use another copy")
     model = HFCausalLM(hf, name_or_dir, tokenizer_dir=name_or_dir)
     if not sharded:
@@ -587,7 +587,7 @@ def load_tokenizer(model):
 
 def tokenization(model, required):
     """(encode(text) -> ids, decode_one(id) -> str) for an HFCausalLM, (None, None) for this repo's GPT
-    (GPT-2 BPE through tokenizer.py). Without a tokenizer in the model's directory: a UserError when
+    (GPT-2 BPE through runtime/tokenizer.py). Without a tokenizer in the model's directory: a UserError when
     `required` (text input), else (None, None) and token ids stand for themselves."""
     if not isinstance(model, HFCausalLM):
         return None, None

@@ -5,8 +5,7 @@ staging directory), train.py's log.jsonl as curves, and the Figure 11 / 12 plott
 import math
 import os
 
-from common import read_jsonl_file
-
+from runtime.files import read_jsonl_file
 
 # ---------------------------------------------------------------------------------------------- text
 
@@ -96,7 +95,7 @@ def layer_axis(ax, n_layers, axis="x", limits=True):
 
 def save_figure(fig, out_dir, name, tight_bbox=False):
     """Save `fig` as out_dir/name (PNG, 110 dpi) and close it; returns the name. The scripts save into an
-    output set's staging directory (common.output_set), which makes the figures land with the report."""
+    output set's staging directory (runtime.outputs.output_set), which makes the figures land with the report."""
     if not tight_bbox:
         fig.tight_layout()
     fig.savefig(os.path.join(out_dir, name), format="png", dpi=110, **({"bbox_inches": "tight"} if tight_bbox else {}))

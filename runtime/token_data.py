@@ -1,5 +1,5 @@
 """Token files, text inputs and Hugging Face datasets shared by prepare_data.py, train.py,
-perplexity.py, analyze_outliers.py and compress_eval.py.
+compress/perplexity.py, analyze_outliers.py and compress_eval.py.
 
 Token files use nanoGPT's format: a flat array of uint16 GPT-2 token ids (`train.bin`, `val.bin`),
 so data prepared by nanoGPT works here as is.
@@ -12,12 +12,13 @@ import urllib.parse
 
 import numpy as np
 
-from common import UserError, atomic_path, not_a_file, one_line
-from tokenizer import EOT_TOKEN, encode
+from runtime.cli import UserError, one_line
+from runtime.files import atomic_path, not_a_file
+from runtime.tokenizer import EOT_TOKEN, encode
 
 TOKEN_DTYPE = np.uint16
 # WikiText-2 (raw) on the Hugging Face Hub: (dataset id, config); the canonical id (formerly "wikitext").
-# The one hub id of the repo: prepare_data.py and perplexity.py both load it through wikitext2_split.
+# The one hub id of the repo: prepare_data.py and compress/perplexity.py both load it through wikitext2_split.
 WIKITEXT2 = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 WIKITEXT2_SPLITS = ("train", "validation", "test")
 

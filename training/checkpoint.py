@@ -29,8 +29,9 @@ from dataclasses import asdict
 import torch
 
 from attention_variants import REGISTRY
-from common import UserError, atomic_path, is_int, is_number, not_a_file, one_line, write_error
 from model import GPT, GPTConfig, config_fields
+from runtime.cli import UserError, is_int, is_number, one_line
+from runtime.files import atomic_path, not_a_file, write_error
 
 REQUIRED_KEYS = ("model", "model_args", "iter_num", "config")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what the model computes in (float8: no)
@@ -413,9 +414,9 @@ def load_model(path=None, pretrained=None, device="cpu", **overrides):
     if path is not None:
         return model_from_checkpoint(path, device=device, **overrides)
     if not os.path.isdir(pretrained):
-        from data import offline_unless_hub_reachable
+        from runtime.token_data import offline_unless_hub_reachable
         offline_unless_hub_reachable()  # offline, fail now instead of after the hub client's retries
-    import hf_models
+    from hf import models as hf_models
     if not hf_models.is_gpt2(pretrained):  # LLaMA, Mistral, Qwen, Phi, OPT, Falcon, GPT-NeoX: transformers
         return hf_models.load_hf_causal_lm(pretrained, device=device), None
     try:

@@ -3,7 +3,7 @@ restored after (this repo's GPT or any Hugging Face causal LM, through hf_models
 
 import contextlib
 
-from hf_models import first, model_view
+from hf.models import first, model_view
 
 
 class Probe:

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from common import UserError, is_int, is_number, one_line
+from runtime.cli import UserError, is_int, is_number, one_line
 
 
 @dataclass

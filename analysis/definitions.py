@@ -1,10 +1,10 @@
 """Outlier definitions on plain tensors: the masks, overlaps and token categories every other piece of
 outlier code uses (one implementation).
 
-The rest sits by concern: `probe.py` hooks a model for one forward, `telemetry.py` is the cheap training
+The rest sits by concern: `analysis/capture.py` hooks a model for one forward, `analysis/telemetry.py` is the cheap training
 telemetry (`train.py` calls `training_telemetry(raw_model, X_fixed)` every `outlier_interval` iterations),
-`outlier_analysis.py` holds the streaming accumulators and `OutlierAnalyzer` behind `analyze_outliers.py`,
-and `interventions.py` the edits of massive activations and LayerNorm gains.
+`analysis/statistics.py` holds the streaming accumulators and `OutlierAnalyzer` behind `analyze_outliers.py`,
+and `analysis/interventions.py` the edits of massive activations and LayerNorm gains.
 
 Definitions (An et al., "Systematic Outliers in Large Language Models", ICLR 2025, Sec. 3; Sun et
 al., "Massive Activations in LLMs"; Raman/Sharma/Zhang, "Rethinking the Outlier Distribution in
@@ -85,7 +85,6 @@ rows 1-3, so these are the definitions chosen:
 from __future__ import annotations
 
 import collections
-import importlib
 import math
 import unicodedata
 
@@ -435,20 +434,3 @@ class TokenInfo:
         out = cats[inverse.reshape(tokens.shape)]
         out[:, 0] = CATEGORIES.index("initial")
         return out
-
-
-# Code written against the one-module layout reaches the moved names through here; importing them lazily
-# keeps `import outlier_stats` light (train.py's telemetry never loads the analyzer).
-_MOVED = {"Probe": "probe", "training_telemetry": "telemetry",
-          **{name: "interventions" for name in ("INTERVENTION_TARGETS", "intervention_losses", "GammaIntervention",
-                                                "layer_norms")},
-          **{name: "outlier_analysis" for name in ("OutlierAnalyzer", "TopList", "ActivationAccumulator",
-                                                   "LifecycleAccumulator", "AttentionAccumulator",
-                                                   "NormalizationAccumulator", "ConsistencyAccumulator",
-                                                   "relative_contributions", "weight_statistics", "weight_link")}}
-
-
-def __getattr__(name):
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'outlier_stats' has no attribute {name!r}")

@@ -8,7 +8,7 @@ downloads that file on first use; offline, point TIKTOKEN_CACHE_DIR at a directo
 import functools
 import os
 
-from common import UserError
+from runtime.cli import UserError
 
 ENCODING_NAME = "r50k_base"  # token for token identical to tiktoken's "gpt2"
 VOCAB_SIZE = 50257

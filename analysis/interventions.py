@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from hf_models import HFCausalLM, model_view
+from hf.models import HFCausalLM, model_view
 
 # what each target edits, per massive coordinate (a (sequence, position, channel) that is an activation
 # outlier of some layer output), an operational reading of Raman, Sharma, Zhang 2025 (their tests are not public):
@@ -112,7 +112,7 @@ def replayed_nll(model, view, X, Y, start, h_start, returns_tuple, edits=()):
     """(B,) NLL sums and (B,) target counts of a forward that resumes at block `start` from h_start (the output
     of block start - 1; from the embeddings where start is 0) and sets h_l[b, t, c] = value for every
     (l, b, t, c, value) in `edits`."""
-    from perplexity import sequence_nll
+    from compress.perplexity import sequence_nll
     handles = []
     try:
         for layer in sorted({int(x) for e in edits for x in e[0].tolist()}):

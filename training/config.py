@@ -15,8 +15,10 @@ import types
 import typing
 from dataclasses import dataclass
 
-from common import UserError, check_seed, is_int, is_number, not_a_file, read_json_file
-from model import PRETRAINED as GPT2_SIZES, config_fields
+from model import PRETRAINED as GPT2_SIZES
+from model import config_fields
+from runtime.cli import UserError, check_seed, is_int, is_number
+from runtime.files import not_a_file, read_json_file
 
 
 @dataclass
@@ -161,7 +163,7 @@ def _read_config_file(path):
     if why and os.path.exists(path):  # a directory, a device: there, but not a config file
         raise UserError(f"config file {path} {why}; name a Python file of settings (e.g. config/tiny.py)")
     if why:
-        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
         available = sorted(f for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_")) \
             if os.path.isdir(here) else []
         hint = f" (available in config/: {', '.join(available)})" if available else ""

@@ -22,7 +22,8 @@ from typing import Callable, Optional
 
 import torch
 
-from common import UserError, add_to_registry, autocast_context
+from runtime.cli import UserError, add_to_registry
+from runtime.system import autocast_context
 
 # ----------------------------------------------------------------------------------------------
 # the fake-quantizer
@@ -171,7 +172,7 @@ def block_linears(model):
     """(name, module) of every Linear inside the decoder blocks: c_attn, c_proj, c_fc and the variant's own
     (scale_proj, gate_proj) for this repo's GPT; q/k/v/o, up/gate/down (FalconLinear included, GPT-2's Conv1D
     too) for Hugging Face models. hf_models.weight_of gives each one's weight in (out, in) layout."""
-    from hf_models import is_linear, model_view
+    from hf.models import is_linear, model_view
     view = model_view(model)
     return [(f"{view.family.blocks}.{l}.{name}", m) for l, block in enumerate(view.blocks)
             for name, m in block.named_modules() if is_linear(m)]
@@ -187,7 +188,7 @@ def head_is_tied(model):
 def quantize_weights_(model, spec=QuantSpec(), include_head=False):
     """Every block Linear's weight (and lm_head's with include_head) replaced by its fake-quantized copy;
     returns the names of the modules quantized."""
-    from hf_models import weight_of
+    from hf.models import weight_of
     targets = block_linears(model) + ([("lm_head", model.lm_head)] if include_head else [])
     for _, lin in targets:
         w = weight_of(lin)
@@ -225,7 +226,7 @@ class WindowCount:
     OPT's MLP flattens (B, T, C) to (B*T, C), and per-window ranges need the windows back."""
 
     def __init__(self, model):
-        from hf_models import model_view
+        from hf.models import model_view
         self.n = None
 
         def count(module, args, kwargs):
@@ -298,9 +299,9 @@ def quantize_keys_values_(model, spec=KV_SPEC, fp_tokens=0):
         return quantize_after_prefix(t.transpose(1, 2), spec, fp_tokens).transpose(1, 2)
 
     if hasattr(model, "hf"):
-        from hf_models import transform_keys_values
+        from hf.models import transform_keys_values
         return transform_keys_values(model, lambda k, v: (heads_last(k), heads_last(v)))
-    from hf_models import model_view
+    from hf.models import model_view
 
     def c_attn_hook(head_dim):
         def hook(module, args, out):  # out: [q | k | v], (B, T, 3C)
@@ -366,7 +367,7 @@ def wanda_mask(weight, feature_norm, sparsity):
 
 @torch.no_grad()
 def prune_magnitude_(model, sparsity=0.5, scope="layer"):
-    from hf_models import weight_of
+    from hf.models import weight_of
     weights = [weight_of(lin) for _, lin in block_linears(model)]
     for w, mask in zip(weights, magnitude_masks(weights, sparsity, scope)):
         w.masked_fill_(mask, 0.0)
@@ -384,7 +385,7 @@ def _sumsq_hook(sumsq, name):
 def prune_wanda_(model, calib, sparsity=0.5, dtype=None, batch_size=8):
     """Wanda, block by block as in its reference code: the input-feature norms of a block's Linears come
     from the calibration activations that reach it through the already pruned blocks before it."""
-    from hf_models import in_features, is_linear, weight_of
+    from hf.models import in_features, is_linear, weight_of
     device = next(model.parameters()).device
 
     def visit(l, block, forward):
@@ -419,7 +420,7 @@ def record_block_calls(model, windows, batch_size=8, dtype=None):
     """For each batch of calibration windows: (block 0's input, [(args, kwargs) of block l's call, l = 0..L-1]),
     from one forward in which no block runs (each hands its input on): the masks, positions and rotary
     embeddings a Hugging Face model gives each of its blocks, per block (sliding-window layers get their own)."""
-    from hf_models import model_view
+    from hf.models import model_view
     blocks = model_view(model).blocks
     device = next(model.parameters()).device
     batches, returns_tuple = [], []
@@ -457,7 +458,7 @@ def layerwise(model, windows, visit, batch_size=8, dtype=None):
     again) and returns the outputs. When visit returns True (it changed the block) the block runs once more
     to give the next block its inputs; otherwise the outputs of its forward() are reused. Cost: about one
     forward pass over the windows, twice for the blocks a visit changes."""
-    from hf_models import first, model_view
+    from hf.models import first, model_view
     blocks = model_view(model).blocks
     device = next(model.parameters()).device
     calls = record_block_calls(model, windows, batch_size, dtype)
@@ -745,7 +746,7 @@ def describe(settings):
 
 def readme_table():
     """The README's method table, from the registry (tests check the README holds exactly this)."""
-    from reports import markdown_table
+    from runtime.reports import markdown_table
     rows = [[f"`{m.name}`", m.formula, "yes" if m.calibrated else "", "yes" if m.activations else "", m.source]
             for m in REGISTRY.values()]
     return markdown_table(["`--methods`", "what it does", "calibration", "`--fp_tokens` / `+fpK`", "from"], rows)

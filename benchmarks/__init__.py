@@ -1,0 +1,1 @@
+"""GPU and CPU benchmarks, run from the repo root as modules: `python -m benchmarks.attention --help`."""
