@@ -132,7 +132,7 @@ reproduce-tiny: install
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 GPU_CHECK_BUDGET ?= 480
 gpu-check:
-	$(GPU_PY) -m benchmarks.gpu_check --budget-s $(GPU_CHECK_BUDGET)
+	$(GPU_PY) -m benchmarks.gpu_check --budget_s $(GPU_CHECK_BUDGET)
 
 # What a bare, offline GPU machine (no `datasets`, no network) needs, in the git-ignored ./shared that the
 # device call carries: the tiktoken cache, WikiText-2, and the pysource corpus of reproduce.py --scale gpu

@@ -29,8 +29,8 @@ date, git commit, versions, GPU; plus compute capability, driver version, the ti
 fused kernels ran with, every measurement) and a markdown summary (printed and saved next to it).
 
     python -m benchmarks.attention                       # the full sweep (needs CUDA)
-    python -m benchmarks.attention --seq-lens 1024 --variants default scaling gated
-    python -m benchmarks.attention --interpret-smoke     # tiny CPU run through the Triton
+    python -m benchmarks.attention --seq_lens 1024 --variants default scaling gated
+    python -m benchmarks.attention --interpret_smoke     # tiny CPU run through the Triton
                                                          # interpreter: exercises the code only
 """
 
@@ -58,26 +58,26 @@ def parse_args(argv=None):
     from runtime.cli import ArgumentParser
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--seq_lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--tokens", type=int, default=16 * 1024, help="B*T per case (default 16k)")
     p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--head_dim", type=int, default=64)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=ALL_VARIANTS)
     p.add_argument("--impls", nargs="+", default=["fused", "sdpa", "unfused"],
                    choices=["fused", "sdpa", "unfused"])
-    p.add_argument("--sdpa-backend", default="flash", choices=sorted(SDPA_BACKENDS),
+    p.add_argument("--sdpa_backend", default="flash", choices=sorted(SDPA_BACKENDS),
                    help="the backend the 'sdpa' baseline is pinned to (default flash: FlashAttention-2); "
                         "'auto' lets torch choose. Recorded in the results")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
-    p.add_argument("--out-dir", default=None,
-                   help="where the JSON/markdown go (default benchmarks/results; a temp dir for --interpret-smoke)")
-    p.add_argument("--interpret-smoke", action="store_true",
+    p.add_argument("--out_dir", default=None,
+                   help="where the JSON/markdown go (default benchmarks/results; a temp dir for --interpret_smoke)")
+    p.add_argument("--interpret_smoke", action="store_true",
                    help="run one tiny shape on CPU through the Triton interpreter (checks the code path only; "
                         "the timings mean nothing)")
     from benchmarks import bench_utils
-    return bench_utils.parse_with_smoke(p, argv, "--interpret-smoke",
+    return bench_utils.parse_with_smoke(p, argv, "--interpret_smoke",
                                         {"seq_lens": [80], "tokens": 80, "heads": 2, "head_dim": 16})
 
 
@@ -104,7 +104,7 @@ def main(argv=None):
     import torch
 
     if not args.interpret_smoke and not torch.cuda.is_available():
-        print("error: benchmarks/attention.py needs a CUDA GPU (use --interpret-smoke for a CPU check of the "
+        print("error: benchmarks/attention.py needs a CUDA GPU (use --interpret_smoke for a CPU check of the "
               "code path)", file=sys.stderr)
         return 2
     import triton

@@ -27,11 +27,11 @@ def parse_with_smoke(parser, argv, smoke_flag, smoke_sizes):
     parser.set_defaults(**dict.fromkeys(smoke_sizes))
     args = parser.parse_args(argv)
     smoke = getattr(args, smoke_flag.lstrip("-").replace("-", "_"))
-    given = ["--" + dest.replace("_", "-") for dest in smoke_sizes if getattr(args, dest) is not None]
+    given = ["--" + dest for dest in smoke_sizes if getattr(args, dest) is not None]
     if smoke and given:
         raise cli.UserError(f"{smoke_flag} runs its own tiny sizes, so {', '.join(given)} would be ignored (while "
-                               f"the results record the command line): leave {'it' if len(given) == 1 else 'them'} "
-                               f"out, or drop {smoke_flag}")
+                            f"the results record the command line): leave {'it' if len(given) == 1 else 'them'} "
+                            f"out, or drop {smoke_flag}")
     for dest, value in (smoke_sizes if smoke else defaults).items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)
@@ -100,9 +100,9 @@ def chosen_tile_configs():
 
 
 def check_out_dir(out_dir, benchmark):
-    """--out-dir checked before the measurements (None: the default, chosen later)."""
+    """--out_dir checked before the measurements (None: the default, chosen later)."""
     if out_dir is not None:
-        outputs.check_output_dir(out_dir, f"benchmarks/{benchmark}", [], flag="--out-dir")
+        outputs.check_output_dir(out_dir, f"benchmarks/{benchmark}", [], flag="--out_dir")
 
 
 def write_results(meta, results, table, out_dir, *, title, label, summary):
@@ -119,7 +119,7 @@ def write_results(meta, results, table, out_dir, *, title, label, summary):
     name = f"{meta['benchmark']}_{slug}_{stamp}"
     # the pair lands together, beside the earlier results (never replacing a file the benchmarks did not write)
     with outputs.output_set(out_dir, f"benchmarks/{meta['benchmark']}", [name + ".json", name + ".md"],
-                           flag="--out-dir", keep_previous=True) as tmp:
+                           flag="--out_dir", keep_previous=True) as tmp:
         with open(os.path.join(tmp, name + ".json"), "w", encoding="utf-8") as f:
             f.write(files.json_text(meta))
         with open(os.path.join(tmp, name + ".md"), "w", encoding="utf-8") as f:

@@ -18,7 +18,7 @@ The plan has a planned time per step, from the step timings measured on one H200
 2026-12-04) where a step was measured and from stated estimates where not (`python -m
 benchmarks.gpu_check --plan` prints the table). The default budget is 480 s: the planned times
 plus a reserve for this process fit in it by construction, shortening the longest sweeps first;
-`--budget-s` shrinks the plan further (shortening, then dropping steps, and saying which). Each step
+`--budget_s` shrinks the plan further (shortening, then dropping steps, and saying which). Each step
 runs under a time limit of 1.5x its planned time, never past the budget's deadline.
 
 After every step it writes benchmarks/results/gpu-check.json (device, versions, commit, command, the
@@ -34,7 +34,7 @@ carried to a GPU machine); without WikiText-2 the compress_eval timing runs on r
 says so.
 
     python -m benchmarks.gpu_check                     # or: make gpu-check   (<= 480 s)
-    python -m benchmarks.gpu_check --budget-s 300       # a shorter plan
+    python -m benchmarks.gpu_check --budget_s 300       # a shorter plan
     python -m benchmarks.gpu_check --plan               # print the plan for the budget; run nothing
 """
 
@@ -90,22 +90,22 @@ class Step:
 
 
 def _attention(out, *args):
-    return ("-m", "benchmarks.attention", *args, "--warmup", "10", "--rep", "40", "--sdpa-backend", "flash",
-            "--out-dir", "{work}/" + out)
+    return ("-m", "benchmarks.attention", *args, "--warmup", "10", "--rep", "40", "--sdpa_backend", "flash",
+            "--out_dir", "{work}/" + out)
 
 
 def _train(out, *args):
-    return ("-m", "benchmarks.train_throughput", *args, "--warmup-steps", "5", "--steps", "20", "--out-dir", "{work}/" + out)
+    return ("-m", "benchmarks.train_throughput", *args, "--warmup_steps", "5", "--steps", "20", "--out_dir", "{work}/" + out)
 
 
 GPU_TESTS = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fused_attention.py", "-k")
 
 STEPS = (
     Step("attention_short", "fused vs SDPA (flash) vs unfused, every variant, D = 64, T = 1024/2048", (
-        Form("T = 1024, 2048", _attention("attention_short", "--seq-lens", "1024", "2048", "--head-dim", "64"), 85,
+        Form("T = 1024, 2048", _attention("attention_short", "--seq_lens", "1024", "2048", "--head_dim", "64"), 85,
              f"66 s {MEASURED}, run after a model check had compiled the T = 1024 kernels; 19 s added for a "
              "cold Triton cache (an estimate)"),
-        Form("T = 2048 only", _attention("attention_short", "--seq-lens", "2048", "--head-dim", "64"), 55,
+        Form("T = 2048 only", _attention("attention_short", "--seq_lens", "2048", "--head_dim", "64"), 55,
              "estimate: the same compiles as the 85 s form, half its timed cases"))),
     Step("train_eager", "GPT-2 124M training tokens/s, every variant, eager (batch 16 x 1024, bf16)", (
         Form("fused and SDPA backends", _train("train_eager", "--backends", "triton", "sdpa"), 82, f"82 s {MEASURED}"),
@@ -118,9 +118,9 @@ STEPS = (
                                           "triton"), 52,
              "estimate: 71 s measured with both backends, less the SDPA model's 19 s compile warm-up"))),
     Step("attention_long", "peak memory and speed at long T: default, softmax1, sigmoid, fused vs SDPA", (
-        Form("T = 4096, 8192", _attention("attention_long", "--seq-lens", "4096", "8192", "--variants", "default",
+        Form("T = 4096, 8192", _attention("attention_long", "--seq_lens", "4096", "8192", "--variants", "default",
                                           "softmax1", "sigmoid", "--impls", "fused", "sdpa"), 27, f"27 s {MEASURED}"),
-        Form("T = 8192 only", _attention("attention_long", "--seq-lens", "8192", "--variants", "default", "softmax1",
+        Form("T = 8192 only", _attention("attention_long", "--seq_lens", "8192", "--variants", "default", "softmax1",
                                          "sigmoid", "--impls", "fused", "sdpa"), 18,
              "estimate: two thirds of the 27 s measurement (the T = 8192 cases dominate)"))),
     Step("analyze_outliers", "wall time of analyze_outliers.py, 100 x 1024 tokens, random GPT-2 124M", (
@@ -132,7 +132,7 @@ STEPS = (
                              "{work}/compress"), 25,
              "not measured on a GPU yet: the RESULTS.md target (<= 10 s) plus 15 s of start-up"),)),
     Step("host_overhead", "host enqueue time and CUDA-graph GPU time per attention call, fused vs SDPA", (
-        Form("T = 1024, 2048", ("-m", "benchmarks.host_overhead", "--device", "cuda", "--seq-lens", "1024", "2048",
+        Form("T = 1024, 2048", ("-m", "benchmarks.host_overhead", "--device", "cuda", "--seq_lens", "1024", "2048",
                                 "--out", "{work}/host_overhead.json"), 40,
              "not measured yet (a new script): an estimate"),), requires="benchmarks/host_overhead.py"),
     Step("gpu_tests", "GPU tests of the fused kernel (tests/test_fused_attention.py)", (
@@ -189,10 +189,10 @@ def make_plan(budget_s, steps=STEPS, reductions=REDUCTIONS):
             chosen[name] = None
     if total() > available_s(budget_s):
         need = (total() + RESERVE_S) / (1 - SLACK)
-        raise UserError(f"--budget-s {budget_s:g} is too small: the shortest plan needs {need:.0f} s "
+        raise UserError(f"--budget_s {budget_s:g} is too small: the shortest plan needs {need:.0f} s "
                         f"({total():.0f} s of steps, {RESERVE_S} s reserve, {SLACK:.0%} slack)")
     if notes:
-        notes.insert(0, f"to fit --budget-s {budget_s:g} ({available_s(budget_s):.0f} s of planned step time):")
+        notes.insert(0, f"to fit --budget_s {budget_s:g} ({available_s(budget_s):.0f} s of planned step time):")
     return [(s, s.forms[chosen[s.name]]) for s in steps if chosen[s.name] is not None], notes
 
 
@@ -203,7 +203,7 @@ def plan_rows(plan):
 
 def plan_text(plan, notes, budget_s):
     rows = plan_rows(plan)
-    lines = [f"gpu-check plan for --budget-s {budget_s:g}:",
+    lines = [f"gpu-check plan for --budget_s {budget_s:g}:",
              f"  {'step':<17} {'planned s':>9} {'limit s':>7}  form"]
     lines += [f"  {r['step']:<17} {r['planned_s']:>9g} {r['limit_s']:>7}  {r['form']}" for r in rows]
     planned = sum(r["planned_s"] for r in rows)
@@ -215,16 +215,16 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(BENCH_DIR, "results", "gpu-check.json"))
-    p.add_argument("--budget-s", "--budget_s", dest="budget_s", type=float, default=BUDGET_S,
+    p.add_argument("--budget_s", "--budget_s", dest="budget_s", type=float, default=BUDGET_S,
                    help=f"wall-clock budget in seconds (default {BUDGET_S}); a smaller one shortens or drops steps")
-    p.add_argument("--results-md", default=RESULTS_MD,
+    p.add_argument("--results_md", default=RESULTS_MD,
                    help="the markdown file whose GPU section is regenerated after every step (default "
                         "benchmarks/RESULTS.md; give a copy elsewhere to leave the repo's file alone)")
-    p.add_argument("--no-results-md", action="store_true", help="do not write a RESULTS.md section")
+    p.add_argument("--no_results_md", action="store_true", help="do not write a RESULTS.md section")
     p.add_argument("--plan", action="store_true", help="print the plan for the budget and exit (no GPU needed)")
     args = p.parse_args(argv)
     if not args.budget_s > 0:
-        raise UserError(f"--budget-s must be positive, got {args.budget_s:g}")
+        raise UserError(f"--budget_s must be positive, got {args.budget_s:g}")
     return args
 
 

@@ -23,12 +23,12 @@ from CUDA-graph replay (triton.testing.do_bench_cudagraph, median), fused vs SDP
 Each host time is the smallest over --repeats of the mean over --calls calls (the least disturbed
 repeat, as timeit recommends); the cases take turns within a repeat, so a busy spell of a shared
 machine slows all of them.  fwd_vs_floor and fwd_bwd_vs_floor are fused / floor.  With several
---seq-lens every top-level value is the largest over them (ratios included) and "by_seq_len" holds
+--seq_lens every top-level value is the largest over them (ratios included) and "by_seq_len" holds
 each.  Prints one JSON line on stdout (everything else goes to stderr);
 --out FILE.json also writes it.
 
     python -m benchmarks.host_overhead                                   # CPU, stubbed launches
-    python -m benchmarks.host_overhead --device cuda --seq-lens 1024 2048 --out host.json
+    python -m benchmarks.host_overhead --device cuda --seq_lens 1024 2048 --out host.json
 """
 
 import argparse
@@ -56,10 +56,10 @@ def parse_args(argv=None):
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="cpu: stubbed launches; cuda: real ones (default: cuda when available)")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024])
+    p.add_argument("--seq_lens", type=int, nargs="+", default=[1024])
     p.add_argument("--tokens", type=int, default=16 * 1024, help="B*T per call (default 16k)")
     p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--head_dim", type=int, default=64)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--calls", type=int, default=None, help="calls per timed repeat (default 500 on CPU, 50 on CUDA)")
     p.add_argument("--repeats", type=int, default=15)
@@ -132,7 +132,7 @@ def host_us(cases, calls, repeats, sync):
 
 
 def measure(args, T, device, dtype, fa, counter):
-    """One --seq-lens entry; counter[0] is reset once every case has run once (compiled, tuned)."""
+    """One --seq_lens entry; counter[0] is reset once every case has run once (compiled, tuned)."""
     import torch
 
     B, H, D = max(1, args.tokens // T), args.heads, args.head_dim
@@ -204,13 +204,13 @@ def check_args(args):
     if args.calls is not None and args.calls < 1:
         raise UserError(f"--calls must be at least 1, got {args.calls}")
     if min(args.seq_lens) < 1:
-        raise UserError(f"--seq-lens must be at least 1, got {min(args.seq_lens)}")
+        raise UserError(f"--seq_lens must be at least 1, got {min(args.seq_lens)}")
     if args.head_dim not in HEAD_DIMS:
-        raise UserError(f"--head-dim {args.head_dim} is not one the fused kernel takes; choose one of "
+        raise UserError(f"--head_dim {args.head_dim} is not one the fused kernel takes; choose one of "
                         f"{', '.join(map(str, HEAD_DIMS))}")
     T = max(args.seq_lens)
     per_case = max(1, args.tokens // T) * T * args.heads * args.head_dim * 4 * 12  # fp32 draws, q/k/v, o, grads
-    check_fits(per_case, "cpu", f"--tokens {args.tokens:,} x --heads {args.heads} x --head-dim {args.head_dim}",
+    check_fits(per_case, "cpu", f"--tokens {args.tokens:,} x --heads {args.heads} x --head_dim {args.head_dim}",
                "lower --tokens or --heads")
     if args.out is not None:  # before the measurements, not after them
         if os.path.isdir(args.out):
@@ -252,7 +252,7 @@ def main(argv=None):
         "launch": "stub" if device == "cpu" else "real",
         "dtype": args.dtype,
         "timing": f"smallest over {args.repeats} repeats of the mean of {args.calls} calls; "
-                  "top-level values: the largest over --seq-lens",
+                  "top-level values: the largest over --seq_lens",
         "by_seq_len": rows,
         **{k: meta.get(k) for k in ("git_commit", "date", "torch", "triton", "python", "gpu", "command",
                                     "compute_capability", "driver_version")},

@@ -6,12 +6,12 @@ For each kernel (fwd, dkdv, dq), each combination of its tl.constexpr switches t
 a registry variant (attention_variants.py) give it, and each tile candidate of fused_kernels/launch.py's table
 for (arch, head dim, dtype), it prints
 registers per thread, spill bytes (LOCAL / STACK) and shared memory. `--check` exits 1 when a
-config spills, or, with --max-sink-reg-ratio R, when a sink variant's forward needs more than R
+config spills, or, with --max_sink_reg_ratio R, when a sink variant's forward needs more than R
 times the registers of the default forward with the same tiles (its extra state must not cost
 occupancy).
 
-    python -m benchmarks.kernel_registers --check --max-sink-reg-ratio 1.1   # sm_90, D = 64, bf16
-    python -m benchmarks.kernel_registers --arch 80 --head-dim 128 --check
+    python -m benchmarks.kernel_registers --check --max_sink_reg_ratio 1.1   # sm_90, D = 64, bf16
+    python -m benchmarks.kernel_registers --arch 80 --head_dim 128 --check
 """
 
 import inspect
@@ -34,11 +34,11 @@ def parse_args(argv=None):
     from runtime.cli import ArgumentParser
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200, 80: A100)")
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--head_dim", type=int, default=64)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--first-only", action="store_true", help="only the first tile candidate of each kernel")
-    p.add_argument("--check", action="store_true", help="exit 1 on spills (and on --max-sink-reg-ratio)")
-    p.add_argument("--max-sink-reg-ratio", type=float, default=None,
+    p.add_argument("--first_only", action="store_true", help="only the first tile candidate of each kernel")
+    p.add_argument("--check", action="store_true", help="exit 1 on spills (and on --max_sink_reg_ratio)")
+    p.add_argument("--max_sink_reg_ratio", type=float, default=None,
                    help="also refuse a sink forward with more than this times the default forward's registers")
     return p.parse_args(argv)
 
@@ -149,17 +149,17 @@ ARCHS = (80, 86, 89, 90, 100, 120)
 
 
 def check_args(args):
-    """--arch and --head-dim before anything is compiled (an unknown architecture aborts inside LLVM)."""
+    """--arch and --head_dim before anything is compiled (an unknown architecture aborts inside LLVM)."""
     from fused_kernels import fused_attention as fa
     from runtime.cli import UserError
     if args.arch not in ARCHS:
         raise UserError(f"--arch {args.arch} is not a GPU architecture these kernels are tuned for; choose one of "
                         f"{', '.join(map(str, ARCHS))} (compute capability x 10: 90 for H100/H200, 80 for A100)")
     if args.head_dim not in fa.SUPPORTED_HEAD_DIMS:
-        raise UserError(f"--head-dim {args.head_dim} is not one the fused kernel takes; choose one of "
+        raise UserError(f"--head_dim {args.head_dim} is not one the fused kernel takes; choose one of "
                         f"{', '.join(map(str, fa.SUPPORTED_HEAD_DIMS))}")
     if args.max_sink_reg_ratio is not None and not args.max_sink_reg_ratio > 0:
-        raise UserError(f"--max-sink-reg-ratio must be a positive number, got {args.max_sink_reg_ratio}")
+        raise UserError(f"--max_sink_reg_ratio must be a positive number, got {args.max_sink_reg_ratio}")
 
 
 def main(argv=None):

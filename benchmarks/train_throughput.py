@@ -43,18 +43,18 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=ALL_VARIANTS)
     p.add_argument("--backends", nargs="+", default=["triton", "sdpa"],
                    choices=["triton", "sdpa", "reference", "auto"])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--block-size", type=int, default=1024)
-    p.add_argument("--n-layer", type=int, default=12)
-    p.add_argument("--n-head", type=int, default=12)
-    p.add_argument("--n-embd", type=int, default=768)
-    p.add_argument("--vocab-size", type=int, default=50304)
-    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--block_size", type=int, default=1024)
+    p.add_argument("--n_layer", type=int, default=12)
+    p.add_argument("--n_head", type=int, default=12)
+    p.add_argument("--n_embd", type=int, default=768)
+    p.add_argument("--vocab_size", type=int, default=50304)
+    p.add_argument("--warmup_steps", type=int, default=10)
     p.add_argument("--steps", type=int, default=30, help="timed steps after the warm-up")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--peak-tflops", type=float, default=None,
+    p.add_argument("--peak_tflops", type=float, default=None,
                    help="peak dense bf16 TFLOP/s for MFU when the GPU is not in model.PEAK_BF16_FLOPS")
-    p.add_argument("--out-dir", default=None,
+    p.add_argument("--out_dir", default=None,
                    help="where the JSON/markdown go (default benchmarks/results; a temp dir for --smoke)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny model for 2 steps on CPU (Triton interpreter for the fused kernel): checks the "

@@ -36,10 +36,29 @@ def cli_main(main, argv=None):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors (an unknown option, an invalid choice, a value of the wrong type) are the
-    scripts' one line `error: ...` with exit status 2 (a UserError for cli_main), not a usage block."""
+    scripts' one line `error: ...` with exit status 2 (a UserError for cli_main), not a usage block.
+
+    Options are spelled with underscores (`--num_seqs`, nanoGPT's `--key=value` style); the same option with
+    hyphens (`--num-seqs`) is accepted too, so --help lists one spelling and the command line takes both."""
 
     def error(self, message):
         raise UserError(f"{message} (python {self.prog} --help lists the options)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        end = args.index("--") if "--" in args else len(args)  # after `--` everything is a positional value
+        return super().parse_known_args([self._spelled(a) for a in args[:end]] + args[end:], namespace)
+
+    def _spelled(self, arg):
+        """`arg` with its option name in the spelling this parser knows (a prefix of one counts, as argparse
+        accepts unambiguous abbreviations)."""
+        if not arg.startswith("--"):
+            return arg
+        name, eq, value = arg.partition("=")
+        for spelling in (name, "--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
+            if any(option.startswith(spelling) for option in self._option_string_actions):
+                return spelling + eq + value
+        return arg
 
 
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes 32 bits; torch takes 64

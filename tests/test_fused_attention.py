@@ -774,7 +774,7 @@ def test_attention_benchmark_smoke(tmp_path):
     import json
     import shlex
     bench = _load_script("attention.py")
-    argv = ["--interpret-smoke", "--variants", "context_bias", "--out-dir", str(tmp_path)]
+    argv = ["--interpret_smoke", "--variants", "context_bias", "--out_dir", str(tmp_path)]
     assert bench.main(argv) == 0
     (out,) = tmp_path.glob("attention_*.json")
     data = json.loads(out.read_text())
@@ -793,7 +793,7 @@ def test_attention_benchmark_smoke(tmp_path):
 def test_train_throughput_smoke(tmp_path):
     import json
     bench = _load_script("train_throughput.py")
-    argv = ["--smoke", "--variants", "attention_bias", "--backends", "triton", "sdpa", "--out-dir", str(tmp_path)]
+    argv = ["--smoke", "--variants", "attention_bias", "--backends", "triton", "sdpa", "--out_dir", str(tmp_path)]
     assert bench.main(argv) == 0
     (out,) = tmp_path.glob("train_throughput_*.json")
     data = json.loads(out.read_text())
@@ -817,7 +817,7 @@ def test_kernels_compile_for_sm90_without_spills():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_registers", "--arch", "90",
-                           "--head-dim", "64", "--check", "--max-sink-reg-ratio", "1.1"],
+                           "--head_dim", "64", "--check", "--max_sink_reg_ratio", "1.1"],
                           cwd=repo, capture_output=True, text=True, env=env, timeout=600)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

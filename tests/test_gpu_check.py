@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.py (`make gpu-check`): refuses without a GPU; its plan fits the budget by
-construction and shrinks with --budget-s; a run of stub steps interrupted at any point leaves valid
+construction and shrinks with --budget_s; a run of stub steps interrupted at any point leaves valid
 JSON of the steps that finished; steps overrunning their limit are stopped with their children; it
 turns the benchmark scripts' JSON into gpu-check.json rows and the RESULTS.md section. The numbers
 below are made up for the test and never written to the repo."""
@@ -87,7 +87,7 @@ def test_default_plan_fits_the_8_minute_budget_by_construction():
     assert sum(s.forms[0].planned_s for s in gc.STEPS) + gc.RESERVE_S > gc.BUDGET_S * (1 - gc.SLACK)
     host = next(s for s, _ in plan if s.name == "host_overhead")
     assert host.requires == "benchmarks/host_overhead.py"
-    assert {"--device", "cuda", "--seq-lens", "1024", "2048", "--out"} <= set(host.forms[0].args)
+    assert {"--device", "cuda", "--seq_lens", "1024", "2048", "--out"} <= set(host.forms[0].args)
     for step in gc.STEPS:  # every planned time says where it comes from
         assert all(f.basis and f.planned_s > 0 for f in step.forms)
     assert {name for name, _ in gc.REDUCTIONS} == {s.name for s in gc.STEPS}
@@ -107,27 +107,27 @@ def test_budget_shrinks_the_plan_and_says_how(budget):
         if form is not step.forms[0]:
             assert any(n.startswith(f"{step.name}: shortened") for n in notes)
     text = gc.plan_text(plan, notes, budget)
-    assert f"--budget-s {budget}" in text and "planned s" in text
+    assert f"--budget_s {budget}" in text and "planned s" in text
 
 
 def test_full_plan_without_a_tight_budget_and_a_budget_too_small():
     gc = load()
     plan, notes = gc.make_plan(10_000)
     assert all(form is step.forms[0] for step, form in plan) and notes == []
-    with pytest.raises(gc.UserError, match="--budget-s 60 is too small"):
+    with pytest.raises(gc.UserError, match="--budget_s 60 is too small"):
         gc.make_plan(60)
 
 
 def test_plan_flag_prints_the_table_without_a_gpu(capsys):
-    assert load().main(["--plan", "--budget-s", "300"]) == 0
+    assert load().main(["--plan", "--budget_s", "300"]) == 0
     out = capsys.readouterr().out
-    assert "gpu-check plan for --budget-s 300" in out and "attention_short" in out and "dropped" in out
+    assert "gpu-check plan for --budget_s 300" in out and "attention_short" in out and "dropped" in out
 
 
 def test_too_small_budget_is_one_line(capsys):
-    assert load().main(["--plan", "--budget-s", "10"]) == 2
+    assert load().main(["--plan", "--budget_s", "10"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --budget-s 10 is too small") and err.count("\n") == 1
+    assert err.startswith("error: --budget_s 10 is too small") and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------------- running

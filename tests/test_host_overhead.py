@@ -19,7 +19,7 @@ def _run(*args):
 @pytest.mark.slow
 def test_cpu_run_prints_one_json_line(tmp_path):
     out = tmp_path / "host.json"
-    proc = _run("--device", "cpu", "--seq-lens", "64", "128", "--tokens", "256", "--calls", "30", "--repeats", "2",
+    proc = _run("--device", "cpu", "--seq_lens", "64", "128", "--tokens", "256", "--calls", "30", "--repeats", "2",
                 "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

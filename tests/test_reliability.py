@@ -1681,7 +1681,7 @@ def _bench_main(script, monkeypatch):
 
 @scenario
 def kernel_registers_head_dim(tmp_path, capsys, monkeypatch, **_):
-    return (*cli(_bench_main("kernel_registers.py", monkeypatch), ["--head-dim", "7"], capsys), {})
+    return (*cli(_bench_main("kernel_registers.py", monkeypatch), ["--head_dim", "7"], capsys), {})
 
 
 @scenario
@@ -1691,12 +1691,12 @@ def kernel_registers_arch(tmp_path, capsys, monkeypatch, **_):
 
 @scenario
 def host_overhead_seq_len_zero(tmp_path, capsys, monkeypatch, **_):
-    return (*cli(_bench_main("host_overhead.py", monkeypatch), ["--device", "cpu", "--seq-lens", "0"], capsys), {})
+    return (*cli(_bench_main("host_overhead.py", monkeypatch), ["--device", "cpu", "--seq_lens", "0"], capsys), {})
 
 
 @scenario
 def host_overhead_head_dim(tmp_path, capsys, monkeypatch, **_):
-    return (*cli(_bench_main("host_overhead.py", monkeypatch), ["--device", "cpu", "--head-dim", "8"], capsys), {})
+    return (*cli(_bench_main("host_overhead.py", monkeypatch), ["--device", "cpu", "--head_dim", "8"], capsys), {})
 
 
 # E: messages that named the wrong cause
@@ -1788,13 +1788,13 @@ def train_min_lr_above_lr(tmp_path, capsys, trained, **_):
 @scenario
 def bench_train_smoke_sizes(tmp_path, capsys, monkeypatch, **_):
     main = _bench_main("train_throughput.py", monkeypatch)
-    return (*cli(main, ["--smoke", "--batch-size", "64", "--out-dir", tmp_path / "b"], capsys), {})
+    return (*cli(main, ["--smoke", "--batch_size", "64", "--out_dir", tmp_path / "b"], capsys), {})
 
 
 @scenario
 def bench_attention_smoke_sizes(tmp_path, capsys, monkeypatch, **_):
     main = _bench_main("attention.py", monkeypatch)
-    return (*cli(main, ["--interpret-smoke", "--seq-lens", "4096", "--heads", "16", "--out-dir", tmp_path / "b"],
+    return (*cli(main, ["--interpret_smoke", "--seq_lens", "4096", "--heads", "16", "--out_dir", tmp_path / "b"],
                  capsys), {})
 
 

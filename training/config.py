@@ -230,6 +230,7 @@ def parse_config(argv=None):
             if "=" not in arg:
                 raise UserError(f"argument {arg!r}: write --key=value (e.g. --batch_size=8)")
             key, text = arg[2:].split("=", 1)
+            key = key.replace("-", "_")  # --max-iters=5 reads as --max_iters=5 (every script takes both spellings)
             if key not in CONFIG_KEYS:
                 raise _unknown_key(key, f"--{key}={text}")
             values[key], origin[key] = _coerce_string(key, text), "command line"
