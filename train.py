@@ -40,9 +40,6 @@ whole run; a second training into the same directory stops at once with exit sta
 
 import contextlib
 import dataclasses
-import gc
-import io
-import json
 import math
 import os
 import random
@@ -51,7 +48,6 @@ import secrets
 import signal
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,23 +56,18 @@ import torch
 
 from analysis.telemetry import training_telemetry
 from model import GPT, GPTConfig
-from runtime.cli import UserError, cli_main, is_int, one_line
-from runtime.files import (atomic_path, atomic_write_json, check_regular_file, directory_lock, json_safe, not_a_file,
-                           read_json_file, write_error)
+from runtime.cli import UserError, cli_main, one_line
+from runtime.files import atomic_write_json, check_regular_file
 from runtime.outputs import file_stat, unchanged_since
-from runtime.system import autocast_context, check_fits, resolve_device, resolve_dtype, run_metadata
-from runtime.token_data import TOKEN_DTYPE, load_tokens
+from runtime.system import autocast_context, resolve_dtype, run_metadata
 from training.checkpoint import (all_finite, forward_loss, largest_weight, load_checkpoint, load_model, model_args_from,
                                  save_checkpoint)
 from training.config import CONFIG_KEYS, FREE_ON_RESUME, MODEL_KEYS, SHAPE_KEYS, format_config, parse_config, print_help
+from training.data import Batches, check_data, check_same_data, data_record
+from training.run import JsonlLog, check_memory, read_run_record, replaced_run_record, run_context, truncate_log
 from training.state import (RESUME_FIX, TrainCheckpoint, check_resume_state, load_optimizer_state, rng_state,
                             set_rng_state)
 
-PREPARE_COMMANDS = {"openwebtext": "python prepare_data.py --dataset openwebtext",
-                    "wikitext2": "python prepare_data.py --dataset wikitext2",
-                    "shakespeare": "python prepare_data.py --dataset shakespeare",
-                    "builtin": "python prepare_data.py --dataset builtin"}
-STOP_SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, s))
 OUTPUT_FILES = ("ckpt.pt", "run.json", "log.jsonl")
 SNAPSHOT = re.compile(r"ckpt_(\d+)\.pt")  # ckpt_{iter}.pt
 RUN_FILE = re.compile(rf"ckpt\.pt|run\.json|log\.jsonl|{SNAPSHOT.pattern}")  # what a training writes into out_dir
@@ -87,207 +78,7 @@ class Diverged(UserError):
     exit_status = 3
 
 
-# ================================================================================================ data
-
-class Batches:
-    """Random windows of a token file, drawn for the global batch from one seeded generator.
-
-    Every rank holds an identical generator (seeded by `seed`); each draw covers the global batch of
-    gradient_accumulation_steps * batch_size windows and rank r uses its contiguous slice, so the
-    windows of a run do not depend on the number of ranks. The generator state is checkpointed.
-    """
-
-    def __init__(self, path, block_size, device, seed, vocab_size=None):
-        self.path = path
-        self.block_size = block_size
-        self.device = device
-        self.vocab_size = vocab_size
-        self.n_tokens = len(load_tokens(path))
-        self.generator = torch.Generator().manual_seed(seed)
-        self.seed = seed
-        self.draws = 0
-
-    def draw(self, n):
-        self.draws += 1
-        return torch.randint(self.n_tokens - self.block_size, (n,), generator=self.generator)
-
-    def get(self, offsets):
-        """(x, y) on the device for window starts `offsets` (1-D tensor)."""
-        data = np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r")  # re-open per batch: avoids a memmap leak
-        T = self.block_size
-        starts = offsets.tolist()
-        x = torch.from_numpy(np.stack([data[i:i + T] for i in starts]).astype(np.int64))
-        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T] for i in starts]).astype(np.int64))
-        if self.vocab_size is not None:
-            self._check_ids(x, y)
-        if str(self.device).startswith("cuda"):
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
-
-    def _check_ids(self, x, y):
-        """A token id beyond the vocabulary (data that does not match its meta.json) is a clear error
-        here, not an IndexError inside the embedding (or a device-side assert on CUDA)."""
-        top = max(int(x.max()), int(y.max()))
-        if top >= self.vocab_size:
-            raise UserError(f"{self.path} holds token id {top}, outside the model's vocabulary of {self.vocab_size}: "
-                            f"the file does not match its meta.json or this model; prepare it again with "
-                            f"prepare_data.py, or set --vocab_size larger")
-
-    def state_dict(self):
-        return {"seed": self.seed, "draws": self.draws, "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
-        self.draws = int(state["draws"])
-
-
-def check_data(cfg, data_dir):
-    """Validate the data directory against the config; returns meta.json's content (or {})."""
-    cmd = PREPARE_COMMANDS.get(cfg.dataset)
-    if cmd is None:
-        cmd = f"python prepare_data.py --dataset text --input YOUR_TEXT_FILES --out_dir {data_dir}"
-    elif os.path.normpath(data_dir) != os.path.join("data", cfg.dataset):  # prepare_data's default out_dir
-        cmd += f" --out_dir {data_dir}"
-    for split in ("train", "val"):
-        why = not_a_file(os.path.join(data_dir, f"{split}.bin"))
-        if why and os.path.lexists(os.path.join(data_dir, f"{split}.bin")):
-            raise UserError(f"{os.path.join(data_dir, f'{split}.bin')} {why}")
-        if why:
-            what = "does not exist" if not os.path.isdir(data_dir) else f"has no {split}.bin"
-            raise UserError(f"data directory {data_dir} {what}; make it with: {cmd}"
-                            + ("" if cfg.data_dir else " (or set --data_dir)"))
-    meta_path = os.path.join(data_dir, "meta.json")
-    meta = read_meta(meta_path) if os.path.lexists(meta_path) else {}
-    lengths = {s: len(load_tokens(os.path.join(data_dir, f"{s}.bin"))) for s in ("train", "val")}
-    for split, n in lengths.items():
-        if n <= cfg.block_size + 1:
-            raise UserError(f"block_size {cfg.block_size} is larger than the data: {data_dir}/{split}.bin holds only "
-                            f"{n:,} tokens; use a smaller --block_size or more data")
-    if "vocab_size" in meta:
-        data_vocab, where = int(meta["vocab_size"]), f"{meta_path} says vocab_size {meta['vocab_size']}"
-    else:  # nanoGPT-made data without meta.json: look at the ids themselves (chunked; once per launch)
-        data_vocab = 1 + max(_max_token(os.path.join(data_dir, f"{s}.bin")) for s in ("train", "val"))
-        where = f"{data_dir} holds token id {data_vocab - 1}"
-    if data_vocab > cfg.vocab_size:
-        raise UserError(f"the data's vocabulary is larger than the model's: {where}, but vocab_size is "
-                        f"{cfg.vocab_size}; set --vocab_size={data_vocab} or more")
-    return meta
-
-
-def data_record(data_dir, meta):
-    """What run.json and ckpt.pt record of the data a launch trains on: the directory, its meta.json and the
-    token count of each split (nanoGPT data has no meta.json, hence no hashes, to compare)."""
-    return {"data_dir": os.path.abspath(data_dir), "meta": meta,
-            "tokens": {s: len(load_tokens(os.path.join(data_dir, f"{s}.bin"))) for s in ("train", "val")}}
-
-
-def data_differences(old, new):
-    """How the data of two data records differ: meta.json's SHA-256 of each split where both have it, else
-    the token counts where both have them (what cannot be compared is not called a difference)."""
-    def get(record, *keys):
-        for key in keys:
-            record = record.get(key) if isinstance(record, dict) else None
-        return record
-    diffs = []
-    for split in ("train", "val"):
-        a, b = get(old, "meta", f"{split}_sha256"), get(new, "meta", f"{split}_sha256")
-        if a is not None and b is not None:
-            if a != b:
-                diffs.append(f"{split}.bin's SHA-256 in meta.json")
-            continue
-        a, b = get(old, "tokens", split), get(new, "tokens", split)
-        if a is not None and b is not None and a != b:
-            diffs.append(f"{split}.bin holds {b} tokens, {a} then")
-    return diffs
-
-
-def check_same_data(cfg, ckpt_path, old, new):
-    """A resume continues on the data the run trained on; another data set is refused unless
-    --resume_on_new_data says the change is meant. Returns the replaced data record (None: same data)."""
-    diffs = data_differences(old, new) if isinstance(old, dict) else []
-    if not diffs:
-        return None
-    if not cfg.resume_on_new_data:
-        was = old.get("data_dir") if isinstance(old.get("data_dir"), str) else "other data"
-        raise UserError(f"cannot resume {ckpt_path} on {new['data_dir']}: the run trained on {was}, and the data "
-                        f"differ ({'; '.join(diffs)}); resume with --data_dir={was}, or pass "
-                        f"--resume_on_new_data=True if the change is meant (run.json then records both)")
-    return old
-
-
-def read_meta(path):
-    """prepare_data.py's meta.json, checked: a dict whose vocab_size, when present, is a positive integer."""
-    meta = read_json_file(path, "data description")
-    fix = "prepare the data again with prepare_data.py (or remove meta.json to have the ids checked instead)"
-    if not isinstance(meta, dict):
-        raise UserError(f"{path} holds a {type(meta).__name__}, not a data description; {fix}")
-    vocab = meta.get("vocab_size", 1)
-    if not is_int(vocab) or vocab < 1:
-        raise UserError(f"{path}: vocab_size {vocab!r} is not a positive integer; {fix}")
-    return meta
-
-
-def _max_token(path, chunk=1 << 26):
-    data = load_tokens(path)
-    return int(max(data[i:i + chunk].max() for i in range(0, len(data), chunk)))
-
-
-def read_run_record(path):
-    """run.json of earlier launches ({} where there is none), checked: a dict whose launches are a list."""
-    if not os.path.lexists(path):
-        return {}
-    record = read_json_file(path, "run record")
-    if not isinstance(record, dict) or not isinstance(record.get("launches", []), list):
-        raise UserError(f"run record {path} is not one train.py wrote (a dict with a list of launches); restore it "
-                        f"or move it away")
-    return record
-
-
-def replaced_run_record(path):
-    """run.json of the run a start with --overwrite=True replaces: what it recorded, or {} when it cannot be read
-    (then none of its snapshots is known to be the run's, and none is deleted)."""
-    try:
-        return read_run_record(path)
-    except UserError:
-        return {}
-
-
-def training_bytes(cfg):
-    """A low estimate of training's memory, by part: fp32 weights, gradients and AdamW moments; the activations
-    and logits one micro-batch keeps for the backward; the offsets of one iteration's windows (drawn at once for
-    every accumulation step); the fixed evaluation windows' offsets. Above the device's memory, the run cannot fit."""
-    n_params = 12 * cfg.n_layer * cfg.n_embd ** 2 + (cfg.vocab_size + cfg.block_size) * cfg.n_embd
-    tokens = cfg.batch_size * cfg.block_size
-    return {"weights": 16 * n_params,
-            "activations": tokens * (16 * cfg.n_layer * cfg.n_embd + 4 * cfg.vocab_size),
-            "windows": 8 * cfg.gradient_accumulation_steps * cfg.batch_size,
-            "evaluation": 8 * 2 * cfg.eval_iters * cfg.batch_size}
-
-
-# what lowers the largest part of training_bytes
-MEMORY_FIXES = {"weights": "use a smaller model (--n_layer, --n_embd, --vocab_size)",
-                "activations": "lower --batch_size (raising --gradient_accumulation_steps keeps the tokens per "
-                               "iteration)",
-                "windows": "lower --gradient_accumulation_steps (an iteration draws all its windows at once)",
-                "evaluation": "lower --eval_iters"}
-
-
-def check_memory(cfg, device):
-    parts = training_bytes(cfg)
-    check_fits(sum(parts.values()), device,
-               f"training {cfg.n_layer} layers of width {cfg.n_embd} on {cfg.gradient_accumulation_steps:,} x "
-               f"{cfg.batch_size:,} x {cfg.block_size:,} tokens per iteration with {cfg.eval_iters:,} evaluation "
-               f"batches per split", MEMORY_FIXES[max(parts, key=parts.get)])
-
-
-# ================================================================================================ helpers
-
-def micro_steps_per_rank(gradient_accumulation_steps, world_size):
-    if gradient_accumulation_steps % world_size:
-        raise UserError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the "
-                        f"number of processes ({world_size})")
-    return gradient_accumulation_steps // world_size
-
+# ================================================================================================ schedule
 
 def get_lr(cfg, it):
     """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
@@ -300,197 +91,6 @@ def get_lr(cfg, it):
     ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
-
-
-class StopFlag:
-    """Set by SIGTERM / SIGINT / SIGUSR1; the loop checks it after each step. A second SIGINT aborts."""
-
-    def __init__(self):
-        self.signum = None
-        self.previous = {}
-
-    def install(self):
-        for sig in STOP_SIGNALS:
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        os.write(2, f"received {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-                    f"(Ctrl-C again to abort)\n".encode())
-
-
-class JsonlLog:
-    """Rank 0's log.jsonl (and wandb): one JSON object per line, flushed at once.
-
-    The file is strict JSON: a non-finite number (a diverged loss, an inf gradient norm) is written
-    as null; wandb gets the numbers as they are.
-    """
-
-    def __init__(self, path, wandb_run=None):
-        self.path = path
-        try:
-            self.file = open(path, "a", encoding="utf-8")
-        except OSError as e:
-            raise write_error(path, e) from None
-        self.wandb_run = wandb_run
-
-    def write(self, record):
-        try:  # a partial last line (full disk) is cut off by the resume, which truncates to the checkpoint's offset
-            self.file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-            self.file.flush()
-        except OSError as e:
-            raise write_error(self.path, e) from None
-        if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k not in ("iter", "kind")}, step=record["iter"])
-
-    def offset(self):
-        self.file.flush()
-        return self.file.tell()
-
-    def close(self):
-        with contextlib.suppress(OSError):  # write() has already reported a failing disk
-            self.file.close()
-
-
-def truncate_log(path, offset):
-    """Drop what a resumed run re-does: keep the first `offset` bytes of log.jsonl (atomically)."""
-    if not os.path.exists(path) or offset is None:
-        return
-    if os.path.getsize(path) < offset:
-        print(f"warning: {path} is shorter than when the checkpoint was written; appending to it")
-        return
-    with open(path, "rb") as f:
-        head = f.read(offset)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(head)
-
-
-# ================================================================================================ the run
-
-@dataclass
-class Run:
-    """This process's place in the run (rank, device, micro-steps) and what it holds for the run's length:
-    the stop flag and `step_model`, what a training step calls (DDP, else the compiled or plain model).
-    Teardown drops `step_model` before the process group (run_context)."""
-    ddp: bool
-    rank: int
-    local_rank: int
-    world: int
-    device: str
-    local_accum: int                             # micro-steps per rank and optimizer step
-    stop: StopFlag
-    step_model: Optional[torch.nn.Module] = None
-    failing_together: bool = False               # every rank stops at the same point (Run.fail)
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    @property
-    def device_type(self):
-        return "cuda" if self.device.startswith("cuda") else "cpu"
-
-    def log(self, *args):
-        if self.master:
-            print(*args, flush=True)
-
-    def quiet(self):
-        """Silence what library code prints on ranks other than 0 (one copy of each setup line)."""
-        return contextlib.nullcontext() if self.master else contextlib.redirect_stdout(io.StringIO())
-
-    def any_rank(self, *flags):
-        """For each flag, whether it holds on any rank: one collective keeps all ranks deciding alike."""
-        t = torch.stack([torch.as_tensor(f, device=self.device).reshape(()).int() for f in flags])
-        if self.ddp:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
-
-    def fail(self, error):
-        """Raise `error` on rank 0 and exit quietly with its status elsewhere: the message appears once.
-        Every rank calls it at the same point."""
-        self.failing_together = True
-        if self.master:
-            raise error
-        raise SystemExit(error.exit_status)
-
-
-def setup_distributed(cfg):
-    """The Run of this process: single process, or a rank under torchrun (its process group initialised)."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
-        want = resolve_device(cfg.device)
-        device = resolve_device(f"cuda:{local_rank}" if want.startswith("cuda") else want)
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-        if backend == "nccl" and not device.startswith("cuda"):
-            raise UserError("backend nccl needs GPUs; use --backend=gloo (or auto) on CPU")
-        torch.distributed.init_process_group(backend=backend)
-    else:
-        rank, local_rank, world = 0, 0, 1
-        device = resolve_device(cfg.device)
-        if device == "cuda":
-            device = f"cuda:{torch.cuda.current_device()}"  # an explicit index for set_device / RNG state
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-    return Run(ddp=ddp, rank=rank, local_rank=local_rank, world=world, device=device,
-               local_accum=micro_steps_per_rank(cfg.gradient_accumulation_steps, world), stop=StopFlag())
-
-
-@contextlib.contextmanager
-def run_context(cfg):
-    """Distributed setup; rank 0 holds out_dir's lock for the whole run; the teardown frees the process
-    group last."""
-    run = setup_distributed(cfg)
-    try:
-        with out_dir_lock(run, cfg.out_dir):
-            yield run
-    finally:
-        if run.ddp and torch.distributed.is_initialized():
-            if run.failing_together:  # the others wait for rank 0's message and run.json: torchrun
-                torch.distributed.barrier()  # kills the remaining ranks as soon as one exits
-            # DDP's reducer holds the process group; freed last by the reducer (at interpreter exit, with
-            # the GIL held), gloo's destructor joins worker threads that wait for the GIL: a hang.
-            # Dropping DDP first leaves the last reference to destroy_process_group, which frees it
-            # without the GIL.
-            # a failure's traceback (an interrupt inside DDP's forward, a no_sync context) holds DDP too
-            clear_exception_frames(sys.exc_info()[1])
-            run.step_model = None
-            gc.collect()
-            torch.distributed.destroy_process_group()
-
-
-def clear_exception_frames(error):
-    """Clear the frames of `error`'s traceback and of every exception it was raised while handling (or from):
-    any of them may hold the DDP wrapper."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        traceback.clear_frames(error.__traceback__)
-        error = error.__cause__ or error.__context__
-
-
-@contextlib.contextmanager
-def out_dir_lock(run, out_dir):
-    """Rank 0 holds out_dir's lock for the whole run; if it cannot, every rank stops before any work."""
-    with contextlib.ExitStack() as stack:
-        error = None
-        if run.master:
-            try:
-                stack.enter_context(directory_lock(out_dir, "training run"))
-            except UserError as e:
-                error = e
-        if run.any_rank(error is not None)[0]:
-            run.fail(error or UserError("out_dir is locked"))
-        yield
 
 
 # ================================================================================================ the state

@@ -24,6 +24,7 @@ from attention_variants import VARIANTS  # noqa: E402
 from conftest import run_torchrun  # noqa: E402
 from runtime.cli import UserError  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
+from training.run import JsonlLog, clear_exception_frames, micro_steps_per_rank  # noqa: E402
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--vocab_size=50304",
         "--gradient_accumulation_steps=2", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2",
@@ -151,7 +152,7 @@ def test_learning_rate_schedule():
 # ------------------------------------------------------------------------------------------- errors
 
 def test_log_jsonl_is_strict_json(tmp_path):
-    log = train.JsonlLog(str(tmp_path / "log.jsonl"))
+    log = JsonlLog(str(tmp_path / "log.jsonl"))
     log.write({"kind": "train", "iter": 3, "loss": float("nan"), "grad_norm": float("inf"), "lr": np.float32(0.5),
                "mfu": None})
     log.close()
@@ -170,8 +171,8 @@ def test_clear_errors_before_training(data_dir, tmp_path):
     with pytest.raises(UserError, match="does not exist; start with --init_from=scratch"):
         train.main(base + [f"--data_dir={data_dir}", "--init_from=resume"])
     with pytest.raises(UserError, match=r"gradient_accumulation_steps \(3\) must be divisible by the number of processes \(2\)"):
-        train.micro_steps_per_rank(3, 2)
-    assert train.micro_steps_per_rank(40, 8) == 5
+        micro_steps_per_rank(3, 2)
+    assert micro_steps_per_rank(40, 8) == 5
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -368,6 +369,6 @@ def test_teardown_clears_the_frames_of_a_whole_exception_chain():
         run_loop(model)
     except OSError as e:  # checked while the exception lives, as at teardown
         del model
-        train.clear_exception_frames(e)
+        clear_exception_frames(e)
         gc.collect()
         assert ref() is None

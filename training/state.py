@@ -23,7 +23,7 @@ class TrainCheckpoint:
     kind: str = "train"
     optimizer: Optional[dict] = None
     scaler: Optional[dict] = None        # fp16's GradScaler (None when not in use)
-    sampler: Optional[dict] = None       # the training-window generator (train.Batches.state_dict)
+    sampler: Optional[dict] = None       # the training-window generator (training.data.Batches.state_dict)
     rng: Optional[list] = None           # per rank: python, numpy, torch, cuda states (rng_state)
     world_size: int = 1
     best_val_loss: float = math.inf
@@ -32,7 +32,7 @@ class TrainCheckpoint:
     log_offset: Optional[int] = None     # log.jsonl's length when written: a resume truncates to it
     wandb_run_id: Optional[str] = None
     pretrained_from: Optional[str] = None
-    data: Optional[dict] = None          # train.data_record of the data trained on (a resume compares it)
+    data: Optional[dict] = None          # training.data.data_record of the data trained on (a resume compares it)
 
     SNAPSHOT_KEYS = ("model", "model_args", "iter_num", "config", "kind")
 
