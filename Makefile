@@ -118,8 +118,8 @@ $(REAL_OUT)/wikitext2-test.txt:
 	$(PY) -c "import sys; from runtime.files import atomic_write_text; from compress.perplexity import wikitext2_text; \
 		atomic_write_text(sys.argv[1], wikitext2_text('test'))" $@
 
-# All eight variants trained, analysed and compressed, with REPORT.md and reproduce.json (README:
-# "Reproducing the paper's comparison"); at most 10 minutes on 2 CPU cores, re-runs skip finished work.
+# All eight variants trained, analysed and compressed, with REPORT.md and reproduce.json
+# (docs/reproduce.md); at most 10 minutes on 2 CPU cores, re-runs skip finished work.
 reproduce-tiny: install
 	$(PY) reproduce.py --scale tiny --out out/reproduce_tiny
 
@@ -134,9 +134,9 @@ GPU_CHECK_BUDGET ?= 480
 gpu-check:
 	$(GPU_PY) -m benchmarks.gpu_check --budget_s $(GPU_CHECK_BUDGET)
 
-# What a bare, offline GPU machine (no `datasets`, no network) needs, in the git-ignored ./shared that the
-# device call carries: the tiktoken cache, WikiText-2, and the pysource corpus of reproduce.py --scale gpu
-# prepared here (train.bin/val.bin/meta.json, ~30 MB). README: "On a lent GPU machine".
+# What a bare, offline GPU machine (no `datasets`, no network) needs, in the git-ignored ./shared copied
+# there with the checkout: the tiktoken cache, WikiText-2, and the pysource corpus of reproduce.py --scale gpu
+# prepared here (train.bin/val.bin/meta.json, ~30 MB). docs/gpu-runs.md has the recipe.
 gpu-data: install
 	$(PY) reproduce.py --scale gpu --prepare_only --out out/gpu_data
 	mkdir -p shared/data

@@ -99,7 +99,7 @@ FAMILIES = {
 # this repo's model.GPT: its attention records probabilities, q, k, v on request (attn.record)
 NANOGPT = Family(blocks="transformer.h", attn="attn", attn_branch="attn", mlp_branch="mlp", down="mlp.c_proj",
                  up="mlp.c_fc", gate=None, norms=("ln_1", "ln_2"), final_norm="transformer.ln_f", capture="record")
-# what the README lists per family
+# each family's name in docs/hf-models.md (family_table)
 FAMILY_NAMES = {"llama": "LLaMA 1/2/3", "mistral": "Mistral", "qwen2": "Qwen2 / Qwen2.5", "qwen3": "Qwen3",
                 "gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3 (text)",
                 "phi3": "Phi-3", "phi": "Phi-1.5 / Phi-2", "opt": "OPT", "falcon": "Falcon", "gpt_neox": "GPT-NeoX / Pythia",
@@ -109,6 +109,29 @@ WRAPPED_TEXT_MODELS = {"gemma3": "gemma3_text"}
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2", "openai-community/gpt2-medium",
               "openai-community/gpt2-large", "openai-community/gpt2-xl")
+
+
+def family_table():
+    """docs/hf-models.md's family table, from FAMILIES (tests check the doc holds exactly this): model types
+    that share one entry share a row."""
+    from runtime.reports import markdown_table
+
+    types_of = {}
+    for model_type, family in FAMILIES.items():
+        types_of.setdefault(id(family), []).append(model_type)
+    rows = []
+    for types in types_of.values():
+        f = FAMILIES[types[0]]
+        up_gate = (f"fused `{f.up}` ([gate; up])" if f.fused_gate_up
+                   else f"`{f.up}` / `{f.gate}`" if f.gate else f"`{f.up}`")
+        gain = f"{f.norm_gain_offset:g} + weight" if f.norm_gain_offset else "weight"
+        residual = "parallel per config" if callable(f.parallel) else "parallel" if f.parallel else "sequential"
+        rows.append([", ".join(f"`{t}`" for t in types), ", ".join(FAMILY_NAMES[t] for t in types), f"`{f.blocks}[i]`",
+                     f"`{f.attn_branch}` / `{f.mlp_branch}`", f"`{f.down}`", up_gate,
+                     ", ".join(f"`{n}`" for n in f.norms), f"`{f.final_norm}`", gain, residual])
+    return markdown_table(["`config.model_type`", "family", "decoder blocks", "branch outputs (attention / MLP)",
+                           "x_down site (down projection)", "up / gate (Figure 7)", "per-block norms", "final norm",
+                           "norm gain", "attention and MLP"], rows)
 
 
 def get_path(root, path):

@@ -45,7 +45,7 @@ def files(tmp_path_factory):
 
 
 def check_schema(doc, L, H):
-    """The documented outliers.json format (README)."""
+    """The documented outliers.json format (docs/analysis.md)."""
     assert doc["format"] == "outlier-gpt/outliers" and doc["version"] == 1
     assert {"attention", "n_layer", "n_head", "n_embd"} <= set(doc["model"]) and doc["model"]["n_layer"] == L
     assert {"source", "num_seqs", "seq_len"} <= set(doc["data"])

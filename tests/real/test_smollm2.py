@@ -2,7 +2,7 @@
 researcher reads in its report. `make test-real` builds the model once (hf/real_model.py) and runs these; they
 are skipped in `make test`, which has no model to read.
 
-Known facts of this model (README): a massive activation in channel 507 at position 0, written by layer 11's
+Known facts of this model (docs/hf-models.md): a massive activation in channel 507 at position 0, written by layer 11's
 MLP through down-projection inputs 1229 and 1487 and removed again at layer 28; position 0 is the attention
 sink. The checks below compare with transformers' own forward where a number can be recomputed independently.
 """
