@@ -70,6 +70,8 @@ SCALES = {
 SCALE_CHOICES = ("tiny", "gpu", "gpu-long", "paper")
 GPU_SCALES = ("gpu", "gpu-long", "gpu-long-2b")
 CORPORA = ("builtin", "pysource", "shakespeare", "wikitext2", "openwebtext")
+# the training keys train_command sets for every run: a config file's values of them never reach a training
+RUN_KEYS = ("attention", "out_dir", "data_dir", "init_from", "overwrite", "wandb_log")
 
 
 def scale_settings(scale):
@@ -141,7 +143,8 @@ class Plan:
             import torch  # every GPU of this node; 8 (the paper's node) when printing on a machine without
             self.nproc = torch.cuda.device_count() or self.nproc or 8
         self.file_settings = scale_settings(self.scale)
-        self.train_settings = dict(self.file_settings)  # what trains: the files' settings, then reproduce.py's
+        # what trains: the files' settings, then reproduce.py's (and each run's RUN_KEYS, in train_command)
+        self.train_settings = {k: v for k, v in self.file_settings.items() if k not in RUN_KEYS}
         if args.max_iters is not None:
             self.train_settings["max_iters"] = args.max_iters
             if self.scale.lr_decay_follows_max_iters:

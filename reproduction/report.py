@@ -40,8 +40,8 @@ def report_intro(plan, env, doc_name, partial):
         e = plan.estimate
         out.append(f"Plan: {e['iters']:,} iterations of {plan.tokens_per_iter():,} tokens ({e['tokens_per_variant']:,} "
                    f"tokens) per variant, sized so that the estimate ({e['total_s']:.0f} s: training at the tokens/s "
-                   f"measured on an {throughput_source()}, other stages assumed) fits --budget_s {plan.budget_s:g}. Model, "
-                   "context, batch, learning rate and corpus follow the evidence cited in the README (\"Reproducing "
+                   f"measured on an {throughput_source()}, other stages assumed) fits --budget_s {plan.budget_s:g}. "
+                   "Model, context, batch, learning rate and corpus follow the evidence cited in the README (\"Reproducing "
                    "the paper's comparison\"): whether massive activations emerge this early is what the telemetry "
                    "below measures.\n")
     if args.scale == "tiny":
