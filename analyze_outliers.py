@@ -43,6 +43,8 @@ def parse_args(argv):
                                         "directory), or any supported Hugging Face causal LM: a hub name ORG/NAME or a "
                                         "save_pretrained directory (LLaMA, Mistral, Qwen2/3, Gemma 1/2/3, Phi-2/3, OPT, Falcon, GPT-NeoX)")
     p.add_argument("--attention", default="default", help="attention variant for --pretrained (default: default)")
+    from attention_variants import VARIANTS_FILE_HELP
+    p.add_argument("--variants_file", metavar="FILE.py", help=VARIANTS_FILE_HELP)
     p.add_argument("--compare", nargs="+", metavar="CKPT", help="draw top-3 activation per layer of several checkpoints (or Hugging Face model "
                                                                       "directories) on one figure (Figure 11)")
     src = p.add_mutually_exclusive_group()
@@ -1121,6 +1123,9 @@ def main(argv=None):
     args = parse_args(argv)
     validate_args(args)
     import torch
+
+    import attention_variants
+    attention_variants.load_variant_file(args.variants_file)
     device = args.device_resolved = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)

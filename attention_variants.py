@@ -37,6 +37,8 @@ Backends:
 """
 
 import math
+import os
+import runpy
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -306,6 +308,30 @@ VARIANTS = tuple(REGISTRY)  # the built-in variants; `register` adds more at run
 def register(variant):
     """Add a variant (e.g. from a research script); its name becomes valid for GPTConfig(attention=...)."""
     return add_to_registry(REGISTRY, variant, "attention variant")
+
+
+# what --variants_file (train.py's variants_file key) says in every script that takes it
+VARIANTS_FILE_HELP = ("a Python file that registers attention variants (attention_variants.register), run before "
+                      "any model is built: how a variant defined outside attention_variants.py reaches this process")
+_VARIANT_FILES = set()  # real paths of the variants files this process has run
+
+
+def load_variant_file(path):
+    """Run the Python file `path`, which registers variants with `register`, once per process (nothing for None
+    or ""). A script's subprocesses know only the variants their own process registered, so every script that
+    builds models takes such a file (train.py's variants_file key; --variants_file of analyze_outliers.py,
+    compress_eval.py and reproduce.py, which passes it on to every stage). An error inside the file keeps its
+    traceback: it is code."""
+    if not path:
+        return
+    real = os.path.realpath(path)
+    if real in _VARIANT_FILES:
+        return
+    if not os.path.isfile(real):
+        raise UserError(f"variants file {path} does not exist or is not a file; name a Python file that calls "
+                        f"attention_variants.register(...)")
+    runpy.run_path(real, run_name="__variants__")
+    _VARIANT_FILES.add(real)
 
 
 def get_variant(name):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from attention_variants import VARIANTS_FILE_HELP, check_backend, load_variant_file
 from compress import methods as cm
 from compress.perplexity import evaluate_perplexity, load_eval_tokens, make_windows, text_ids, wikitext2_text
 from runtime import reports
@@ -205,6 +206,7 @@ def parse_args(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto (float16 on GPU, the paper's Table 3 'PPL (FP16)'; float32 on CPU) | float32 | bfloat16 | float16")
     p.add_argument("--attn_backend", default="auto", help="attention backend for every model (default auto)")
+    p.add_argument("--variants_file", metavar="FILE.py", help=VARIANTS_FILE_HELP)
     p.add_argument("--out", default=os.path.join("out", "compress"), help="output directory (default out/compress)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.add_argument("--summary", metavar="OUTLIERS_JSON",
@@ -316,8 +318,8 @@ def main(argv=None):
     columns = validate_args(args)
     device = resolve_device(args.device)
     dtype = table_dtype(args.dtype, device)
-    from attention_variants import check_backend
     check_backend(args.attn_backend)
+    load_variant_file(args.variants_file)
     inputs = load_inputs(args, columns)  # everything that can be wrong with the input, before any evaluation
     opts = method_options(args, dtype)
     settings = {"w8_granularity": args.w8_granularity, "quantize_head": args.quantize_head, "sparsity": args.sparsity,

@@ -70,6 +70,12 @@ def test_unknown_variant(tmp_path):
     torch.save({"model": model.state_dict(), "model_args": args, "iter_num": 0, "config": {}}, tmp_path / "c.pt")
     with pytest.raises(UserError, match="softmax_one.*known: default"):
         load_checkpoint(tmp_path / "c.pt")
+    args["attention"] = "half_attention"  # a run-time variant: the run's variants_file says where it came from
+    config = {"variants_file": "tests/runtime_variant.py"}
+    torch.save({"model": model.state_dict(), "model_args": args, "iter_num": 0, "config": config}, tmp_path / "c.pt")
+    with pytest.raises(UserError, match="registered it from tests/runtime_variant.py .*pass --variants_file "
+                                        "tests/runtime_variant.py"):
+        load_checkpoint(tmp_path / "c.pt")
 
 
 def test_truncated_and_foreign_files(tmp_path):

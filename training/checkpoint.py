@@ -108,7 +108,7 @@ def check_checkpoint(ckpt, source="checkpoint"):
         have = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{source} is not an outlier-gpt checkpoint: expected keys {list(REQUIRED_KEYS)}, found {have}")
     _check_state_dict(source, ckpt["model"])
-    _check_model_args(source, ckpt["model_args"])
+    _check_model_args(source, ckpt["model_args"], ckpt["config"])
     ckpt = {**ckpt, "model": strip_wrapper_prefixes(ckpt["model"])}
     _check_sizes_match(source, ckpt["model_args"], ckpt["model"])
     if not is_int(ckpt["iter_num"]) or ckpt["iter_num"] < 0:
@@ -303,7 +303,7 @@ def _check_state_dict(path, state_dict):
 _SIZES = {"block_size": 1 << 24, "vocab_size": 1 << 24, "n_layer": 1 << 12, "n_head": 1 << 12, "n_embd": 1 << 18}
 
 
-def _check_model_args(path, model_args):
+def _check_model_args(path, model_args, config):
     if not isinstance(model_args, dict):
         raise UserError(f"{path}: model_args is a {type(model_args).__name__}, not a dict")
     unknown = set(model_args) - set(config_fields())
@@ -315,8 +315,11 @@ def _check_model_args(path, model_args):
             raise UserError(f"{path}: model_args[{key!r}] = {value!r} {bad}")
     attention = model_args.get("attention", "default")
     if attention not in REGISTRY:
+        made_by = config.get("variants_file") if isinstance(config, dict) else None
+        hint = (f"; its training registered it from {made_by} (variants_file): pass --variants_file {made_by}"
+                if made_by else "; a variant registered at run time needs its file (--variants_file)")
         raise UserError(f"{path}: checkpoint uses attention variant {attention!r}, which this repo does not "
-                        f"know (known: {', '.join(REGISTRY)})")
+                        f"know (known: {', '.join(REGISTRY)}){hint}")
     heads, width = model_args.get("n_head", 12), model_args.get("n_embd", 768)
     if width % heads:
         raise UserError(f"{path}: model_args n_embd {width} is not divisible by n_head {heads}")

@@ -54,6 +54,7 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = False
     attention: str = "default"          # a name in attention_variants.REGISTRY (default, scaling, gated, ...)
+    variants_file: str = ""             # a Python file registering more variants (attention_variants.register), run first
     attn_backend: str = "auto"          # auto | reference | sdpa | triton
     sigmoid_bias: typing.Optional[float] = None  # sigmoid attention's b (None: -ln T)
     # AdamW and schedule
@@ -85,7 +86,8 @@ PRETRAINED = tuple(GPT2_SIZES)  # init_from names of OpenAI's GPT-2 checkpoints
 # keys whose change on resume does not affect the computed numbers
 FREE_ON_RESUME = {"init_from", "max_iters", "out_dir", "eval_only", "log_interval", "wandb_log", "wandb_project",
                   "wandb_run_name", "overwrite", "snapshot_interval", "keep_snapshots", "compile", "attn_backend",
-                  "always_save_checkpoint", "data_dir", "dataset", "device", "backend", "resume_on_new_data"}
+                  "always_save_checkpoint", "data_dir", "dataset", "device", "backend", "resume_on_new_data",
+                  "variants_file"}
 # keys only the command line may set: a config file names no directory of the user's, so it must not replace one
 COMMAND_LINE_ONLY = {"overwrite": "replacing the run in an out_dir is asked for on the command line only "
                                   "(--overwrite=True), so that a config file never replaces a run in a directory "
@@ -281,6 +283,7 @@ def validate_config(cfg):
     if os.path.isdir(cfg.init_from):
         _check_init_dir(cfg.init_from)
     import attention_variants
+    attention_variants.load_variant_file(cfg.variants_file)
     attention_variants.get_variant(cfg.attention)
     attention_variants.check_backend(cfg.attn_backend)
 
