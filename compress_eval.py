@@ -27,6 +27,7 @@ import torch
 from attention_variants import VARIANTS_FILE_HELP, check_backend, load_variant_file
 from compress import methods as cm
 from compress.perplexity import evaluate_perplexity, load_eval_tokens, make_windows, text_ids, wikitext2_text
+from hf.models import PRETRAINED_FAMILIES
 from runtime import reports
 from runtime.cli import ArgumentParser, UserError, check_seed, cli_main
 from runtime.files import json_text, read_json_file
@@ -168,12 +169,12 @@ def parse_args(argv):
     p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="checkpoint files (one table row each)")
     p.add_argument("--pretrained", action="append", default=[], metavar="NAME",
                    help="also evaluate pretrained weights: OpenAI GPT-2 (gpt2, gpt2-medium, ...) or any supported Hugging Face "
-                        "causal LM (hub name ORG/NAME or save_pretrained directory: LLaMA, Mistral, Qwen2/3, Phi-2/3, OPT, "
-                        "Falcon, GPT-NeoX); repeatable")
+                        f"causal LM (hub name ORG/NAME or save_pretrained directory: {PRETRAINED_FAMILIES}); repeatable")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", choices=["wikitext2"], default=None,
                      help="WikiText-2 raw through Hugging Face datasets (default when no --text_file/--data)")
-    src.add_argument("--text_file", help="evaluate on a local UTF-8 text file (GPT-2 BPE)")
+    src.add_argument("--text_file", help="evaluate on a local UTF-8 text file, tokenized with each model's own tokenizer "
+                                            "(GPT-2 BPE for this repo's checkpoints)")
     src.add_argument("--data", help="evaluate on a prepared uint16 token file (.bin)")
     p.add_argument("--split", default="test", choices=["test", "validation"], help="WikiText-2 split (default test)")
     p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens (quick runs)")

@@ -104,6 +104,8 @@ FAMILY_NAMES = {"llama": "LLaMA 1/2/3", "mistral": "Mistral", "qwen2": "Qwen2 / 
                 "gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3 (text)",
                 "phi3": "Phi-3", "phi": "Phi-1.5 / Phi-2", "opt": "OPT", "falcon": "Falcon", "gpt_neox": "GPT-NeoX / Pythia",
                 "gpt2": "GPT-2"}
+# what --pretrained takes, in the scripts' --help
+PRETRAINED_FAMILIES = ", ".join(name for t, name in FAMILY_NAMES.items() if t != "gpt2")
 # multimodal model types whose language model is a supported family (their configs nest it; not supported whole)
 WRAPPED_TEXT_MODELS = {"gemma3": "gemma3_text"}
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
