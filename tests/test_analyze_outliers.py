@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+import analysis.report
 import analyze_outliers
+from analysis.report import draw_figures
 from model import GPT, GPTConfig
 from runtime.cli import cli_main
 from runtime.token_data import write_tokens
@@ -130,7 +132,10 @@ def test_end_to_end_planted_checkpoint(files, tmp_path):
     assert no_leftovers(tmp_path, "report") == []
 
 
-JSON_FIGURES = {"outlier_channels", "down_proj_weights", "attention_outlier_share", "weight_link", "lifecycle_cancellation"}
+# every figure but the 3-D surface (drawn from captured magnitudes that outliers.json does not hold)
+JSON_FIGURES = {"activation_layer_output", "activation_down_input", "weights", "attention", "attention_heads",
+                "token_categories", "lifecycle", "outlier_channels", "down_proj_weights", "attention_outlier_share",
+                "weight_link", "lifecycle_cancellation"}
 
 
 def same_image(a, b):
@@ -171,7 +176,7 @@ def test_defaults_report_all_three_planted_outliers_and_json_figures(tmp_path):
     assert set(doc["figures"]) >= JSON_FIGURES
     redraw = tmp_path / "redraw"
     redraw.mkdir()
-    assert analyze_outliers.json_figures(str(redraw), doc) == {k: doc["figures"][k] for k in JSON_FIGURES}
+    assert draw_figures(str(redraw), doc) == {k: f for k, f in doc["figures"].items() if k in JSON_FIGURES}
     for name in JSON_FIGURES:
         check_png(out / doc["figures"][name])
         assert same_image(out / doc["figures"][name], redraw / doc["figures"][name]), name
@@ -327,7 +332,7 @@ def test_failure_midway_leaves_no_partial_output(files, tmp_path, monkeypatch):
 
     def broken(*a, **k):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(analyze_outliers, "write_report", broken)
+    monkeypatch.setattr(analysis.report, "write_report", broken)
     with pytest.raises(RuntimeError):
         analyze_outliers.main([files["ckpt"], "--data", files["bin"], "--num_seqs", "1", "--out", str(out), "--no_progress"])
     assert os.listdir(out) == ["previous.md"]  # the old output is untouched
