@@ -111,14 +111,20 @@ def shade_stages(ax, e):
             ax.axvspan(l - 0.5, l + 0.5, color=color, alpha=0.15, lw=0)
 
 
+def entry_panels(lifecycle, n=3):
+    """A figure of one panel per entry, for the n largest lifecycle entries: (figure, [(axes, entry)])."""
+    plt = pyplot()
+    entries = lifecycle[:n]
+    fig, axes = plt.subplots(len(entries), 1, figsize=(8, 2.9 * len(entries)), squeeze=False)
+    return fig, list(zip(axes[:, 0], entries))
+
+
 def fig_lifecycle(out_dir, lifecycle, name="lifecycle.png"):
     """The largest massive activations' |h| along the layers on a log scale, against the layer's median |h|
     and the tau threshold: an early stage reads as a value far above the median before the generation, a
     value kept while the threshold rises stays flat. Bands: early stage, generation, cancellation layers."""
-    plt = pyplot()
-    entries = lifecycle[:3]
-    fig, axes = plt.subplots(len(entries), 1, figsize=(8, 2.9 * len(entries)), squeeze=False)
-    for ax, e in zip(axes[:, 0], entries):
+    fig, panels = entry_panels(lifecycle)
+    for ax, e in panels:
         L = len(e["trajectory"])
         x = np.arange(L)
         shade_stages(ax, e)
@@ -139,10 +145,8 @@ def fig_cancellation(out_dir, lifecycle, name="lifecycle_cancellation.png"):
     generation is a bar up to the line, a cancellation a bar down with the line falling after it. The
     dashed lines are the rules' 25% of the peak (a branch that adds / removes that much generates /
     cancels) and half the peak (below it the value counts as cancelled)."""
-    plt = pyplot()
-    entries = lifecycle[:3]
-    fig, axes = plt.subplots(len(entries), 1, figsize=(8, 2.9 * len(entries)), squeeze=False)
-    for ax, e in zip(axes[:, 0], entries):
+    fig, panels = entry_panels(lifecycle)
+    for ax, e in panels:
         L = len(e["trajectory"])
         x = np.arange(L)
         peak = e["trajectory"][e["peak_layer"]] or 1.0
