@@ -1,10 +1,12 @@
 """Outlier definitions on plain tensors: the masks, overlaps and token categories every other piece of
 outlier code uses (one implementation).
 
-The rest sits by concern: `analysis/capture.py` hooks a model for one forward, `analysis/telemetry.py` is the cheap training
-telemetry (`train.py` calls `training_telemetry(raw_model, X_fixed)` every `outlier_interval` iterations),
-`analysis/statistics.py` holds the streaming accumulators and `OutlierAnalyzer` behind `analyze_outliers.py`,
-and `analysis/interventions.py` the edits of massive activations and LayerNorm gains.
+The rest sits by concern: `analysis/capture.py` hooks a model for one forward and names what it captured,
+`analysis/telemetry.py` is the cheap training telemetry (`train.py` calls `training_telemetry(raw_model,
+X_fixed)` every `outlier_interval` iterations), `analysis/statistics/` holds the streaming statistics (one
+module each, with its report section and figures), `analysis/analyzer.py` the `OutlierAnalyzer` that runs
+them behind `analyze_outliers.py`, `analysis/report.py` the report, and `analysis/interventions.py` the edits
+of massive activations and LayerNorm gains.
 
 Definitions (An et al., "Systematic Outliers in Large Language Models", ICLR 2025, Sec. 3; Sun et
 al., "Massive Activations in LLMs"; Raman/Sharma/Zhang, "Rethinking the Outlier Distribution in
@@ -87,6 +89,7 @@ from __future__ import annotations
 import collections
 import math
 import unicodedata
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -208,6 +211,24 @@ def weight_rule_mask(w, rule, tau=None, share=WEIGHT_SHARE, ratio=WEIGHT_RATIO):
     if rule == "paper":
         return weight_outlier_mask(w, tau)
     raise ValueError(f"unknown weight rule {rule!r}")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The thresholds and rules one analysis applies (analyze_outliers.py's flags of the same meaning)."""
+    tau_act: float = 1000.0
+    tau_weight: float = 1000.0
+    tau_attn: float = 1000.0
+    tau_channel: float = 10.0
+    weight_rule: str = "ratio"
+    weight_share: float = WEIGHT_SHARE
+    weight_ratio: float = WEIGHT_RATIO
+    attention_rule: str = "authors"
+    attention_share: float = ATTENTION_SHARE
+
+    def attention_keys(self, cumulative):
+        """The attention-outlier mask of cumulative scores (..., T) under this analysis' attention rule."""
+        return attention_rule_mask(cumulative, self.attention_rule, self.tau_attn, self.attention_share)
 
 
 def token_category(text, position, token_id=None):

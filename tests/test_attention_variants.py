@@ -315,7 +315,7 @@ def test_new_variant_reusing_kernel_flags_is_one_entry(monkeypatch, backend):
 def test_analysis_reports_each_variant_by_its_entry(name):
     """The analysis labels a gate with what its entry says it is (never another variant's S(x)), reports
     the sink share of sink variants, and lists the variant's own Linear among the weight statistics."""
-    from analysis.statistics import OutlierAnalyzer
+    from analysis.analyzer import OutlierAnalyzer
 
     variant = get_variant(name)
     torch.manual_seed(0)

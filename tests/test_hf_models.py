@@ -13,8 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import compress_eval  # noqa: E402
+from analysis.analyzer import OutlierAnalyzer  # noqa: E402
 from analysis.capture import Probe  # noqa: E402
-from analysis.statistics import OutlierAnalyzer  # noqa: E402
 from compress import methods as compression_methods  # noqa: E402
 from compress.perplexity import evaluate_perplexity  # noqa: E402
 from hf import models as hf_models  # noqa: E402
@@ -32,11 +32,11 @@ def test_planted_outliers_found(family, tmp_path):
     res = an.result()
     view = hf_models.model_view(model)
     # activation outliers of h: the planted channel at exactly the planted positions, from layer 0 on
-    h = res["layer_output"]["outliers"]
+    h = res["activation"]["layer_output"]["outliers"]
     assert h and {o["channel"] for o in h} == {PLANT_CHANNEL}
     assert {(o["seq"], o["position"]) for o in h if o["layer"] == 0} == {(0, 9), (1, 9), (1, 20)}
     # x_down outliers: the planted unit
-    xd = res["down_input"]["outliers"]
+    xd = res["activation"]["down_input"]["outliers"]
     assert {o["channel"] for o in xd if o["layer"] == 0} == {PLANT_UNIT}
     # the weight outlier: W_down column PLANT_UNIT, row PLANT_CHANNEL of layer 0
     w = res["weight"][view.down_name]

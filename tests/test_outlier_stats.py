@@ -6,15 +6,19 @@ numbers, or models whose outliers are planted at known layers / channels / posit
 
 import json
 import math
+import types
 
 import numpy as np
 import pytest
 import torch
 
 from analysis import definitions as S
-from analysis.capture import Probe
+from analysis.analyzer import OutlierAnalyzer
+from analysis.capture import Capture, Probe
 from analysis.interventions import INTERVENTION_TARGETS, GammaIntervention, intervention_losses
-from analysis.statistics import LifecycleAccumulator, OutlierAnalyzer, TopList, weight_statistics
+from analysis.statistics.base import Batch, TopList
+from analysis.statistics.lifecycle import Lifecycle
+from analysis.statistics.weights import weight_statistics
 from analysis.telemetry import training_telemetry
 from attention_variants import REGISTRY, VARIANTS
 from model import GPT, GPTConfig
@@ -222,7 +226,7 @@ def planted_result():
 
 def test_planted_massive_activation_location(planted_result):
     m, X, Y, an, r, hs = planted_result
-    h = r["layer_output"]
+    h = r["activation"]["layer_output"]
     # independent detection on the float64 block outputs
     ref = set()
     for l, x in enumerate(hs):
@@ -246,7 +250,7 @@ def test_planted_massive_activation_location(planted_result):
         assert h["top3"][l] == pytest.approx(top3.tolist(), rel=1e-4)
         assert h["median"][l] == pytest.approx(med.item(), rel=1e-4)
     # the MLP unit that creates it is the down-projection input outlier, in layer 1 only
-    xd = r["down_input"]
+    xd = r["activation"]["down_input"]
     assert xd["count"] == [0, 6, 0, 0] and xd["channels"][1] == [[K_UNIT, 6]]
     # and the planted W_down entry is the weight outlier
     w = r["weight"]["mlp.c_proj"]
@@ -276,8 +280,17 @@ def test_planted_lifecycle_generated_then_propagated(planted_result):
             assert step == pytest.approx(e["attn_contrib"][l] + e["mlp_contrib"][l], abs=1e-3)
 
 
+def lifecycle_of(H, A, M, tau):
+    """The Lifecycle statistic's result after one sequence of hand-made per-layer tensors: layer outputs H,
+    attention and MLP branch outputs A, M (1, T, C) (no model: the statistic reads nothing else of it)."""
+    setup = types.SimpleNamespace(L=len(H), rules=S.Rules(tau_act=tau), token_info=S.TokenInfo())
+    lifecycle = Lifecycle(setup)
+    lifecycle.update(Capture(setup.rules, H, A, M), Batch(np.zeros(H[0].shape[:2], dtype=np.int64), None, 0))
+    return lifecycle.result({})
+
+
 def constructed_lifecycle(attn, mlp, tau, L_, T_=4, C_=4, where=(2, 1)):
-    """LifecycleAccumulator on hand-made tensors: every entry 0.1, plus the branch outputs given per layer at
+    """The Lifecycle statistic on hand-made tensors: every entry 0.1, plus the branch outputs given per layer at
     (position, channel) `where` of one sequence (layer -> value). Returns the result entry of `where`."""
     A = [torch.zeros(1, T_, C_) for _ in range(L_)]
     M = [torch.zeros(1, T_, C_) for _ in range(L_)]
@@ -288,10 +301,7 @@ def constructed_lifecycle(attn, mlp, tau, L_, T_=4, C_=4, where=(2, 1)):
     for l in range(L_):
         x = x + A[l] + M[l]
         H.append(x.clone())
-    acc = LifecycleAccumulator(L_)
-    h_out = [S.find_activation_outliers(h, tau) for h in H]
-    acc.update(H, A, M, None, None, h_out, tau, np.zeros((1, T_), dtype=np.int64), S.TokenInfo())
-    return {(e["position"], e["channel"]): e for e in acc.result(S.TokenInfo())}[where], H
+    return {(e["position"], e["channel"]): e for e in lifecycle_of(H, A, M, tau)}[where], H
 
 
 def test_lifecycle_emerged_propagated_cancelled_on_constructed_tensors():
@@ -335,10 +345,7 @@ def test_lifecycle_value_kept_while_the_threshold_rises_is_not_cancelled():
     tau = 50.0
     thr = [tau * float(h.abs().mean()) for h in H]
     assert thr[3] < 1340.1 < thr[4]  # the value stays, the threshold passes it
-    acc = LifecycleAccumulator(L_)
-    acc.update(H, A, M, None, None, [S.find_activation_outliers(h, tau, stats=True)[0] for h in H], tau,
-               np.zeros((1, T_), dtype=np.int64), S.TokenInfo())
-    (e,) = acc.result(S.TokenInfo())
+    (e,) = lifecycle_of(H, A, M, tau)
     assert (e["position"], e["channel"], e["first_massive_at"]) == (0, 5, 2)
     assert e["generated_at"] == [2] and e["cancelled_at"] == [6, 7]
     assert e["status"] == ["-", "-", "generated", "propagated", "propagated", "propagated", "cancelled", "cancelled",
@@ -485,8 +492,8 @@ def test_consistency_h_vs_xdown_differing_sets():
     an = OutlierAnalyzer(m, tau_act=20, tau_weight=20, tau_attn=8, seq_len=T, **PAPER_RULES)
     an.run_batch(X)
     r = an.result()
-    assert r["down_input"]["channels"][1] == [[K_UNIT, 4], [K_UNIT2, 2]]
-    assert {o["position"] for o in r["layer_output"]["outliers"]} == set(POSITIONS)
+    assert r["activation"]["down_input"]["channels"][1] == [[K_UNIT, 4], [K_UNIT2, 2]]
+    assert {o["position"] for o in r["activation"]["layer_output"]["outliers"]} == set(POSITIONS)
     c = r["consistency"]["h_vs_xdown"]
     assert (c["a_in_b"], c["b_in_a"], c["n_a"], c["n_b"]) == (1.0, pytest.approx(2 / 3), 2, 2)
     w = r["consistency"]["wdown_vs_xdown"]  # A = {(1, K_UNIT)}, B = {(1, K_UNIT), (1, K_UNIT2)}
@@ -499,7 +506,7 @@ def replay(model, X, Y, tau, mode, batch=2):
     an = OutlierAnalyzer(model, tau_act=tau, seq_len=X.shape[1], keep_replay=True, **PAPER_RULES)
     for i in range(0, X.shape[0], batch):
         an.run_batch(X[i:i + batch], Y[i:i + batch])
-    means = {t: an.lifecycle.means(t) for t in INTERVENTION_TARGETS} if mode == "mean" else {}
+    means = {t: an.statistics["lifecycle"].means(t) for t in INTERVENTION_TARGETS} if mode == "mean" else {}
     losses, _ = intervention_losses(model, an.replay, mode, means)
     return an, losses
 
@@ -511,7 +518,7 @@ def test_intervention_zero_and_mean_change_the_loss(planted_result):
     an_zero, zero = replay(m, X, Y, 20, "zero")
     assert an_zero.loss_sum / an_zero.loss_n == pytest.approx(base.item(), rel=1e-6)
     assert zero["generated"][1] == 6  # generated in layer 1 at 2 positions x 3 sequences, nowhere else
-    means = an_zero.lifecycle.means("generated")
+    means = an_zero.statistics["lifecycle"].means("generated")
     assert set(means) == {(1, CH)}
     assert means[(1, CH)] == pytest.approx(hs[1][:, list(POSITIONS), CH].mean().item(), rel=1e-4)
     _, mean = replay(m, X, Y, 20, "mean")
@@ -864,9 +871,9 @@ def test_defaults_find_planted_activation_weight_outlier_and_sink():
     ref = {(l, b, t, c) for l, x in enumerate(hs_) for b in range(4)
            for t, c in (x[b].abs() > 1000 * x[b].abs().mean()).nonzero().tolist()}
     assert ref == {(l, b, 0, CH) for l in (1, 2) for b in range(4)}
-    xd = r["down_input"]
+    xd = r["activation"]["down_input"]
     assert xd["count"] == [0, 4, 0] and xd["channels"][1] == [[K_UNIT, 4]]
-    assert {(o["layer"], o["seq"], o["position"], o["channel"]) for o in r["layer_output"]["outliers"]} == ref
+    assert {(o["layer"], o["seq"], o["position"], o["channel"]) for o in r["activation"]["layer_output"]["outliers"]} == ref
     w = m.transformer.h[1].mlp.c_proj.weight.double().abs()
     col_ratio = w / w.mean(0, keepdim=True).clamp_min(1e-300)  # the default rule: >= 50x the column mean, or
     assert {tuple(i) for i in (col_ratio >= 32).nonzero().tolist()} == {(CH, K_UNIT)}  # rows / 2 = 32 below 100 rows
