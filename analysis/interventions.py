@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from hf.models import HFCausalLM, model_view
+from hf.models import HFCausalLM, forwards_replaced, model_view
 
 # what each target edits, per massive coordinate (a (sequence, position, channel) that is an activation
 # outlier of some layer output), an operational reading of Raman, Sharma, Zhang 2025 (their tests are not public):
@@ -83,18 +83,8 @@ def skip_blocks(view, n, h, returns_tuple):
     """Blocks 0 .. n-1 return h (the output of block n-1, recorded earlier) without computing: the forward
     resumes at block n. The blocks' own forward (or a wrapper put there by accelerate) is restored on exit."""
     out = (h, None) if returns_tuple else h
-    saved = []
-    try:
-        for block in view.blocks[:n]:
-            saved.append((block, block.__dict__.get("forward")))
-            block.forward = lambda *args, **kwargs: out
+    with forwards_replaced(view.blocks[:n], lambda i, block, forward: lambda *args, **kwargs: out):
         yield
-    finally:
-        for block, forward in saved:
-            if forward is None:
-                del block.forward
-            else:
-                block.forward = forward
 
 
 def _setter(b, t, c, values):

@@ -420,7 +420,7 @@ def record_block_calls(model, windows, batch_size=8, dtype=None):
     """For each batch of calibration windows: (block 0's input, [(args, kwargs) of block l's call, l = 0..L-1]),
     from one forward in which no block runs (each hands its input on): the masks, positions and rotary
     embeddings a Hugging Face model gives each of its blocks, per block (sliding-window layers get their own)."""
-    from hf.models import model_view
+    from hf.models import forwards_replaced, model_view
     blocks = model_view(model).blocks
     device = next(model.parameters()).device
     batches, returns_tuple = [], []
@@ -433,21 +433,11 @@ def record_block_calls(model, windows, batch_size=8, dtype=None):
                 returns_tuple.append(isinstance(real(*args, **kwargs), (tuple, list)))
             return (h,) if returns_tuple[0] else h
         return forward
-    saved = [(b, b.__dict__.get("forward")) for b in blocks]
-    try:
-        for l, b in enumerate(blocks):
-            b.forward = stub(l, b, b.forward)
-        with autocast_context(device, dtype):
-            for i in range(0, windows.shape[0], batch_size):
-                batches.append([None, []])
-                model_forward(model, windows[i:i + batch_size].to(device))
-                batches[-1][0] = _hidden(*batches[-1][1][0])
-    finally:
-        for b, forward in saved:
-            if forward is None:
-                del b.forward
-            else:
-                b.forward = forward
+    with forwards_replaced(blocks, stub), autocast_context(device, dtype):
+        for i in range(0, windows.shape[0], batch_size):
+            batches.append([None, []])
+            model_forward(model, windows[i:i + batch_size].to(device))
+            batches[-1][0] = _hidden(*batches[-1][1][0])
     return batches
 
 

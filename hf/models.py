@@ -136,6 +136,22 @@ def family_table():
                            "norm gain", "attention and MLP"], rows)
 
 
+@contextlib.contextmanager
+def forwards_replaced(blocks, make_forward):
+    """Inside the context each block's forward is make_forward(index, block, its current forward); on exit the
+    block's own forward (or a wrapper that accelerate put on the instance) is back."""
+    saved = [(b, b.__dict__.get("forward")) for b in blocks]
+    try:
+        for i, b in enumerate(blocks):
+            b.forward = make_forward(i, b, b.forward)
+        yield
+    finally:
+        for b, forward in saved:
+            if forward is None:
+                del b.forward
+            else:
+                b.forward = forward
+
 def get_path(root, path):
     """The module at dotted `path` below `root`, or None when some part is missing."""
     for part in path.split("."):
