@@ -102,3 +102,22 @@ def save_tiny(path, model, iter_num=100):
     save_checkpoint(path, {"model": model.state_dict(), "model_args": model_args_from(model.config),
                            "iter_num": iter_num, "config": {"note": "test"}})
     return str(path)
+
+
+# The paper's formulas, which the planted-model tests were written for (thresholds given explicitly); the
+# default rules have their own tests.
+PAPER_RULES = {"weight_rule": "paper", "attention_rule": "paper"}
+
+
+def block_outputs(model, X):
+    """Independent forward: layer outputs h_l and branch outputs by calling the modules directly, float64 copies."""
+    tr = model.transformer
+    x = tr.wte(X) + tr.wpe(torch.arange(X.shape[1]))
+    hs, attn, mlp = [], [], []
+    for block in tr.h:
+        a = block.attn(block.ln_1(x))
+        x = x + a
+        mo = block.mlp(block.ln_2(x))
+        x = x + mo
+        hs.append(x.double()), attn.append(a.double()), mlp.append(mo.double())
+    return hs, attn, mlp
