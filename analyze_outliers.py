@@ -472,7 +472,8 @@ def main(argv=None):
         write_report(tmp, doc)
         _write_json(os.path.join(tmp, "outliers.json"), doc)
     h = doc["activation"]["layer_output"]
-    print(f"{model_info['attention']}: max top-1 |h| {max(top1):.4g} (layer {int(np.argmax(top1))}), "
+    name = model_info["attention"] if model_info["family"] == "outlier-gpt" else model_info["family"]
+    print(f"{name}: max top-1 |h| {max(top1):.4g} (layer {int(np.argmax(top1))}), "
           f"{h['outliers_total']} activation outliers, {doc['attention']['outlier_keys_total']} attention-outlier keys; "
           f"wrote {args.out}/report.md in {timing['total_s']:.1f} s", file=sys.stderr)
     return 0

@@ -364,6 +364,17 @@ class Inputs:
     outliers: dict = None                # --summary's outliers.json
 
 
+def check_one_window(n_tokens, T, args, source):
+    """The evaluation tokens hold one window of T (+1 target) for `source`; the error names what set each."""
+    if n_tokens - (0 if args.drop_tail else 1) >= T:
+        return
+    cut = f" (cut by --max_tokens {args.max_tokens})" if args.max_tokens else ""
+    window = (f"--block_size {T}" if args.block_size
+              else f"{T} (the default window: {source.checkpoint}'s block size, at most {MAX_DEFAULT_WINDOW})")
+    raise UserError(f"the evaluation text has {n_tokens} tokens{cut}, fewer than one window of {window} + 1; "
+                    f"pass more tokens or a smaller --block_size")
+
+
 def load_inputs(args, columns):
     """The models and the evaluation / calibration tokens, each checked against every model."""
     outliers = read_outliers(args.summary) if args.summary else None
@@ -381,6 +392,7 @@ def load_inputs(args, columns):
         T = window_length(args, s)
         if T > s.block_size:
             raise UserError(f"--block_size {T} exceeds the block size {s.block_size} of {s.checkpoint}")
+        check_one_window(tokens.size, T, args, s)
         make_windows(tokens.size, T, args.stride, args.drop_tail)
         if tokens.size and int(tokens.max()) >= s.vocab_size:
             raise UserError(f"the evaluation tokens go up to id {int(tokens.max())} but {s.checkpoint} has a vocabulary "

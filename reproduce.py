@@ -12,7 +12,7 @@ Stages, each a subprocess of the repo's own scripts (run from the repo root; scr
 each other): prepare_data.py for the scale's corpus; train.py once per variant, all with the same
 seed and therefore the same initial-weight RNG stream and data order (under torchrun when
 --nproc_per_node > 1); analyze_outliers.py on every checkpoint; compress_eval.py over all of them
-(the columns of compression_methods.REPRODUCE: the paper's W8 and 50% sparsity, W8A8 per tensor with
+(the columns of compress.methods.REPRODUCE: the paper's W8 and 50% sparsity, W8A8 per tensor with
 and without position 0 in full precision, static and per token, W4 groups of 128, a 4-bit KV cache).
 Then DIR/REPORT.md, DIR/reproduce.json and the figures (Fig. 11 top-1 / top-3 |h| per layer, Fig. 12
 loss curves, outlier emergence over training from the telemetry).

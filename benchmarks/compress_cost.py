@@ -33,14 +33,14 @@ import torch  # noqa: E402
 import compress_eval as ce  # noqa: E402
 from compress import methods as cm  # noqa: E402
 from compress.perplexity import evaluate_perplexity  # noqa: E402
-from runtime.cli import UserError, cli_main  # noqa: E402
+from runtime.cli import ArgumentParser, UserError, cli_main  # noqa: E402
 from runtime.files import atomic_write_text  # noqa: E402
 
 DEFAULT_METHODS = "w8,w8a8,w8a8+fp1,w8a8_token,w8a8_static,w4g128,kv4,kv8,wanda"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 1)[1])
     p.add_argument("checkpoint", nargs="?", help="a checkpoint file (or --pretrained)")
     p.add_argument("--pretrained", help="a Hugging Face model directory or name (or GPT-2 name)")

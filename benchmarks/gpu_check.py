@@ -215,7 +215,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(BENCH_DIR, "results", "gpu-check.json"))
-    p.add_argument("--budget_s", "--budget_s", dest="budget_s", type=float, default=BUDGET_S,
+    p.add_argument("--budget_s", dest="budget_s", type=float, default=BUDGET_S,
                    help=f"wall-clock budget in seconds (default {BUDGET_S}); a smaller one shortens or drops steps")
     p.add_argument("--results_md", default=RESULTS_MD,
                    help="the markdown file whose GPU section is regenerated after every step (default "

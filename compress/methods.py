@@ -3,8 +3,8 @@
 A `CompressionMethod` entry owns its name in `--methods`, its column header and Δ label, how it changes a
 fresh copy of the model (weights replaced in place, or forward hooks that fake-quantize activations or
 keys and values on every forward), whether it needs calibration windows, the settings recorded in
-results.json and the table's footnote, and its README row (`readme_table`). compress_eval.py,
-reproduce.py and the README read them from here: a new method is one entry.
+results.json and the table's footnote, and its row in docs/compression.md (`readme_table`). compress_eval.py,
+reproduce.py and the docs read them from here: a new method is one entry.
 
 A column of the table is a method name, optionally with `+fpK` (e.g. `w8a8+fp1`): the first K positions of
 every window stay in full precision and out of every scale (PrefixQuant's point; `--fp_tokens K` sets K
@@ -510,8 +510,8 @@ class Column:
 @dataclass(frozen=True)
 class CompressionMethod:
     name: str                       # in --methods; 'w4gG' stands for w4g8, w4g128, ... (parameter G)
-    formula: str                    # one line for the README and --help
-    source: str                     # where the setting comes from (README)
+    formula: str                    # one line for docs/compression.md and --help
+    source: str                     # where the setting comes from (docs/compression.md)
     short: str                      # the Δ column's label ('{param}' is the parameter)
     label: Callable                 # (column, Options) -> the header's words, "PPL (...)"
     apply: Callable                 # (model, column, Options, calibration windows or None): changes the model copy
@@ -735,7 +735,7 @@ def describe(settings):
 
 
 def readme_table():
-    """The README's method table, from the registry (tests check the README holds exactly this)."""
+    """docs/compression.md's method table, from the registry (tests check the page holds exactly this)."""
     from runtime.reports import markdown_table
     rows = [[f"`{m.name}`", m.formula, "yes" if m.calibrated else "", "yes" if m.activations else "", m.source]
             for m in REGISTRY.values()]

@@ -432,7 +432,7 @@ class HFConfig:
     model_type: str
     n_kv_head: int
     head_dim: int
-    bias: bool = True
+    bias: bool = True  # whether any Linear of the blocks has a bias (set from the model)
     attention: str = "default"  # plain softmax attention, as the repo's `default` variant
 
 
@@ -456,7 +456,9 @@ class HFCausalLM(nn.Module):
         block = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
         self.config = HFConfig(n_layer=cfg.num_hidden_layers, n_head=n_head, n_embd=n_embd, block_size=int(block),
                                vocab_size=hf.get_output_embeddings().weight.shape[0], model_type=cfg.model_type,
-                               n_kv_head=int(kv), head_dim=int(getattr(cfg, "head_dim", None) or n_embd // n_head))
+                               n_kv_head=int(kv), head_dim=int(getattr(cfg, "head_dim", None) or n_embd // n_head),
+                               bias=any(is_linear(m) and m.bias is not None
+                                        for m in get_path(hf, self.family.blocks).modules()))
 
     @property
     def lm_head(self):

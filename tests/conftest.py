@@ -35,6 +35,18 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def first_party_sources():
+    """The repo's own Python files: the root's scripts and every package of the layout (not tests, venvs, data)."""
+    skip = {"tests", "data", "out", "shared"}
+    for top in sorted(os.listdir(REPO_ROOT)):
+        path = os.path.join(REPO_ROOT, top)
+        if top.endswith(".py"):
+            yield path
+        elif os.path.isfile(os.path.join(path, "__init__.py")) and top not in skip:
+            for folder, dirs, files in os.walk(path):
+                yield from (os.path.join(folder, f) for f in sorted(files) if f.endswith(".py"))
+
+
 # --- helpers for tests that need the shared data or the tokenizer ----------------------------------
 def shared_path(*parts):
     """Path under ../shared, or skip the test (with the reason) on a clone without it."""

@@ -720,3 +720,10 @@ def hf_dir_without_config(tmp_path, capsys, **_):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     return _analyze_pretrained(tmp_path, capsys, str(model_dir))
+
+
+@scenario
+def hf_dir_missing(tmp_path, capsys, monkeypatch, **_):
+    import runtime.token_data
+    monkeypatch.setattr(runtime.token_data, "offline_unless_hub_reachable", must_not_run)  # no hub lookup
+    return _analyze_pretrained(tmp_path, capsys, str(tmp_path / "models" / "missing"))

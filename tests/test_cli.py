@@ -1,7 +1,10 @@
 """runtime.cli: one option spelling in --help, both on the command line; usage errors as one line."""
 
+import re
+
 import pytest
 
+from conftest import first_party_sources
 from runtime.cli import ArgumentParser, UserError
 from training.config import parse_config
 
@@ -37,3 +40,10 @@ def test_an_unknown_option_is_one_line():
 def test_train_config_takes_both_spellings():
     cfg, origin = parse_config(["--max-iters=7", "--learning_rate=0.01"])
     assert (cfg.max_iters, cfg.learning_rate) == (7, 0.01) and origin["max_iters"] == "command line"
+
+
+def test_every_script_uses_the_shared_parser():
+    """Every first-party argument parser is runtime.cli.ArgumentParser: one-line usage errors, both spellings."""
+    plain = [path for path in first_party_sources() if not path.endswith("runtime/cli.py")
+             and re.search(r"argparse\.ArgumentParser\(", open(path, encoding="utf-8").read())]
+    assert plain == []

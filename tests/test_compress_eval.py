@@ -296,7 +296,7 @@ def run_cli(argv, capsys):
     return exc.value.code, err
 
 
-@pytest.mark.parametrize("case", ["no_ckpt", "method", "short", "vocab", "granularity", "calib"])
+@pytest.mark.parametrize("case", ["no_ckpt", "method", "short", "max_tokens", "vocab", "granularity", "calib"])
 def test_bad_input_is_one_line_exit_2_and_no_output(tiny_run, tmp_path, capsys, case):
     d, ckpts, _, _ = tiny_run
     out = tmp_path / "never"
@@ -308,6 +308,9 @@ def test_bad_input_is_one_line_exit_2_and_no_output(tiny_run, tmp_path, capsys, 
     elif case == "short":
         write_tokens(tmp_path / "short.bin", random_tokens(BLOCK))
         argv, msg = [ckpts[0], "--data", str(tmp_path / "short.bin"), "--out", str(out)], "fewer than one window"
+    elif case == "max_tokens":  # the text is long enough; --max_tokens cuts it below the default window
+        argv, msg = [ckpts[0], "--max_tokens", str(BLOCK)] + data, (
+            f"has {BLOCK} tokens (cut by --max_tokens {BLOCK}), fewer than one window of {BLOCK} (the default window")
     elif case == "vocab":
         other = save_tiny(tmp_path / "c.pt", tiny_model(vocab=128))
         argv, msg = [ckpts[0], other] + data, "different vocabularies"

@@ -229,6 +229,18 @@ def test_probabilities_only_fallback(how, tmp_path, monkeypatch):
     assert model.hf.config._attn_implementation == "sdpa"  # restored
 
 
+@pytest.mark.parametrize("family, overrides, bias", [
+    ("llama", {}, False), ("llama", {"mlp_bias": True}, True), ("qwen2", {}, True), ("gpt2", {}, True),
+    ("opt", {}, True), ("opt", {"enable_bias": False}, False)])
+def test_config_bias_is_whether_a_block_linear_has_one(family, overrides, bias):
+    """outliers.json's model.bias: read from the model's own Linears (Conv1D included), not assumed."""
+    cfg = CONFIGS[family]()
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    model = hf_models.HFCausalLM(transformers.AutoModelForCausalLM.from_config(cfg).eval(), "test")
+    assert model.config.bias is bias
+
+
 @pytest.mark.parametrize("family, overrides, parallel", [
     ("gpt_neox", {}, True), ("gpt_neox", {"use_parallel_residual": False}, False),
     ("falcon", {}, True), ("falcon", {"parallel_attn": False}, False),

@@ -17,7 +17,7 @@ import faults_outputs
 import faults_round3
 import faults_training
 import train
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, first_party_sources
 from faults_common import FAULTS_MD, SCENARIOS, SLOW, TINY, make_data
 
 SCENARIO_MODULES = (faults_training, faults_outputs, faults_round3)  # importing them registers their scenarios
@@ -94,19 +94,6 @@ def trained(tmp_path_factory):
     out = str(root / "run")
     assert train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4"]) == 0
     return {"data": data_dir, "out": out}
-
-
-
-def first_party_sources():
-    """The repo's own Python files: the root's scripts and every package of the layout (not tests, venvs, data)."""
-    skip = {"tests", "data", "out", "shared"}
-    for top in sorted(os.listdir(REPO_ROOT)):
-        path = os.path.join(REPO_ROOT, top)
-        if top.endswith(".py"):
-            yield path
-        elif os.path.isfile(os.path.join(path, "__init__.py")) and top not in skip:
-            for folder, dirs, files in os.walk(path):
-                yield from (os.path.join(folder, f) for f in sorted(files) if f.endswith(".py"))
 
 
 def test_every_from_pretrained_refuses_remote_code():

@@ -402,6 +402,11 @@ def model_from_checkpoint(path_or_ckpt, device="cpu", **config_overrides):
     return model.to(device).eval(), ckpt
 
 
+def looks_like_a_path(name):
+    """Whether a --pretrained value can only be a local path: a hub name is NAME or ORG/NAME."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
 def load_model(path=None, pretrained=None, device="cpu", **overrides):
     """A model in eval mode on `device`, from exactly one of a checkpoint of this repo (`path`: a file or
     an already loaded checkpoint dict) or pretrained weights (`pretrained`): OpenAI GPT-2 (gpt2,
@@ -416,6 +421,8 @@ def load_model(path=None, pretrained=None, device="cpu", **overrides):
         raise ValueError("give exactly one of path and pretrained")
     if path is not None:
         return model_from_checkpoint(path, device=device, **overrides)
+    if not os.path.isdir(pretrained) and looks_like_a_path(pretrained):
+        raise UserError(f"--pretrained {pretrained}: no such directory (a Hugging Face hub name is ORG/NAME)")
     if not os.path.isdir(pretrained):
         from runtime.token_data import offline_unless_hub_reachable
         offline_unless_hub_reachable()  # offline, fail now instead of after the hub client's retries

@@ -23,12 +23,12 @@ def report_normalization(doc):
         rows.append([n["module"], len(n["outlier_channels"]), listed(n["outlier_channels"]), listed(n["gamma_driven"]),
                      top["channel"], number(top["ratio"]), number(top["gamma"]), number(top["ratio_before_gamma"])])
     return ["## Normalization (channel-wise outliers)", "",
-            f"Channels whose mean |LayerNorm output| over tokens exceeds tau_channel "
+            f"Channels whose mean |norm output| (LayerNorm or RMSNorm) over tokens exceeds tau_channel "
             f"({number(doc['tau_by_type']['channel'])}) x the median "
-            "channel, largest first; 'before gamma' divides out the LayerNorm gain (a ratio near 1 there means the "
+            "channel, largest first; 'before gamma' divides out the norm's gain (a ratio near 1 there means the "
             "outlier comes from gamma's rescaling). 'gamma-driven': outlier channels whose ratio before gamma is at "
             "most tau_channel (gamma alone makes them outliers).", "",
-            markdown_table(["LayerNorm", "# outlier channels", "channels", "gamma-driven", "top channel", "ratio",
+            markdown_table(["norm", "# outlier channels", "channels", "gamma-driven", "top channel", "ratio",
                             "gamma", "ratio before gamma"], rows), ""]
 
 
