@@ -66,6 +66,7 @@ class OutlierAnalyzer:
         self._capture.attend(l, records, layer_input)
         for s in self.streamed:
             s.update(self._capture, self._batch)
+        self._capture.attention = None  # only one layer's (B, H, T, T) weights alive at a time
 
     @torch.no_grad()
     def run_batch(self, X, Y=None, autocast=None):

@@ -350,12 +350,13 @@ def find_activation_outliers(x, tau, stats=False):
 
 
 class Stages(collections.namedtuple("Stages", "status peak_layer sign gen_attn gen_mlp emerged_at cancel_attn "
-                                                "cancel_mlp fall_at early early_attn early_mlp")):
+                                                "cancel_mlp fall_at early early_attn early_mlp early_peak_layer")):
     """The lifecycle of n massive coordinates (module docstring), each a row: status (n, L) indices into
     LIFECYCLE_STATUSES; peak_layer (n,); sign (n,) of the peak value; gen_attn / gen_mlp (n, L) the
     generating branches; emerged_at (n,) (-1: generated); cancel_attn / cancel_mlp (n, L) the cancelling
     branches; fall_at (n,) the first layer after the peak below half of it (L: never); early (n, L) the
-    early stage; early_attn / early_mlp (n, L) its writing branches."""
+    early stage; early_attn / early_mlp (n, L) its writing branches; early_peak_layer (n,) the layer of its
+    largest value (meaningful where the row has an early stage)."""
 
     @property
     def generated(self):
@@ -418,7 +419,7 @@ def lifecycle_stages(traj, attn, mlp, median=None):
     status[layer == emerged_at[:, None]] = code("emerged")
     status[cancel_attn | cancel_mlp] = code("cancelled")
     return Stages(status, peak_layer, sign, gen_attn, gen_mlp, emerged_at, cancel_attn, cancel_mlp, fall_at, early,
-                  early_attn, early_mlp)
+                  early_attn, early_mlp, early_peak_layer)
 
 
 class TokenInfo:

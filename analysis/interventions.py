@@ -178,12 +178,6 @@ def _gamma_loss(model, view, batch, channels):
     return float(nll.sum() / max(int(n.sum()), 1))
 
 
-def layer_norms(model):
-    """[(name, module)] of every LayerNorm / RMSNorm (each block's, then the final one), in the order of
-    OutlierAnalyzer's normalization report."""
-    return model_view(model).norms
-
-
 class GammaIntervention:
     """Sets the LayerNorm gains gamma of the given channels ({module name: [channel]}) to the median gamma
     of their LayerNorm, and restores them on exit (the normalization test of Raman, Sharma, Zhang 2025).

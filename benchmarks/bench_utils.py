@@ -14,9 +14,7 @@ import shlex
 import subprocess
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from runtime import cli, files, outputs, system  # noqa: E402  (the repo is flat: its modules import by name)
+from runtime import cli, files, outputs, system
 
 
 def parse_with_smoke(parser, argv, smoke_flag, smoke_sizes):
@@ -26,7 +24,7 @@ def parse_with_smoke(parser, argv, smoke_flag, smoke_sizes):
     defaults = {dest: parser.get_default(dest) for dest in smoke_sizes}
     parser.set_defaults(**dict.fromkeys(smoke_sizes))
     args = parser.parse_args(argv)
-    smoke = getattr(args, smoke_flag.lstrip("-").replace("-", "_"))
+    smoke = getattr(args, smoke_flag.lstrip("-"))
     given = ["--" + dest for dest in smoke_sizes if getattr(args, dest) is not None]
     if smoke and given:
         raise cli.UserError(f"{smoke_flag} runs its own tiny sizes, so {', '.join(given)} would be ignored (while "

@@ -26,8 +26,6 @@ import time
 if not __package__:  # run as a file, the repo's packages are not importable: say how to run it
     sys.exit(f"run it from the repo root as a module: python -m benchmarks.{os.path.basename(__file__)[:-3]} ...")
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-
 import torch  # noqa: E402
 
 import compress_eval as ce  # noqa: E402

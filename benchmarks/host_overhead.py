@@ -42,9 +42,6 @@ import time
 if not __package__:  # run as a file, the repo's packages are not importable: say how to run it
     sys.exit(f"run it from the repo root as a module: python -m benchmarks.{os.path.basename(__file__)[:-3]} ...")
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(BENCH_DIR)
-
 KEYS = ("fwd_us", "fwd_bwd_us", "floor_fwd_us", "floor_fwd_bwd_us")
 CUDA_KEYS = ("sdpa_fwd_us", "sdpa_fwd_bwd_us", "fused_graph_fwd_us", "fused_graph_fwd_bwd_us",
              "sdpa_graph_fwd_us", "sdpa_graph_fwd_bwd_us")

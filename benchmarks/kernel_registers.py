@@ -24,8 +24,6 @@ import tempfile
 if not __package__:  # run as a file, the repo's packages are not importable: say how to run it
     sys.exit(f"run it from the repo root as a module: python -m benchmarks.{os.path.basename(__file__)[:-3]} ...")
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-
 KINDS = ("fwd", "dkdv", "dq")  # the preprocess kernel has no tiles to choose
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
 

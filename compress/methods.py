@@ -94,9 +94,7 @@ def _round_trip_into(out, v, spec, scale, zero=None):
         out.clamp_(-spec.qmax, spec.qmax).mul_(scale)
         return
     out.add_(zero).clamp_(0, spec.qmax).sub_(zero).mul_(scale)
-    constant = scale == 0
-    if constant.any():
-        out.copy_(torch.where(constant, v, out))
+    torch.where(scale == 0, v, out, out=out)  # without a host sync: the KV hooks run on every forward
 
 
 def _dynamic_into(out, v, spec, dims):
@@ -244,9 +242,18 @@ def add_activation_quantization(model, spec=QuantSpec(), fp_tokens=0, scales=Non
     window stay as they are. Returns the hook handles."""
     counter = WindowCount(model)
     handles = [counter.handle]
+    on_device = {}  # (site, device) -> its static scale as a tensor there: one host-to-device copy per site
+
+    def static_scale(name, device):
+        if scales is None:
+            return None
+        if (name, device) not in on_device:
+            on_device[name, device] = torch.tensor(scales[name], dtype=torch.float32, device=device)
+        return on_device[name, device]
+
     for name, module, where in activation_sites(model, include_head):
         def fn(x, name=name):
-            scale = None if scales is None else scales[name]
+            scale = static_scale(name, x.device)
             return quantize_after_prefix(counter.windows(x), spec, fp_tokens, scale).view(x.shape)
         handles.append(_site_hook(module, where, fn))
     return handles
@@ -270,9 +277,9 @@ def calibrate_static_scales(model, windows, spec=QuantSpec(), fp_tokens=0, perce
     def observe(name):
         def fn(x):
             w = counter.windows(x)[:, fp_tokens:]
-            if w.shape[1]:
-                top = float(percentile_per_window(w.detach().float().abs(), percentile).max())
-                amax[name] = max(amax.get(name, 0.0), top)
+            if w.shape[1]:  # kept on the device: float() once per site at the end, not per batch
+                top = percentile_per_window(w.detach().float().abs(), percentile).max()
+                amax[name] = top if name not in amax else torch.maximum(amax[name], top)
             return x
         return fn
     handles = [counter.handle] + [_site_hook(m, where, observe(name))
@@ -284,10 +291,14 @@ def calibrate_static_scales(model, windows, spec=QuantSpec(), fp_tokens=0, perce
     finally:
         for h in handles:
             h.remove()
-    return {name: amax.get(name, 0.0) / spec.qmax for name, _, _ in activation_sites(model, include_head)}
+    return {name: float(amax.get(name, 0.0)) / spec.qmax for name, _, _ in activation_sites(model, include_head)}
 
 
 KV_SPEC = QuantSpec(bits=4, granularity="token", symmetric=False)
+KV8_SPEC = QuantSpec(bits=8, granularity="token", symmetric=False)
+A8_TENSOR = QuantSpec(8, "tensor")   # activations of w8a8 and w8a8_static
+A8_TOKEN = QuantSpec(8, "token")     # activations of w8a8_token
+W8_CHANNEL = QuantSpec(8, "channel")  # weights of w8a8_token
 
 
 def quantize_keys_values_(model, spec=KV_SPEC, fp_tokens=0):
@@ -549,19 +560,19 @@ def _static_range(opts):
 
 def _apply_w8a8(model, col, opts, calib):
     quantize_weights_(model, _w8(opts), opts.quantize_head)
-    add_activation_quantization(model, QuantSpec(8, "tensor"), col.fp_tokens, include_head=opts.quantize_head)
+    add_activation_quantization(model, A8_TENSOR, col.fp_tokens, include_head=opts.quantize_head)
 
 
 def _apply_w8a8_static(model, col, opts, calib):
     quantize_weights_(model, _w8(opts), opts.quantize_head)
-    scales = calibrate_static_scales(model, calib, QuantSpec(8, "tensor"), col.fp_tokens, opts.act_percentile,
+    scales = calibrate_static_scales(model, calib, A8_TENSOR, col.fp_tokens, opts.act_percentile,
                                      opts.quantize_head, opts.calib_batch_size, opts.dtype)
-    add_activation_quantization(model, QuantSpec(8, "tensor"), col.fp_tokens, scales, opts.quantize_head)
+    add_activation_quantization(model, A8_TENSOR, col.fp_tokens, scales, opts.quantize_head)
 
 
 def _apply_w8a8_token(model, col, opts, calib):
-    quantize_weights_(model, QuantSpec(8, "channel"), opts.quantize_head)
-    add_activation_quantization(model, QuantSpec(8, "token"), col.fp_tokens, include_head=opts.quantize_head)
+    quantize_weights_(model, W8_CHANNEL, opts.quantize_head)
+    add_activation_quantization(model, A8_TOKEN, col.fp_tokens, include_head=opts.quantize_head)
 
 
 def _w4(col):
@@ -600,7 +611,7 @@ BUILTIN = [
         source="SmoothQuant (Xiao et al. 2023), per-tensor dynamic",
         short="W8A8", label=lambda col, opts: _w8_label("W8A8", opts), apply=_apply_w8a8,
         settings=lambda col, opts: {**_weights(_w8(opts), opts),
-                                    **_activations(QuantSpec(8, "tensor"), opts, "dynamic, one range per window")},
+                                    **_activations(A8_TENSOR, opts, "dynamic, one range per window")},
         activations=True, reproduce=("w8a8", "w8a8+fp1")),
     CompressionMethod(
         "w8a8_static", "w8, and each Linear's input with one static scale = max|x| over the calibration windows "
@@ -612,7 +623,7 @@ BUILTIN = [
                                                                       if opts.act_percentile < 100 else "")),
         apply=_apply_w8a8_static,
         settings=lambda col, opts: {**_weights(_w8(opts), opts),
-                                    **_activations(QuantSpec(8, "tensor"), opts, _static_range(opts))},
+                                    **_activations(A8_TENSOR, opts, _static_range(opts))},
         calibrated=True, activations=True, reproduce=("w8a8_static",)),
     CompressionMethod(
         "w8a8_token", "W symmetric AbsMax 8-bit per output channel (scale_r = max_j |W_rj|/127), the input x of "
@@ -621,8 +632,8 @@ BUILTIN = [
         short="W8A8 token", label=lambda col, opts: "AbsMax W8A8, per-token"
         + (", +head" if opts.quantize_head else ""),
         apply=_apply_w8a8_token,
-        settings=lambda col, opts: {**_weights(QuantSpec(8, "channel"), opts),
-                                    **_activations(QuantSpec(8, "token"), opts, "dynamic, one range per token")},
+        settings=lambda col, opts: {**_weights(W8_CHANNEL, opts),
+                                    **_activations(A8_TOKEN, opts, "dynamic, one range per token")},
         activations=True, reproduce=("w8a8_token",)),
     CompressionMethod(
         "w4gG", "W asymmetric 4-bit min-max, round to nearest (RTN), per group of G consecutive input channels "
@@ -647,8 +658,8 @@ BUILTIN = [
         "kv8", "kv4 at 8 bits: the keys and values asymmetric 8-bit min-max per token and head",
         source="QuaRot (Ashkboos et al. 2024), the KV8 baseline",
         short="KV8", label=lambda col, opts: "KV8",
-        apply=lambda model, col, opts, calib: quantize_keys_values_(model, QuantSpec(8, "token", False), col.fp_tokens),
-        settings=lambda col, opts: {"kv": {**QuantSpec(8, "token", False).as_dict(), "granularity": "token and head"}},
+        apply=lambda model, col, opts, calib: quantize_keys_values_(model, KV8_SPEC, col.fp_tokens),
+        settings=lambda col, opts: {"kv": {**KV8_SPEC.as_dict(), "granularity": "token and head"}},
         activations=True),
     CompressionMethod(
         "wanda", "Wanda pruning: score |W_ij|·‖X_j‖ (L2 norm of input feature j over the calibration tokens); "

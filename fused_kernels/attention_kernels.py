@@ -442,10 +442,6 @@ def bwd_dq_kernel(
              _rne(dq, UPCAST).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-# Triton decides interpreter vs. compiled kernels once, when @triton.jit runs
-# (i.e. when this module is imported, from TRITON_INTERPRET); read that decision
-# from the kernels themselves so the host code always agrees with it.
-
 KERNELS = {"fwd": fwd_kernel, "pre": bwd_preprocess, "dkdv": bwd_dkdv_kernel, "dq": bwd_dq_kernel}
 
 # Triton decides interpreter vs. compiled kernels once, when @triton.jit runs (i.e. when this module is

@@ -29,6 +29,8 @@ class KernelFlags:
             raise ValueError(f"fused_attention: unknown sink {self.sink!r}; expected one of {SINKS}")
         if self.sigmoid and self.sink is not None:
             raise ValueError("fused_attention: sigmoid attention has no softmax for a sink to join")
+        # built once (the flags are frozen): AttentionVariant.triton passes them on every attention call
+        object.__setattr__(self, "_kwargs", {f.name: getattr(self, f.name) for f in fields(self)})
 
     @property
     def sink_params(self) -> bool:
@@ -37,7 +39,7 @@ class KernelFlags:
 
     def kwargs(self) -> dict:
         """As keyword arguments of ``fused_attention``."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return dict(self._kwargs)
 
     def describe(self) -> str:
         """In words (the README's "fused kernel" column): the flags that differ from the default kernel."""

@@ -464,10 +464,6 @@ class HFCausalLM(nn.Module):
     def lm_head(self):
         return self.hf.get_output_embeddings()
 
-    def tied(self):
-        """Whether lm_head shares its weight with the input embedding (quantizing one changes both)."""
-        return self.lm_head.weight is self.hf.get_input_embeddings().weight
-
     def head_logits(self, hidden):
         """lm_head's logits of final hidden states, soft-capped where the model caps them (Gemma 2:
         cap * tanh(logits / cap)) as its own forward does."""

@@ -332,16 +332,16 @@ class Lifecycle(Statistic):
         e["peak_layer"][lp] += 1
         e["emerged"][int(r["emerged_at"]) if r["emerged_at"] >= 0 else None] += 1
         e["tokens"][int(tokens[seq, pos])] += 1
-        e["peak_sum"] += abs(float(r["traj"][lp]))
+        peak = abs(float(r["traj"][lp]))
+        e["peak_sum"] += peak
         e["early"] += r["early"]
         early_peak = 0.0
         if r["early"].any():
-            ep = int(np.argmax(np.where(r["early"], sign * r["traj"], -np.inf)))
+            ep = int(r["early_peak_layer"])
             early_peak = abs(float(r["traj"][ep]))
             e["early_peak"][0] += float(r["traj"][ep])
             e["early_peak"][1] += early_peak / max(float(r["median"][ep]), _TINY)
             e["early_peak"][2] += 1
-        peak = abs(float(r["traj"][lp]))
         stages = (("generation", r["gen_attn"], r["gen_mlp"], peak), ("cancellation", r["cancel_attn"], r["cancel_mlp"], peak),
                   ("early", r["early_attn"], r["early_mlp"], early_peak))
         for stage, attn_mask, mlp_mask, peak in stages:
@@ -366,15 +366,19 @@ class Lifecycle(Statistic):
         total = float(prod.sum()) + (float(down_bias[layer][ch]) if down_bias and down_bias[layer] is not None else 0.0)
         top = prod.abs().topk(min(3, prod.numel())).indices
         up, gate = up_gate[layer] if up_gate else (None, None)
-        for k in top.tolist():
+        # one device-to-host copy for the drivers' numbers, not one per number
+        products, inputs, weights = torch.stack([prod[top], xd[top], w[top]]).tolist()
+        if gate is not None:
+            ups, gates = torch.stack([up[seq, pos, top].float(), gate[seq, pos, top].float()]).tolist()
+        for i, k in enumerate(top.tolist()):
             d = e["drivers"][(layer, k)]
-            d[0] += float(prod[k]) / (total if abs(total) > _TINY else _TINY)
-            d[1] += float(xd[k])
-            d[2] += float(w[k])
+            d[0] += products[i] / (total if abs(total) > _TINY else _TINY)
+            d[1] += inputs[i]
+            d[2] += weights[i]
             d[3] += 1
             if gate is not None:
-                d[4] += float(up[seq, pos, k])
-                d[5] += float(gate[seq, pos, k])
+                d[4] += ups[i]
+                d[5] += gates[i]
                 d[6] += 1
 
     def _prune(self):
