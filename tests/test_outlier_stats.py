@@ -230,7 +230,10 @@ def test_planted_massive_activation_location(planted_result):
         top3 = flat.sort(dim=1, descending=True).values[:, :3].mean(0)
         med = flat.sort(dim=1).values[:, (flat.shape[1] - 1) // 2].mean()
         assert h["top3"][l] == pytest.approx(top3.tolist(), rel=1e-4)
-        assert h["median"][l] == pytest.approx(med.item(), rel=1e-4)
+        # float32 rounding of the layer's largest values reaches the small ones through the norms: an absolute
+        # floor of one float32 step of the layer's maximum (other CPU code paths round differently; seen: 0.05)
+        floor = torch.finfo(torch.float32).eps * flat.max().item()
+        assert h["median"][l] == pytest.approx(med.item(), rel=1e-4, abs=floor)
     # the MLP unit that creates it is the down-projection input outlier, in layer 1 only
     xd = r["activation"]["down_input"]
     assert xd["count"] == [0, 6, 0, 0] and xd["channels"][1] == [[K_UNIT, 6]]
